@@ -1,0 +1,370 @@
+"""``PFBDiffPipeline``: PFB-Diff with the shape of a diffusers pipeline.
+
+    pipe = PFBDiffPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    inv = pipe.invert(image, source_prompt="a cat sitting on a bench")
+    dog = pipe.edit(inv, mask_image=mask, prompt="a dog", preset="object").images[0]
+    fox = pipe.edit(inv, mask_image=mask, prompt="a fox", preset="object").images[0]   # reuses the inversion
+    out = pipe(image=image, mask_image=mask, source_prompt="...", prompt="...", preset="background").images[0]
+
+``invert`` encodes the image, runs the DDIM inversion and records the source features once; ``edit`` runs the
+PFB-Diff loop (``loop.py``) from an inversion; ``__call__`` does both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from . import images as imgs
+from .attention import AttentionMasking, TokenRegion, attention_masking_installed
+from .errors import PFBDiffError
+from .inversion import Inversion, ddim_invert
+from .loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop, recomputed_source_features
+from .masks import EditMask
+from .presets import PRESETS, EditConfig, get_preset
+from .sampling import DDIMGrid
+from .tokens import new_words, positions_of, shared_words
+from .unet_features import FeatureUNet
+
+
+@dataclass
+class PFBDiffOutput(BaseOutput):
+    """``images``: the edited images (PIL list, numpy array or tensor); ``latents``: the final latents."""
+
+    images: list | np.ndarray | torch.Tensor
+    latents: torch.Tensor | None = None
+
+
+class PFBDiffPipeline(DiffusionPipeline):
+    """Text-driven local image editing with Progressive Feature Blending (Huang et al., arXiv 2306.16894)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.feature_unet = FeatureUNet(unet)
+
+    @classmethod
+    def from_pretrained(cls, model, *, torch_dtype=None, device=None, allow_pickle=False, config=None, **_ignored):
+        """Load from a hub id, a local diffusers folder or a single ``.safetensors`` file (see ``loading.py``)."""
+        from .loading import load_components
+
+        return cls(**load_components(model, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, config=config))
+
+    # -- components ----------------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_calls(self) -> int:
+        """U-Net evaluations made by this pipeline so far (inversion, source and target branches)."""
+        return self.feature_unet.calls
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.unet.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latent of images in [-1, 1]; the posterior mean, so inversion is deterministic (spec §11.12)."""
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def ddim_grid(self, num_inference_steps: int) -> DDIMGrid:
+        return DDIMGrid.from_scheduler_config(self.scheduler.config, num_inference_steps)
+
+    # -- inversion -----------------------------------------------------------------------------------------
+    def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None) -> Inversion:
+        """Encode ``image`` (one or a list), DDIM-invert it with ``source_prompt`` and record source features.
+
+        ``record_blocks`` (block numbers L) defaults to every block any preset blends; an edit that needs
+        another block re-runs the source branch for it.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise PFBDiffError(f"strength must be in (0, 1], got {strength}; e.g. --strength 0.8")
+        pil_images = [imgs.load_image(i) for i in _as_list(image)]
+        grid = self.ddim_grid(num_inference_steps)
+        num_steps = max(1, int(grid.num_steps * strength))
+        sizes = [im.size for im in pil_images]
+        if len(set(sizes)) > 1:
+            raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
+        model_size = imgs.fit_to_multiple(sizes[0], self.vae_scale_factor)
+        pixels = torch.cat([imgs.image_to_tensor(im, model_size) for im in pil_images])
+        source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
+        embeddings = self.encode_prompt(source_prompts)
+        blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
+        with self.progress_bar(total=num_steps) as bar:
+            latents, features = ddim_invert(
+                self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, num_steps, blocks,
+                callback=lambda k: bar.update(),
+            )
+        return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes)
+
+    def _default_record_blocks(self) -> frozenset[int]:
+        return frozenset(b for cfg in PRESETS.values() for b in self.blend_plan(cfg).source_blocks)
+
+    # -- editing -------------------------------------------------------------------------------------------
+    def blend_plan(self, config: EditConfig) -> BlendPlan:
+        unet = self.feature_unet
+        points = config.blend_blocks if config.blend_blocks is not None else unet.blocks_at_levels(config.blend_levels)
+        before_middle = unet.middle_index - 1
+        source_of = {before_middle: unet.middle_index} if config.reference_middle and before_middle in points else {}
+        return BlendPlan(
+            blend_points=frozenset(points),
+            source_of=source_of,
+            blend_skips=config.blend_skips,
+            t_combine=config.t_combine,
+            latent_blend=config.latent_blend,
+            reference_latent_index=config.reference_latent_index,
+        )
+
+    def edit(
+        self,
+        inversion: Inversion,
+        mask_image=None,
+        prompt="",
+        *,
+        preset: str | EditConfig = "object",
+        inside=None,
+        outside=None,
+        word_masks: dict | None = None,
+        negative_prompt=None,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        return_dict: bool = True,
+        **overrides,
+    ):
+        """Edit an inverted image: regenerate the masked region from ``prompt`` with PFB-Diff.
+
+        ``mask_image``: white = regenerate, black = keep (soft values allowed). ``inside`` / ``outside``:
+        words of ``prompt`` (or token positions) confined to the mask / to the rest. ``word_masks``: a word →
+        mask map for multi-object edits (each word confined to its own mask; the edit mask defaults to
+        their union). ``overrides``: any :class:`EditConfig` field.
+        """
+        config = preset.replace(**overrides) if isinstance(preset, EditConfig) else get_preset(preset, **overrides)
+        if inside is not None:
+            config = config.replace(inside=tuple(inside))
+        if outside is not None:
+            config = config.replace(outside=tuple(outside))
+        grid = inversion.grid
+        num_steps = max(1, int(grid.num_steps * config.strength))
+        if num_steps > inversion.num_steps:
+            raise PFBDiffError(
+                f"the edit needs {num_steps} inverted steps but the inversion has {inversion.num_steps}; "
+                f"invert with strength >= {config.strength} or lower the edit's strength"
+            )
+        images_in = inversion.batch_size
+        batch = images_in * num_images_per_prompt
+        prompts_list = _broadcast(prompt, images_in, "prompt")
+        target_prompts = [p for p in prompts_list for _ in range(num_images_per_prompt)]
+
+        latent_size = tuple(inversion.latents[0].shape[-2:])
+        mask, word_regions = self._edit_masks(inversion, mask_image, word_masks, config, latent_size)
+        mask = EditMask(mask.latent.repeat_interleave(num_images_per_prompt, 0), mask.resize_mode)
+        regions = self._token_regions(config, inversion, prompts_list[0], mask, word_regions, num_images_per_prompt)
+
+        prompts = Prompts(
+            source=inversion.source_embeddings.repeat_interleave(num_images_per_prompt, 0),
+            target=self.encode_prompt(target_prompts),
+            unconditional=None,
+        )
+        if guidance_scale > 1.0:
+            negatives = _broadcast(negative_prompt or "", images_in, "negative_prompt")
+            prompts.unconditional = self.encode_prompt([n for n in negatives for _ in range(num_images_per_prompt)])
+
+        plan = self.blend_plan(config)
+        source_latents = [z.repeat_interleave(num_images_per_prompt, 0) for z in inversion.latents[: num_steps + 1]]
+        source_features = self._source_features(inversion, plan, config, num_images_per_prompt)
+        x = self._start_latent(config, source_latents[-1], generator)
+
+        attention_blocks = config.attention_blocks
+        if attention_blocks is None:
+            attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        masking = AttentionMasking(regions, latent_size, attention_blocks, mask_uncond=config.mask_uncond)
+
+        with self.progress_bar(total=num_steps) as bar, attention_masking_installed(self.feature_unet, masking):
+
+            def on_step(n, t, latents):
+                bar.update()
+                if callback_on_step_end is not None:
+                    result = callback_on_step_end(self, num_steps - 1 - n, t, {"latents": latents}) or {}
+                    latents = result.get("latents", latents)
+                return latents
+
+            x = pfb_sampling_loop(
+                self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
+                masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
+            )
+        return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict)
+
+    def __call__(
+        self,
+        image,
+        mask_image=None,
+        prompt="",
+        source_prompt="",
+        *,
+        preset: str | EditConfig = "object",
+        num_inference_steps: int = 50,
+        strength: float | None = None,
+        **edit_kwargs,
+    ):
+        """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`)."""
+        config = preset if isinstance(preset, EditConfig) else get_preset(preset)
+        if strength is not None:
+            edit_kwargs["strength"] = strength
+        overrides = {k: v for k, v in edit_kwargs.items() if k in EditConfig.__dataclass_fields__}
+        config = config.replace(**overrides)
+        inversion = self.invert(
+            image, source_prompt, num_inference_steps, strength=config.strength,
+            record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
+        )
+        rest = {k: v for k, v in edit_kwargs.items() if k not in overrides}
+        return self.edit(inversion, mask_image, prompt, preset=config, **rest)
+
+    @torch.no_grad()
+    def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=50, guidance_scale=7.5,
+                      negative_prompt=None, generator=None, latents=None, output_type="pil", batch_cfg=True):
+        """Plain DDIM text-to-image on the same grid: the baseline for cost and for the no-op property."""
+        prompts_list = _as_list(prompt)
+        grid = self.ddim_grid(num_inference_steps)
+        prompts = Prompts(source=None, target=self.encode_prompt(prompts_list), unconditional=None)
+        if guidance_scale > 1.0:
+            prompts.unconditional = self.encode_prompt(_broadcast(negative_prompt or "", len(prompts_list), "negative_prompt"))
+        if latents is None:
+            shape = (len(prompts_list), self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            latents = _randn(shape, generator, self.unet.device, self.unet.dtype)
+        x = plain_sampling_loop(self.feature_unet, latents, grid, prompts, guidance_scale, batch_cfg=batch_cfg)
+        out = self.decode_latents(x)
+        return PFBDiffOutput(images=imgs.convert_output(out, output_type), latents=x)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _edit_masks(self, inversion, mask_image, word_masks, config, latent_size):
+        size = inversion.original_sizes[0]
+        model_size = tuple(inversion.image.shape[-2:])[::-1]
+
+        def to_edit_mask(source, name):
+            masks = [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, inversion.batch_size)]
+            pixels = torch.cat([imgs.mask_to_tensor(m, model_size) for m in masks]).to(self.unet.device)
+            pixels = grow_mask(pixels, config.grow * model_size[0] / 512)
+            return EditMask.from_pixels(pixels.to(self.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
+
+        word_regions = {word: to_edit_mask(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
+        if mask_image is None:
+            if not word_regions:
+                raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
+            regions = list(word_regions.values())
+            mask = regions[0]
+            for other in regions[1:]:
+                mask = mask.union(other)
+        else:
+            mask = to_edit_mask(mask_image, "mask")
+        coverage = float((mask.latent > 0.5).float().mean())
+        if float(mask.latent.max()) <= 0.0:
+            raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
+        if coverage == 1.0:
+            warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
+        return mask, word_regions
+
+    def _token_regions(self, config, inversion, prompt, mask, word_regions, repeats):
+        inside, outside = list(config.inside), list(config.outside)
+        if not (inside or outside or word_regions) and config.auto_words:
+            if config.auto_words == "new-inside":
+                inside = new_words(inversion.source_prompt[0], prompt)
+            else:
+                outside = shared_words(inversion.source_prompt[0], prompt)
+        if not config.attention_masking:
+            return []
+        regions = []
+        if inside:
+            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, inside), mask))
+        if outside:
+            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, outside), mask.complement()))
+        for word, region in word_regions.items():
+            expanded = EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode)
+            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, [word]), expanded))
+        return regions
+
+    def _source_features(self, inversion, plan, config, repeats):
+        needed = plan.source_blocks
+        if config.cache_source and needed <= inversion.recorded_blocks:
+            return cached_source_features(inversion.features, repeats)
+        if config.cache_source and needed:
+            warnings.warn(
+                f"blocks {sorted(needed - inversion.recorded_blocks)} were not recorded during inversion; "
+                "re-running the source branch each step (pass record_blocks to invert() to avoid this)"
+            )
+        recompute = recomputed_source_features(self.feature_unet, inversion.latents, inversion.source_embeddings, needed)
+        return lambda n, t: {k: v.repeat_interleave(repeats, 0) for k, v in recompute(n, t).items()}
+
+    def _start_latent(self, config, inverted, generator):
+        if config.start == "inverted":
+            return inverted.clone()
+        return _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
+
+    def _finish(self, latents, inversion, repeats, output_type, return_dict):
+        decoded = self.decode_latents(latents)
+        if output_type == "latent":
+            images = latents
+        else:
+            sizes = [s for s in inversion.original_sizes for _ in range(repeats)]
+            pil = [imgs.restore_size(im, size) for im, size in zip(imgs.tensor_to_pil(decoded), sizes)]
+            images = pil if output_type == "pil" else imgs.convert_output(_pil_to_tensor(pil), output_type)
+        if not return_dict:
+            return (images,)
+        return PFBDiffOutput(images=images, latents=latents)
+
+
+def grow_mask(mask: torch.Tensor, pixels: float) -> torch.Tensor:
+    """Grow (pixels > 0) or shrink (< 0) a B×1×H×W mask with a square window: dilation / erosion."""
+    radius = int(round(abs(pixels)))
+    if radius == 0:
+        return mask
+    kernel = 2 * radius + 1
+    if pixels > 0:
+        return F.max_pool2d(mask, kernel, stride=1, padding=radius)
+    return -F.max_pool2d(-mask, kernel, stride=1, padding=radius)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _broadcast(value, n: int, name: str) -> list:
+    values = _as_list(value)
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise PFBDiffError(f"{name} has {len(values)} entries for {n} images; give one, or one per image")
+    return values
+
+
+def _broadcast_masks(value, n: int) -> list:
+    return _broadcast(value, n, "mask_image") if isinstance(value, (list, tuple)) else [value] * n
+
+
+def _randn(shape, generator, device, dtype):
+    return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device, dtype)
+
+
+def _pil_to_tensor(images) -> torch.Tensor:
+    arrays = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
