@@ -48,7 +48,7 @@ MODEL_HINT = "pass --model /path/to/a/diffusers-folder or /path/to/model.safeten
 
 # Weight file stems of each component in a diffusers folder (transformers and diffusers name them differently).
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-PICKLE_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "pytorch_model"}
+PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model"}
 
 
 # --------------------------------------------------------------------------------------------- device and dtype
@@ -311,18 +311,25 @@ def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool, config
             str(path),
             config=str(config_folder),
             local_files_only=True,
-            torch_dtype=dtype,
+            # fp32 is what the file is usually stored in; asking for it anyway makes diffusers cast and warn
+            torch_dtype=None if dtype == torch.float32 else dtype,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
     except (ValueError, KeyError, RuntimeError, OSError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PFBDiffError(
-            f"could not load '{path}' with the configs of '{config_folder}' ({first_line}); check that the file is "
-            "a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
+            f"could not load '{path}' with the configs of '{config_folder}' ({_gist(err)}); check that the file "
+            "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
         ) from err
     return pipeline.components
+
+
+def _gist(err: BaseException, limit: int = 160) -> str:
+    """The first sentence of a library error, short enough to quote inside a one-line message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
 def _resolve_config_folder(checkpoint: Path, config) -> Path:

@@ -104,6 +104,8 @@ def pfb_sampling_loop(
         t = grid.timesteps[n]
         blending = t > plan.t_combine
         hook = None
+        if masking is not None:
+            masking.active = False  # the source branch is never masked
         if blending and plan.blend_points:
             hook = FeatureBlender(source_features(n, t), mask, plan.blend_points, plan.source_of)
         if masking is not None:

@@ -149,6 +149,7 @@ class PFBDiffPipeline(DiffusionPipeline):
         generator=None,
         output_type: str = "pil",
         callback_on_step_end=None,
+        attention_observer=None,
         return_dict: bool = True,
         **overrides,
     ):
@@ -157,7 +158,8 @@ class PFBDiffPipeline(DiffusionPipeline):
         ``mask_image``: white = regenerate, black = keep (soft values allowed). ``inside`` / ``outside``:
         words of ``prompt`` (or token positions) confined to the mask / to the rest. ``word_masks``: a word →
         mask map for multi-object edits (each word confined to its own mask; the edit mask defaults to
-        their union). ``overrides``: any :class:`EditConfig` field.
+        their union). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
+        ``overrides``: any :class:`EditConfig` field.
         """
         config = preset.replace(**overrides) if isinstance(preset, EditConfig) else get_preset(preset, **overrides)
         if inside is not None:
@@ -199,6 +201,7 @@ class PFBDiffPipeline(DiffusionPipeline):
         if attention_blocks is None:
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
         masking = AttentionMasking(regions, latent_size, attention_blocks, mask_uncond=config.mask_uncond)
+        masking.observer = attention_observer
 
         with self.progress_bar(total=num_steps) as bar, attention_masking_installed(self.feature_unet, masking):
 

@@ -285,11 +285,10 @@ def tiny_sd_components(
     }
 
 
-def save_tiny_model(directory: str | Path, *, safe_serialization: bool = True, **kwargs) -> Path:
+def save_tiny_model(directory: str | Path, **kwargs) -> Path:
     """Build tiny components (``kwargs`` go to :func:`tiny_sd_components`) and save a diffusers SD folder.
 
-    The folder loads with ``StableDiffusionPipeline.from_pretrained(directory)``; weights are safetensors
-    unless ``safe_serialization=False`` (which writes pickle ``.bin`` files, for testing refusal of those).
+    The folder, with safetensors weights, loads with ``StableDiffusionPipeline.from_pretrained(directory)``.
     """
     directory = Path(directory)
     pipeline = StableDiffusionPipeline(
@@ -298,7 +297,7 @@ def save_tiny_model(directory: str | Path, *, safe_serialization: bool = True, *
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(directory, safe_serialization=safe_serialization)
+    pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -1,0 +1,104 @@
+"""Attention masking (spec §5, §11 property 7): masked words get exactly zero attention outside their region."""
+
+import numpy as np
+import pytest
+import torch
+
+from pfbdiff.attention import AttentionMasking, MaskedCrossAttention, TokenRegion, attention_masking_installed
+from pfbdiff.images import mask_to_tensor
+from pfbdiff.masks import EditMask
+from pfbdiff.tokens import token_positions
+
+
+def _left_half(size=(16, 16)):
+    latent = torch.zeros(1, 1, *size)
+    latent[..., : size[1] // 2] = 1.0
+    return EditMask(latent)
+
+
+def _cross_attention(tiny_pipe):
+    block = next(b for b in tiny_pipe.feature_unet.blocks if b.index == 8)
+    return block, block.cross_attentions[0]
+
+
+def _run(tiny_pipe, controller, batch=2):
+    block, attn = _cross_attention(tiny_pipe)
+    torch.manual_seed(0)
+    pixels = (16 // 4) * (16 // 4)  # block 8 runs at level 2 of a 16×16 latent
+    hidden = torch.randn(batch, pixels, attn.to_q.in_features)
+    context = torch.randn(batch, 77, attn.to_k.in_features)
+    seen = {}
+    controller.observer = lambda index, probs: seen.setdefault("probs", probs)
+    processor = MaskedCrossAttention(controller, block.index, attn.processor)
+    with torch.no_grad():
+        out = processor(attn, hidden, context)
+        plain = attn.processor(attn, hidden, context)
+    return out, plain, seen.get("probs")
+
+
+def test_inside_word_gets_zero_attention_outside_the_mask_and_rows_sum_to_one(tiny_pipe):
+    controller = AttentionMasking([TokenRegion((2, 3), _left_half())], (16, 16), {8})
+    controller.active = True
+    _, _, probs = _run(tiny_pipe, controller)
+    inside = _left_half().binary_at((4, 4)).reshape(-1)
+    cond = probs[1]  # heads × pixels × tokens of the conditional row
+    assert torch.all(cond[:, ~inside][..., [2, 3]] == 0)
+    assert torch.all(cond[:, inside][..., [2, 3]] > 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+    assert torch.all(probs[0][..., [2, 3]] > 0)  # unconditional row untouched by default
+
+
+def test_outside_word_gets_zero_attention_inside_the_mask(tiny_pipe):
+    controller = AttentionMasking([TokenRegion((4,), _left_half().complement())], (16, 16), {8})
+    controller.active = True
+    _, _, probs = _run(tiny_pipe, controller)
+    inside = _left_half().binary_at((4, 4)).reshape(-1)
+    assert torch.all(probs[1][:, inside][..., 4] == 0)
+
+
+def test_reference_quirk_also_masks_the_unconditional_pass(tiny_pipe):
+    controller = AttentionMasking([TokenRegion((2,), _left_half())], (16, 16), {8}, mask_uncond=True)
+    controller.active = True
+    _, _, probs = _run(tiny_pipe, controller)
+    outside = ~_left_half().binary_at((4, 4)).reshape(-1)
+    assert torch.all(probs[0][:, outside][..., 2] == 0) and torch.all(probs[1][:, outside][..., 2] == 0)
+
+
+@pytest.mark.parametrize("case", ["no words", "inactive", "full mask", "other block"])
+def test_masking_with_nothing_blocked_is_a_bitwise_no_op(tiny_pipe, case):
+    regions = [] if case == "no words" else [TokenRegion((2,), _left_half() if case != "full mask" else EditMask(torch.ones(1, 1, 16, 16)))]
+    controller = AttentionMasking(regions, (16, 16), {9} if case == "other block" else {8})
+    controller.active = case != "inactive"
+    out, plain, probs = _run(tiny_pipe, controller)
+    assert torch.equal(out, plain) and probs is None
+
+
+def test_installed_processors_are_restored(tiny_pipe):
+    unet = tiny_pipe.feature_unet
+    before = {id(m): m.processor for b in unet.blocks for m in b.cross_attentions}
+    controller = AttentionMasking([], (16, 16), {8, 9, 13})
+    with attention_masking_installed(unet, controller):
+        assert isinstance(unet.blocks[7].cross_attentions[0].processor, MaskedCrossAttention)
+    assert {id(m): m.processor for b in unet.blocks for m in b.cross_attentions} == before
+
+
+def test_multi_object_each_word_attends_only_inside_its_own_mask(tiny_pipe, photo):
+    left = np.zeros((96, 128), np.float32)
+    left[16:80, 8:56] = 1
+    right = np.zeros((96, 128), np.float32)
+    right[16:80, 72:120] = 1
+    inv = tiny_pipe.invert(photo, "a photo", num_inference_steps=3)
+    seen = []
+    tiny_pipe.edit(
+        inv, prompt="a cat and a rabbit", preset="multi-object", word_masks={"cat": left, "rabbit": right},
+        attention_observer=lambda index, probs: seen.append(probs),
+    )
+    assert seen, "attention masking never ran"
+    rabbit = token_positions(tiny_pipe.tokenizer, "a cat and a rabbit", "rabbit")
+    for probs in seen:
+        size = {h * w: (h, w) for h, w in [(12, 16), (6, 8), (3, 4), (2, 2)]}[probs.shape[-2]]
+        for word_mask, positions in ((left, [2]), (right, list(rabbit))):
+            region = EditMask.from_pixels(mask_to_tensor(word_mask, (128, 96)), (12, 16))
+            outside = ~region.binary_at(size).reshape(-1)
+            assert outside.any()
+            assert torch.all(probs[1][:, outside][..., positions] == 0)

@@ -1,0 +1,105 @@
+"""The PFB-Diff loop (spec §3) against plain sampling: spec §11 properties 1–4 and 10."""
+
+import numpy as np
+import pytest
+import torch
+
+from pfbdiff.blending import latent_blend_is_open
+from pfbdiff.loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop
+from pfbdiff.masks import EditMask
+from pfbdiff.sampling import DDIMGrid
+from pfbdiff.toy_models import sd_scheduler_config
+
+NO_OP = dict(blend_blocks=(), attention_masking=False, latent_blend=0.98)
+
+
+def _plain(pipe, x, prompt, steps, batch_cfg=True):
+    grid = pipe.ddim_grid(steps)
+    prompts = Prompts(source=None, target=pipe.encode_prompt([prompt]), unconditional=pipe.encode_prompt([""]))
+    return plain_sampling_loop(pipe.feature_unet, x, grid, prompts, 7.5, num_steps=steps, batch_cfg=batch_cfg)
+
+
+def test_no_op_config_is_exactly_plain_sampling_from_the_inverted_latent(tiny_pipe, photo, box_mask):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=5)
+    edited = tiny_pipe.edit(inv, box_mask, "a dog", output_type="latent", **NO_OP).images
+    assert torch.equal(edited, _plain(tiny_pipe, inv.latents[-1], "a dog", 5))
+
+
+def test_no_op_config_ignores_the_source_image_and_prompt(tiny_pipe, photo, box_mask):
+    outputs = []
+    for image, source in ((photo, "a cat"), (255 - photo, "a bench")):
+        inv = tiny_pipe.invert(image, source, num_inference_steps=4)
+        g = torch.Generator().manual_seed(3)
+        outputs.append(tiny_pipe.edit(inv, box_mask, "a dog", start="noise", generator=g, output_type="latent", **NO_OP).images)
+    assert torch.equal(outputs[0], outputs[1])
+    noise = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(outputs[0], _plain(tiny_pipe, noise, "a dog", 4))
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(t_combine=500, latent_blend=-1.0), dict(preset="paper-object")])
+def test_full_mask_is_exactly_plain_sampling_whatever_the_blend_settings(tiny_pipe, photo, settings):
+    full = np.ones((96, 128), np.float32)
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
+    with pytest.warns(UserWarning, match="all white"):
+        edited = tiny_pipe.edit(inv, full, "a dog", output_type="latent", **settings).images
+    sequential = settings.get("preset", "").startswith("paper")  # the reference runs the two passes one by one
+    assert torch.equal(edited, _plain(tiny_pipe, inv.latents[-1], "a dog", 4, batch_cfg=not sequential))
+
+
+def test_full_mask_blocks_outside_words_everywhere(tiny_pipe, photo):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=2)
+    seen = []
+    with pytest.warns(UserWarning, match="all white"):
+        tiny_pipe.edit(inv, np.ones((96, 128), np.float32), "a dog on a bench", outside=["bench"],
+                       attention_observer=lambda index, probs: seen.append(probs))
+    assert seen and all(torch.all(p[1][..., 5] == 0) for p in seen)
+
+
+def _loop_with_constant_mask(pipe, inv, value, s=0.5):
+    grid = inv.grid
+    mask = EditMask(torch.full_like(inv.latents[0][:, :1], value))
+    prompts = Prompts(inv.source_embeddings, pipe.encode_prompt(["a dog"]), pipe.encode_prompt([""]))
+    plan = pipe.blend_plan(pipe_config())
+    plan.latent_blend = s
+    return pfb_sampling_loop(pipe.feature_unet, inv.latents[-1].clone(), inv.latents, cached_source_features(inv.features, 1),
+                             grid, mask, prompts, plan, 7.5)
+
+
+def pipe_config():
+    from pfbdiff import get_preset
+
+    return get_preset("object")
+
+
+def test_empty_mask_stays_much_closer_to_the_source_than_full_mask(tiny_pipe, photo):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=6)
+    keep = _loop_with_constant_mask(tiny_pipe, inv, 0.0)
+    regenerate = _loop_with_constant_mask(tiny_pipe, inv, 1.0)
+    source = inv.latents[0]
+    assert (keep - source).norm() < 0.5 * (regenerate - source).norm()
+
+
+def test_final_step_lock_keeps_the_clean_source_latent_outside_the_mask(tiny_pipe, photo, box_mask):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
+    out = tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, output_type="latent").images
+    keep = tiny_pipe._edit_masks(inv, box_mask, None, pipe_config(), (12, 16))[0].latent == 0
+    assert keep.any() and torch.equal(out[keep.expand_as(out)], inv.latents[0][keep.expand_as(out)])
+
+
+def test_gate_counts_on_the_50_step_sd_grid():
+    grid = DDIMGrid.from_scheduler_config(sd_scheduler_config(), 50)
+    assert sum(t > 0 for t in grid.timesteps) == 50
+    assert sum(t > 200 for t in grid.timesteps) == 40
+    latent_steps = {s: [grid.timesteps[n] for n in range(50) if latent_blend_is_open(n, 50, s)] for s in (0.5, 0.8, 0.4, -1)}
+    assert len(latent_steps[0.5]) == 24 and min(latent_steps[0.5]) == 521
+    assert len(latent_steps[0.8]) == 9 and min(latent_steps[0.8]) == 821
+    assert len(latent_steps[0.4]) == 29 and len(latent_steps[-1]) == 50
+
+
+def test_latent_gate_indexes_the_full_grid_even_with_strength_below_one():
+    assert [n for n in range(40) if latent_blend_is_open(n, 50, 0.5)] == list(range(26, 40))
+
+
+def test_blend_plan_defaults():
+    plan = BlendPlan()
+    assert plan.source_blocks == frozenset() and plan.latent_blend == 0.5
