@@ -359,10 +359,9 @@ def test_mask_size_mismatch_warns_and_resizes():
     assert resized[:, :55].max() < 0.05 and resized[:, 65:].min() > 0.95
 
 
-def test_mask_aspect_mismatch_is_mentioned():
-    with pytest.warns(UserWarning, match="aspect ratios differ"):
-        resized = load_mask(np.ones((64, 64), dtype=np.float32), size=(333, 517))
-    assert resized.shape == (517, 333)
+def test_mask_of_another_aspect_ratio_is_refused():
+    with pytest.raises(PFBDiffError, match="aspect ratios differ"):
+        load_mask(np.ones((64, 64), dtype=np.float32), size=(333, 517))
 
 
 def test_empty_and_full_masks_are_described():

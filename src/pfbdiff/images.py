@@ -358,13 +358,14 @@ def _match_mask_size(mask: np.ndarray, size: Size, name: str) -> np.ndarray:
     mask_size = (mask.shape[1], mask.shape[0])
     if mask_size == size:
         return mask
-    message = f"{name} is {_format_size(mask_size)} but the image is {_format_size(size)}; resized the {name} to match"
     mask_aspect, image_aspect = mask_size[0] / mask_size[1], size[0] / size[1]
     if abs(mask_aspect / image_aspect - 1.0) > 0.01:
-        message += (
-            f" (their aspect ratios differ, {mask_aspect:.3f} vs {image_aspect:.3f}, so the {name} is stretched;"
-            " check that it belongs to this image)"
+        # Stretching would move the edit region: a mask of another shape almost always belongs to another image.
+        raise PFBDiffError(
+            f"{name} is {_format_size(mask_size)} but the image is {_format_size(size)}: their aspect ratios differ "
+            f"({mask_aspect:.3f} vs {image_aspect:.3f}); give a {name} made for this image"
         )
+    message = f"{name} is {_format_size(mask_size)} but the image is {_format_size(size)}; resized the {name} to match"
     warnings.warn(message, UserWarning, stacklevel=3)
     return _resize_float(mask, size)
 
@@ -523,7 +524,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str,
     be overwritten (the input image and mask); a mapping ``{"input image": path}`` names them in the error.
     """
     target = Path(path).expanduser()
-    _check_output_path(target, protect)
+    check_output_path(target, protect)
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(dict(metadata), ensure_ascii=False, default=str))
     info.add_text(PARAMETERS_KEY, format_parameters(metadata))
@@ -531,7 +532,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str,
     return target
 
 
-def _check_output_path(target: Path, protect: ProtectedPaths) -> None:
+def check_output_path(target: Path, protect: ProtectedPaths) -> None:
     if target.is_dir():
         raise PFBDiffError(f"output path is a directory: {target}; give a file name such as {target / 'edited.png'}")
     if target.suffix.lower() != ".png":

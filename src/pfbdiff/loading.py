@@ -33,7 +33,13 @@ from .errors import PFBDiffError
 
 # Short model names (e.g. a bundled model "shapes") mapped to a function that returns its local path.
 # Consulted before anything else, so a registered name shadows a folder of the same name.
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {}
+def _tiny_model() -> Path:
+    from .toy_models import tiny_model_path
+
+    return tiny_model_path()
+
+
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model}
 
 COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")

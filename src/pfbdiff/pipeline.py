@@ -89,11 +89,12 @@ class PFBDiffPipeline(DiffusionPipeline):
         return DDIMGrid.from_scheduler_config(self.scheduler.config, num_inference_steps)
 
     # -- inversion -----------------------------------------------------------------------------------------
-    def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None) -> Inversion:
+    def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None,
+               callback=None) -> Inversion:
         """Encode ``image`` (one or a list), DDIM-invert it with ``source_prompt`` and record source features.
 
         ``record_blocks`` (block numbers L) defaults to every block any preset blends; an edit that needs
-        another block re-runs the source branch for it.
+        another block re-runs the source branch for it. ``callback(k)`` is called after inversion step k.
         """
         if not 0.0 < strength <= 1.0:
             raise PFBDiffError(f"strength must be in (0, 1], got {strength}; e.g. --strength 0.8")
@@ -109,9 +110,15 @@ class PFBDiffPipeline(DiffusionPipeline):
         embeddings = self.encode_prompt(source_prompts)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
         with self.progress_bar(total=num_steps) as bar:
+
+            def on_step(k):
+                bar.update()
+                if callback is not None:
+                    callback(k)
+
             latents, features = ddim_invert(
                 self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, num_steps, blocks,
-                callback=lambda k: bar.update(),
+                callback=on_step,
             )
         return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes)
 
@@ -234,13 +241,17 @@ class PFBDiffPipeline(DiffusionPipeline):
         config = preset if isinstance(preset, EditConfig) else get_preset(preset)
         if strength is not None:
             edit_kwargs["strength"] = strength
+        edit_kwargs = {k: v for k, v in edit_kwargs.items() if v is not None}
         overrides = {k: v for k, v in edit_kwargs.items() if k in EditConfig.__dataclass_fields__}
-        config = config.replace(**overrides)
+        config = config.replace(**{k: tuple(v) if k in ("inside", "outside") else v for k, v in overrides.items()})
+        rest = {k: v for k, v in edit_kwargs.items() if k not in overrides}
+        for prompt_text in _as_list(prompt):  # name a misspelt word before the costly inversion
+            positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
         inversion = self.invert(
             image, source_prompt, num_inference_steps, strength=config.strength,
             record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
+            callback=rest.pop("inversion_callback", None),
         )
-        rest = {k: v for k, v in edit_kwargs.items() if k not in overrides}
         return self.edit(inversion, mask_image, prompt, preset=config, **rest)
 
     @torch.no_grad()

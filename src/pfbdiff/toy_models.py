@@ -18,6 +18,7 @@ Stable Diffusion 1.x's *shape* with random weights:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -345,3 +346,33 @@ def sd15_random_unet(
     if dtype != unet.dtype:  # casting only when needed avoids diffusers' warning about casting with .to()
         unet = unet.to(dtype)
     return unet.eval().requires_grad_(False)
+
+
+def sd15_random_components(seed: int = 0) -> dict:
+    """Every SD 1.5 component at full size with random weights (UNet, VAE, a CLIP ViT-L/14-sized text
+    encoder on the tiny tokenizer): the real architecture's cost, for the speed benchmark."""
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+        scaling_factor=SD_VAE_SCALING_FACTOR,
+    )
+    text_config = tiny_text_encoder_config(tokenizer, hidden_size=768)
+    text_config.intermediate_size, text_config.num_hidden_layers, text_config.num_attention_heads = 3072, 12, 12
+    components = dict(
+        unet=sd15_random_unet(seed), vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+        scheduler=make_sd_scheduler(),
+    )
+    for name in ("vae", "text_encoder"):
+        components[name].eval().requires_grad_(False)
+    return components
+
+
+def tiny_model_path() -> Path:
+    """A tiny random-weight model saved once under the user cache: the ``tiny`` model name (for trying the
+    pipeline and the CLI offline; its edits are not meaningful pictures)."""
+    cache = Path(os.environ.get("PFBDIFF_CACHE", Path.home() / ".cache" / "pfbdiff")) / "tiny-random-sd"
+    if not (cache / "model_index.json").exists():
+        save_tiny_model(cache, seed=0)
+    return cache

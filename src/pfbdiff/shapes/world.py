@@ -102,14 +102,16 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A background (colour and pattern) with one or two non-overlapping objects, listed in caption order."""
+    """A background (colour and pattern) with one or two non-overlapping objects, listed in caption order.
+
+    (Sampled scenes always have objects; a hand-made scene may have none, e.g. as an edit's reference.)"""
 
     background: str
     pattern: str
     objects: tuple[ShapeObject, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields, not results
 class RenderResult:
     """Pixels of a rendered scene plus exact ground truth.
 
@@ -160,8 +162,9 @@ def validate_scene(scene: Scene) -> None:
     """Raise :class:`PFBDiffError` unless the scene obeys the world's rules (names, count, colours, layout)."""
     _check_colour(scene.background)
     _check_pattern(scene.pattern)
-    if not 1 <= len(scene.objects) <= MAX_OBJECTS:
-        raise PFBDiffError(f"a scene has 1 to {MAX_OBJECTS} objects, got {len(scene.objects)}")
+    # Zero objects is allowed (a reference image for "remove the object" edits) but has no caption.
+    if len(scene.objects) > MAX_OBJECTS:
+        raise PFBDiffError(f"a scene has at most {MAX_OBJECTS} objects, got {len(scene.objects)}")
     for obj in scene.objects:
         _check_colour(obj.colour)
         _check_shape(obj.shape)
@@ -404,6 +407,8 @@ def background_phrase(colour: str, pattern: str) -> str:
 
 def caption(scene: Scene) -> str:
     """``"a red circle and a green square on a plain yellow background"`` (objects in scene order)."""
+    if not scene.objects:
+        raise PFBDiffError("a scene without objects has no caption in the ShapesWorld grammar")
     objects = " and ".join(object_phrase(o) for o in scene.objects)
     return f"{objects} on {background_phrase(scene.background, scene.pattern)}"
 

@@ -1,0 +1,107 @@
+"""The command line: a real edit, readable help, and every user mistake as one line with exit code 2."""
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pfbdiff.cli import app
+from pfbdiff.images import read_png_metadata
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def files(tmp_path, photo, box_mask):
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.fromarray(photo).save(image)
+    Image.fromarray((box_mask * 255).astype(np.uint8)).save(mask)
+    return tmp_path, image, mask
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_edit_writes_a_png_with_its_parameters(files, tiny_model_dir):
+    folder, image, mask = files
+    out = folder / "edited.png"
+    result = runner.invoke(app, ["edit", str(image), "--mask", str(mask), "--prompt", "a dog", "--source-prompt", "a cat",
+                                 "--steps", "3", "--model", str(tiny_model_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and str(out) in result.output.replace("\n", "")
+    assert Image.open(out).size == (128, 96)
+    meta = read_png_metadata(out)
+    assert meta["prompt"] == "a dog" and meta["steps"] == 3 and meta["preset"] == "object"
+
+
+def _bad(files, tiny_model_dir, change):
+    folder, image, mask = files
+    args = {"image": str(image), "--mask": str(mask), "--prompt": "a dog", "-o": str(folder / "out.png"),
+            "--model": str(tiny_model_dir), "--steps": "2"}
+    args.update(change(folder))
+    argv = ["edit", args.pop("image")] + [x for k, v in args.items() for x in (k, v)]
+    return runner.invoke(app, argv)
+
+
+BAD_INPUTS = {
+    "missing image": (lambda d: {"image": str(d / "nope.png")}, "not found"),
+    "corrupt image": (lambda d: {"image": str(_write(d / "bad.png", b"not an image at all"))}, "cannot read"),
+    "empty image file": (lambda d: {"image": str(_write(d / "empty.png", b""))}, "0 bytes"),
+    "mask of another shape": (lambda d: {"--mask": str(_mask_of_size(d, (64, 64)))}, "aspect ratios differ"),
+    "all-black mask": (lambda d: {"--mask": str(_mask_of_size(d, (128, 96), 0))}, "all black"),
+    "unknown preset": (lambda d: {"--preset": "objekt"}, "unknown preset 'objekt'"),
+    "zero steps": (lambda d: {"--steps": "0"}, "--steps must be at least 1"),
+    "negative steps": (lambda d: {"--steps": "-3"}, "--steps must be at least 1"),
+    "strength above one": (lambda d: {"--strength": "1.5"}, "strength must be in (0, 1]"),
+    "strength zero": (lambda d: {"--strength": "0"}, "strength must be in (0, 1]"),
+    "output in a missing folder": (lambda d: {"-o": str(d / "missing" / "out.png")}, "output folder does not exist"),
+    "output equal to the input": (lambda d: {"-o": str(d / "photo.png")}, "refusing to overwrite the input image"),
+    "output equal to the mask": (lambda d: {"-o": str(d / "mask.png")}, "refusing to overwrite the mask"),
+    "word not in the prompt": (lambda d: {"--inside": "cat"}, "'cat' does not occur in the prompt"),
+    "missing model": (lambda d: {"--model": str(d / "no-model")}, "not found"),
+}
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _mask_of_size(folder, size, value=255):
+    path = folder / f"mask-{size[0]}x{size[1]}-{value}.png"
+    Image.fromarray(np.full(size[::-1], value, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(files, tiny_model_dir, case):
+    folder, image, mask = files
+    before = {p.name: _digest(p) for p in folder.iterdir() if p.is_file()}
+    change, message = BAD_INPUTS[case]
+    result = _bad(files, tiny_model_dir, change)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output
+    after = {p.name: _digest(p) for p in folder.iterdir() if p.is_file() and p.name in before}
+    assert after == before  # inputs untouched
+    assert {p.name for p in folder.iterdir()} - set(before) - {"bad.png", "empty.png"} - {
+        p.name for p in folder.glob("mask-*.png")} == set()  # nothing written
+
+
+def test_help_of_every_command_reads_well():
+    for argv in (["--help"], ["edit", "--help"], ["bench-speed", "--help"], ["presets", "--help"]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0 and "Usage" in result.output
+    wide = runner.invoke(app, ["edit", "--help"], env={"COLUMNS": "250"}).output
+    assert "white = region to change" in wide and "--source-prompt" in wide
+
+
+def test_python_dash_m_runs_the_same_cli():
+    result = subprocess.run([sys.executable, "-m", "pfbdiff", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("pfbdiff ")
