@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pfbdiff.cli import app
-from pfbdiff.images import read_png_metadata
+from pfbdiff.outputs import read_png_metadata
 
 runner = CliRunner()
 
@@ -39,6 +39,16 @@ def test_edit_writes_a_png_with_its_parameters(files, tiny_model_dir):
     assert meta["prompt"] == "a dog" and meta["steps"] == 3 and meta["preset"] == "object"
 
 
+def test_any_method_setting_can_be_set_and_is_recorded(files, tiny_model_dir):
+    folder, image, mask = files
+    out = folder / "set.png"
+    result = runner.invoke(app, ["edit", str(image), "-m", str(mask), "-p", "a dog", "--steps", "2", "-o", str(out),
+                                 "--model", str(tiny_model_dir), "--set", "t_combine=500", "--set", "blend_levels=-1",
+                                 "--set", "blend_skips=true"])
+    assert result.exit_code == 0, result.output
+    assert read_png_metadata(out)["settings"] == {"t_combine": 500, "blend_levels": [-1], "blend_skips": True}
+
+
 def _bad(files, tiny_model_dir, change):
     folder, image, mask = files
     args = {"image": str(image), "--mask": str(mask), "--prompt": "a dog", "-o": str(folder / "out.png"),
@@ -64,6 +74,8 @@ BAD_INPUTS = {
     "output equal to the mask": (lambda d: {"-o": str(d / "mask.png")}, "refusing to overwrite the mask"),
     "word not in the prompt": (lambda d: {"--inside": "cat"}, "'cat' does not occur in the prompt"),
     "missing model": (lambda d: {"--model": str(d / "no-model")}, "not found"),
+    "unknown setting": (lambda d: {"--set": "t_combin=200"}, "--set takes KEY=VALUE"),
+    "unreadable setting": (lambda d: {"--set": "t_combine=soon"}, "cannot read 'soon'"),
 }
 
 

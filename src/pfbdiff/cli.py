@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from . import __version__  # noqa: E402
 from . import images as imgs  # noqa: E402
+from . import outputs  # noqa: E402
 from .errors import PFBDiffError  # noqa: E402
 from .presets import PRESET_HELP, PRESETS, get_preset  # noqa: E402
 
@@ -80,10 +81,11 @@ def edit(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Any method setting as KEY=VALUE, e.g. --set t_combine=200 --set blend_levels=-1,-2 (see `pfbdiff presets`)."),
 ):
     """Edit the masked region of IMAGE to show PROMPT, keeping the rest."""
     with user_errors():
-        config_overrides = _check_edit_arguments(image, mask, output, preset, steps, strength, start)
+        config_overrides = _check_edit_arguments(image, mask, output, preset, steps, strength, start, settings)
         source = imgs.load_image(image)
         mask_array = imgs.load_mask(mask, source.size)
         empty = imgs.describe_empty_or_full(mask_array)
@@ -114,25 +116,59 @@ def edit(
             negative_prompt=negative_prompt, inside=list(_words(inside)), outside=list(_words(outside)),
             steps=steps, strength=effective.strength, guidance_scale=guidance, seed=seed, start=effective.start,
             size=list(source.size), unet_calls=pipe.unet_calls, image=str(image), mask=str(mask),
+            settings={k: list(v) if isinstance(v, tuple) else v for k, v in config_overrides.items()},
         )
-        written = imgs.save_png(result.images[0], output, metadata, protect={"input image": image, "mask": mask})
+        written = outputs.save_png(result.images[0], output, metadata, protect={"input image": image, "mask": mask})
     console.print(f"[green]wrote[/] {written}  ({pipe.unet_calls} U-Net calls)", highlight=False)
 
 
-def _check_edit_arguments(image, mask, output, preset, steps, strength, start) -> dict:
+def _check_edit_arguments(image, mask, output, preset, steps, strength, start, settings) -> dict:
     """Every check that needs no model, so mistakes are reported at once and nothing is written."""
     if preset not in PRESETS:
         raise PFBDiffError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if steps < 1:
         raise PFBDiffError(f"--steps must be at least 1, got {steps}")
-    overrides = {}
+    overrides = parse_settings(settings or [])
     if strength is not None:
         overrides["strength"] = strength
     if start is not None:
         overrides["start"] = start
     get_preset(preset, **overrides)  # validates strength and start
-    imgs.check_output_path(Path(output).expanduser(), {"input image": image, "mask": mask})
+    outputs.check_output_path(Path(output).expanduser(), {"input image": image, "mask": mask})
     return overrides
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings → EditConfig overrides, each value parsed by the type of the field's default."""
+    from .presets import EditConfig
+
+    defaults = {name: field.default for name, field in EditConfig.__dataclass_fields__.items()}
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults:
+            raise PFBDiffError(f"--set takes KEY=VALUE with KEY one of: {', '.join(defaults)}; got {item!r}")
+        overrides[key] = _parse_value(key, text.strip(), defaults[key])
+    return overrides
+
+
+def _parse_value(key, text, default):
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, (tuple, type(None))) and key != "auto_words":
+            parts = [p for p in text.split(",") if p.strip()]
+            return tuple(int(p) if p.strip().lstrip("-").isdigit() else p.strip() for p in parts)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, int):
+            return int(text)
+        return None if text.lower() in ("none", "") else text
+    except ValueError:
+        raise PFBDiffError(f"--set {key}={text}: cannot read {text!r} as the type of {key} ({type(default).__name__})") from None
 
 
 def _load(model, device, dtype, allow_pickle, config):

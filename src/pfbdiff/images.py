@@ -8,8 +8,8 @@ Everything that crosses the boundary between the user's files and the diffusion 
 * :func:`fit_to_multiple`, :func:`image_to_tensor`, :func:`mask_to_tensor`, :func:`tensor_to_pil`,
   :func:`restore_size` and :func:`convert_output` move between those and the model's tensors without
   ever squashing the picture to a square.
-* :func:`save_png` writes the result atomically with the edit settings embedded, and
-  :func:`read_png_metadata` reads them back.
+
+Writing results (PNG with the edit's settings) lives in :mod:`pfbdiff.outputs`.
 
 Conventions chosen here (and relied on by the rest of pfbdiff):
 
@@ -23,18 +23,15 @@ Conventions chosen here (and relied on by the rest of pfbdiff):
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import secrets
 import warnings
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pfbdiff.errors import PFBDiffError
 
@@ -75,7 +72,7 @@ def load_image(source: ImageSource, *, name: str = "image") -> Image.Image:
     """
     loaded = _load_pil_or_array(source, name, signed_tensors=True)
     if isinstance(loaded, Image.Image):
-        return _pil_to_rgb(loaded, name)
+        return pil_to_rgb(loaded, name)
     return _array_to_rgb(loaded)
 
 
@@ -115,7 +112,7 @@ def _load_pil_or_array(source: Any, name: str, *, signed_tensors: bool) -> Image
 
 def _open_image_file(path: Path, name: str) -> Image.Image:
     """Open, fully decode and EXIF-rotate the image file at ``path``, turning every failure into a user error."""
-    _check_readable_file(path, name)
+    check_readable_file(path, name)
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb warning is replaced by the MAX_PIXELS check below, which names the file.
@@ -135,13 +132,13 @@ def _open_image_file(path: Path, name: str) -> Image.Image:
     except PermissionError:
         raise PFBDiffError(f"cannot open {name} file {path}: permission denied; check the file's permissions") from None
     except Exception as error:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-        reason = _one_line(str(error)) or type(error).__name__
+        reason = one_line(str(error)) or type(error).__name__
         raise PFBDiffError(f"cannot read {path} as an image ({reason}); is it a PNG/JPEG/WebP?") from None
     _check_not_empty(upright.size, name, path)
     return upright
 
 
-def _check_readable_file(path: Path, name: str) -> None:
+def check_readable_file(path: Path, name: str) -> None:
     """Reject paths that cannot possibly be an image file, with a message for each reason."""
     if not path.exists():
         raise PFBDiffError(f"{name} file not found: {path}")
@@ -174,7 +171,7 @@ def _check_not_empty(size: Size, name: str, path: Path | None = None) -> None:
         raise PFBDiffError(f"{name}{where} has a zero dimension ({width}×{height}); use a non-empty image")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -183,7 +180,7 @@ def _one_line(text: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
+def pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, scaling high bit depths and flattening alpha onto white."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         return _array_to_rgb(_pil_to_float_array(image, name))
@@ -422,7 +419,7 @@ def _round_to_multiple(length: int, multiple: int) -> int:
 
 def image_to_tensor(image: Image.Image, size: Size | None = None) -> torch.Tensor:
     """PIL image -> float32 tensor 1×3×H×W in [-1, 1], resized with Lanczos to ``size`` (W, H) if it differs."""
-    rgb = image if image.mode == "RGB" else _pil_to_rgb(image, "image")
+    rgb = image if image.mode == "RGB" else pil_to_rgb(image, "image")
     if size is not None and rgb.size != tuple(size):
         rgb = rgb.resize(_check_size(size, "size"), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy())
@@ -490,150 +487,3 @@ def _check_size(size: Any, what: str) -> Size:
 
 def _format_size(size: Size) -> str:
     return f"{size[0]}×{size[1]}"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Saving
-# --------------------------------------------------------------------------------------------------------
-
-#: PNG text chunk holding the JSON-encoded edit settings.
-METADATA_KEY = "pfbdiff"
-#: PNG text chunk with a human-readable summary, where AUTOMATIC1111-style tools look for settings.
-PARAMETERS_KEY = "parameters"
-
-# A1111's names for the settings it shows in its "parameters" chunk.
-_A1111_NAMES = {
-    "steps": "Steps",
-    "num_inference_steps": "Steps",
-    "guidance_scale": "CFG scale",
-    "seed": "Seed",
-    "scheduler": "Sampler",
-    "model": "Model",
-    "size": "Size",
-}
-
-ProtectedPaths = Union[Iterable[Union[str, os.PathLike, None]], Mapping[str, Union[str, os.PathLike, None]]]
-
-
-def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str, Any], *,
-             protect: ProtectedPaths = ()) -> Path:
-    """Write ``image`` as a PNG at ``path`` with ``metadata`` embedded, atomically; return the path written.
-
-    The settings go into a ``pfbdiff`` text chunk (JSON) and a human-readable ``parameters`` chunk. The file
-    appears complete or not at all (temporary file + ``os.replace``). ``protect`` lists paths that must never
-    be overwritten (the input image and mask); a mapping ``{"input image": path}`` names them in the error.
-    """
-    target = Path(path).expanduser()
-    check_output_path(target, protect)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(dict(metadata), ensure_ascii=False, default=str))
-    info.add_text(PARAMETERS_KEY, format_parameters(metadata))
-    _write_atomically(_png_compatible(image), target, info)
-    return target
-
-
-def check_output_path(target: Path, protect: ProtectedPaths) -> None:
-    if target.is_dir():
-        raise PFBDiffError(f"output path is a directory: {target}; give a file name such as {target / 'edited.png'}")
-    if target.suffix.lower() != ".png":
-        raise PFBDiffError(f"output file must end in .png, got {target}; PNG is lossless and keeps the edit settings")
-    folder = target.parent
-    if not folder.exists():
-        raise PFBDiffError(f"output folder does not exist: {folder}; create it first or choose another -o path")
-    if not folder.is_dir():
-        raise PFBDiffError(f"output folder {folder} is a file, not a folder; choose another -o path")
-    for label, protected in _labelled_paths(protect):
-        if _same_file(target, Path(protected).expanduser()):
-            raise PFBDiffError(f"refusing to overwrite the {label} {protected}; choose another -o path")
-
-
-def _labelled_paths(protect: ProtectedPaths) -> list[tuple[str, str | os.PathLike]]:
-    if isinstance(protect, Mapping):
-        pairs = list(protect.items())
-    else:
-        pairs = [("input file", protected) for protected in protect]
-    return [(label, protected) for label, protected in pairs if protected is not None]
-
-
-def _same_file(first: Path, second: Path) -> bool:
-    # resolve() catches relative paths and symlinks; samefile() also catches hard links and case-insensitive disks.
-    if first.resolve() == second.resolve():
-        return True
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
-
-
-def _png_compatible(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGB", "RGBA", "L", "LA", "1", "P", "I;16"):
-        return image
-    return _pil_to_rgb(image, "output image")
-
-
-def _write_atomically(image: Image.Image, target: Path, info: PngImagePlugin.PngInfo) -> None:
-    """Save to a hidden temporary file beside ``target``, then rename it over ``target`` in one step."""
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    created = False
-    try:
-        # os.open with 0o666 lets the umask decide the permissions, as for any normally created file.
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        created = True
-        with os.fdopen(descriptor, "wb") as stream:
-            image.save(stream, format="PNG", pnginfo=info)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except PermissionError:
-        raise PFBDiffError(f"cannot write {target}: permission denied; choose another -o path") from None
-    except OSError as error:
-        reason = _one_line(error.strerror or str(error))
-        raise PFBDiffError(f"cannot write {target} ({reason}); choose another -o path") from None
-    finally:
-        if created:
-            temporary.unlink(missing_ok=True)  # already gone after a successful os.replace
-
-
-def format_parameters(metadata: Mapping[str, Any]) -> str:
-    """A1111-style summary: the prompt, a "Negative prompt:" line, then "Name: value" pairs."""
-    settings = dict(metadata)
-    lines = []
-    if "prompt" in settings:
-        lines.append(_summary_value(settings.pop("prompt")))
-    if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {_summary_value(settings.pop('negative_prompt'))}")
-    settings.pop("negative_prompt", None)
-    pairs = [f"{_A1111_NAMES.get(key, _humanise(key))}: {_summary_value(value)}" for key, value in settings.items()]
-    if pairs:
-        lines.append(", ".join(pairs))
-    return "\n".join(lines)
-
-
-def _humanise(key: str) -> str:
-    words = str(key).replace("_", " ").strip()
-    return words[:1].upper() + words[1:]
-
-
-def _summary_value(value: Any) -> str:
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(side, int) for side in value):
-        return f"{value[0]}x{value[1]}"  # A1111 writes sizes as 512x768
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return _one_line(text)
-
-
-def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Return the settings :func:`save_png` embedded in ``path``; ``{}`` for a PNG without them."""
-    source = Path(path).expanduser()
-    _check_readable_file(source, "PNG")
-    try:
-        with Image.open(source) as image:
-            text = getattr(image, "text", {}).get(METADATA_KEY)
-    except Exception as error:  # noqa: BLE001 - same zoo of decoder errors as in _open_image_file
-        reason = _one_line(str(error)) or type(error).__name__
-        raise PFBDiffError(f"cannot read {source} as a PNG ({reason}); pass a PNG written by pfbdiff") from None
-    if text is None:
-        return {}
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise PFBDiffError(f"the {METADATA_KEY} metadata in {source} is not valid JSON; the file was altered") from None

@@ -181,14 +181,13 @@ class PFBDiffPipeline(DiffusionPipeline):
                 f"invert with strength >= {config.strength} or lower the edit's strength"
             )
         images_in = inversion.batch_size
-        batch = images_in * num_images_per_prompt
         prompts_list = _broadcast(prompt, images_in, "prompt")
         target_prompts = [p for p in prompts_list for _ in range(num_images_per_prompt)]
 
         latent_size = tuple(inversion.latents[0].shape[-2:])
         mask, word_regions = self._edit_masks(inversion, mask_image, word_masks, config, latent_size)
         mask = EditMask(mask.latent.repeat_interleave(num_images_per_prompt, 0), mask.resize_mode)
-        regions = self._token_regions(config, inversion, prompts_list[0], mask, word_regions, num_images_per_prompt)
+        regions = self._token_regions(config, inversion, prompts_list, mask, word_regions, num_images_per_prompt)
 
         prompts = Prompts(
             source=inversion.source_embeddings.repeat_interleave(num_images_per_prompt, 0),
@@ -298,24 +297,29 @@ class PFBDiffPipeline(DiffusionPipeline):
             warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
         return mask, word_regions
 
-    def _token_regions(self, config, inversion, prompt, mask, word_regions, repeats):
-        inside, outside = list(config.inside), list(config.outside)
-        if not (inside or outside or word_regions) and config.auto_words:
-            if config.auto_words == "new-inside":
-                inside = new_words(inversion.source_prompt[0], prompt)
-            else:
-                outside = shared_words(inversion.source_prompt[0], prompt)
+    def _token_regions(self, config, inversion, prompts, mask, word_regions, repeats):
+        """The token → allowed-region map: confined words of the prompt and the region each may appear in."""
         if not config.attention_masking:
             return []
-        regions = []
-        if inside:
-            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, inside), mask))
-        if outside:
-            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, outside), mask.complement()))
-        for word, region in word_regions.items():
-            expanded = EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode)
-            regions.append(TokenRegion(positions_of(self.tokenizer, prompt, [word]), expanded))
-        return regions
+        inside, outside = list(config.inside), list(config.outside)
+        if not (inside or outside or word_regions) and config.auto_words:
+            pick = new_words if config.auto_words == "new-inside" else shared_words
+            found = pick(inversion.source_prompt[0], prompts[0])
+            inside, outside = (found, []) if config.auto_words == "new-inside" else ([], found)
+        groups = [(inside, mask), (outside, mask.complement())]
+        groups += [([word], EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode))
+                   for word, region in word_regions.items()]
+        return [TokenRegion(self._positions(prompts, words), region) for words, region in groups if words]
+
+    def _positions(self, prompts, words) -> tuple[int, ...]:
+        """Token positions of ``words``, which must be the same in every prompt of the batch."""
+        found = {positions_of(self.tokenizer, prompt, words) for prompt in prompts}
+        if len(found) > 1:
+            raise PFBDiffError(
+                f"the words {list(words)} sit at different token positions in the batch's prompts; "
+                "edit those images separately or give prompts with the same wording before the words"
+            )
+        return found.pop()
 
     def _source_features(self, inversion, plan, config, repeats):
         needed = plan.source_blocks

@@ -259,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--save-grid", help="write a PNG grid of the first 32 generations here")
+    parser.add_argument("--card", action="store_true",
+                        help="record the result in <model>/training.json and rewrite the model card")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -274,7 +276,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.card:
+        record_evaluation(args.model, result)
     return result
+
+
+def record_evaluation(model_dir: str | Path, result: dict) -> None:
+    """Store ``result`` as the ``evaluation`` of ``<model_dir>/training.json`` and rewrite the model card."""
+    from pfbdiff.shapes.train import write_model_card
+
+    info_path = Path(model_dir) / "training.json"
+    info = json.loads(info_path.read_text())
+    info["evaluation"] = result
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(Path(model_dir))
 
 
 def save_grid(images: np.ndarray, path: str | Path, columns: int = 8) -> None:
