@@ -21,13 +21,14 @@ def _cross_attention(tiny_pipe):
     return block, block.cross_attentions[0]
 
 
-def _run(tiny_pipe, controller, batch=2):
+def _run(tiny_pipe, controller, batch=2, unconditional_rows=1):
     block, attn = _cross_attention(tiny_pipe)
     torch.manual_seed(0)
     pixels = (16 // 4) * (16 // 4)  # block 8 runs at level 2 of a 16×16 latent
     hidden = torch.randn(batch, pixels, attn.to_q.in_features)
     context = torch.randn(batch, 77, attn.to_k.in_features)
     seen = {}
+    controller.unconditional_rows = unconditional_rows
     controller.observer = lambda index, probs: seen.setdefault("probs", probs)
     processor = MaskedCrossAttention(controller, block.index, attn.processor)
     with torch.no_grad():
@@ -62,6 +63,20 @@ def test_reference_quirk_also_masks_the_unconditional_pass(tiny_pipe):
     _, _, probs = _run(tiny_pipe, controller)
     outside = ~_left_half().binary_at((4, 4)).reshape(-1)
     assert torch.all(probs[0][:, outside][..., 2] == 0) and torch.all(probs[1][:, outside][..., 2] == 0)
+
+
+@pytest.mark.parametrize("mask_uncond", [False, True])
+def test_sequential_passes_mask_the_unconditional_pass_only_with_the_reference_flag(tiny_pipe, mask_uncond):
+    controller = AttentionMasking([TokenRegion((2,), _left_half())], (16, 16), {8}, mask_uncond=mask_uncond)
+    controller.active = True
+    outside = ~_left_half().binary_at((4, 4)).reshape(-1)
+    _, _, uncond_probs = _run(tiny_pipe, controller, batch=1, unconditional_rows=1)
+    _, _, cond_probs = _run(tiny_pipe, controller, batch=1, unconditional_rows=0)
+    assert torch.all(cond_probs[0][:, outside][..., 2] == 0)
+    if mask_uncond:
+        assert torch.all(uncond_probs[0][:, outside][..., 2] == 0)
+    else:
+        assert uncond_probs is None  # nothing blocked in that pass: the original processor ran
 
 
 @pytest.mark.parametrize("case", ["no words", "inactive", "full mask", "other block"])

@@ -107,7 +107,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(files, tiny_m
 
 
 def test_help_of_every_command_reads_well():
-    for argv in (["--help"], ["edit", "--help"], ["bench-speed", "--help"], ["presets", "--help"]):
+    for argv in (["--help"], ["edit", "--help"], ["bench", "speed", "--help"], ["presets", "--help"]):
         result = runner.invoke(app, argv)
         assert result.exit_code == 0 and "Usage" in result.output
     wide = runner.invoke(app, ["edit", "--help"], env={"COLUMNS": "250"}).output

@@ -33,9 +33,11 @@ class TokenRegion:
 class AttentionMasking:
     """The controller every masked cross-attention layer consults.
 
-    ``rows`` selects which batch rows are masked: the conditional rows only (default), or also the
-    unconditional ones (reference quirk 4). ``observer``, if set, receives ``(L, probabilities)`` of every
-    masked layer; it is how tests and visualisations see the attention maps.
+    The conditional rows are masked, and the unconditional ones too only with ``mask_uncond`` (reference
+    quirk 4). Before each U-Net pass the loop sets ``unconditional_rows``: how many leading rows of the
+    batch are unconditional (half of a batched guidance pass, all of a sequential unconditional pass).
+    ``observer``, if set, receives ``(L, probabilities)`` of every masked layer; it is how tests and
+    visualisations see the attention maps.
     """
 
     def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False):
@@ -44,6 +46,7 @@ class AttentionMasking:
         self.blocks = frozenset(blocks)
         self.mask_uncond = mask_uncond
         self.active = False
+        self.unconditional_rows = 0
         self.observer: Callable[[int, torch.Tensor], None] | None = None
         self._bias_cache: dict[tuple, torch.Tensor | None] = {}
 
@@ -62,7 +65,7 @@ class AttentionMasking:
     def bias(self, num_pixels: int, num_tokens: int, batch: int, dtype) -> torch.Tensor | None:
         """Additive logit bias (batch × pixels × tokens): 0 where allowed, the most negative finite value where
         blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
-        key = (num_pixels, num_tokens, batch, dtype)
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
         if key not in self._bias_cache:
             self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
         return self._bias_cache[key]
@@ -76,12 +79,11 @@ class AttentionMasking:
             for position in token_region.positions:
                 if position < num_tokens:
                     allowed[:, :, position : position + 1] &= inside
+        allowed = allowed.repeat(batch // images, 1, 1)
+        if not self.mask_uncond:
+            allowed[: self.unconditional_rows] = True
         if bool(allowed.all()):
             return None
-        copies = batch // images
-        masked_rows = [self.mask_uncond or copy == copies - 1 for copy in range(copies)]
-        rows = [allowed if masked else torch.ones_like(allowed) for masked in masked_rows]
-        allowed = torch.cat(rows)
         blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
 

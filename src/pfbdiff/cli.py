@@ -1,4 +1,4 @@
-"""The ``pfbdiff`` command line (typer): ``edit`` one image, ``bench-speed`` the engine.
+"""The ``pfbdiff`` command line (typer): ``edit`` one image, ``bench speed`` the engine, list ``presets``.
 
 User mistakes (a missing file, an unknown preset, a word not in the prompt, an output path that would
 overwrite the input) print one line ``error: ...`` and exit with code 2, before any model is loaded where
@@ -62,9 +62,10 @@ def _progress() -> Progress:
 
 @app.command()
 def edit(
-    image: Path = typer.Argument(..., help="The photo to edit (PNG, JPEG, WebP, ...)."),
-    mask: Path = typer.Option(..., "--mask", "-m", help="Mask image: white = region to change, black = keep. Grey is soft."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What the edited region should show, e.g. 'a dog'."),
+    ctx: typer.Context,
+    image: Optional[Path] = typer.Argument(None, help="The photo to edit (PNG, JPEG, WebP, ...). Not needed with --from-json."),
+    mask: Optional[Path] = typer.Option(None, "--mask", "-m", help="Mask image: white = region to change, black = keep. Grey is soft. Optional with --auto-mask (then it bounds the found region)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What the edited region should show, e.g. 'a dog'."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the result (.png; the folder must exist)."),
     source_prompt: str = typer.Option("", "--source-prompt", "-s", help="What the photo shows now, e.g. 'a cat on a bench'."),
     preset: str = typer.Option("object", "--preset", help=f"Task preset: {PRESET_LIST}."),
@@ -82,21 +83,47 @@ def edit(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Any method setting as KEY=VALUE, e.g. --set t_combine=200 --set blend_levels=-1,-2 (see `pfbdiff presets`)."),
+    grow: Optional[int] = typer.Option(None, "--grow", help="Grow (+) or shrink (-) the mask by this many pixels of the photo. Default: the preset's (0)."),
+    feather: Optional[int] = typer.Option(None, "--feather", help="Soften the pasted-back edge over this many pixels, inside the mask. Default: from the mask's size (0 for a grey, soft mask)."),
+    paste_back: bool = typer.Option(True, "--paste-back/--no-paste-back", help="Keep every pixel outside the (feathered) mask exactly as in the photo."),
+    crop: Optional[bool] = typer.Option(None, "--crop/--no-crop", help="Edit only a crop around the mask at the model's native size. Default: only for photos larger than that size."),
+    crop_padding: Optional[int] = typer.Option(None, "--crop-padding", help="Context pixels around the mask in the crop. Default: a quarter of the mask box's longer side, at least 32."),
+    auto_mask: bool = typer.Option(False, "--auto-mask", help="Find the region to change from the two prompts (DiffEdit-style), within --mask if given; saved as OUTPUT.mask.png."),
+    auto_mask_threshold: float = typer.Option(0.5, "--auto-mask-threshold", help="Threshold of the automatic mask in [0, 1): lower finds a larger region."),
+    save_json: bool = typer.Option(False, "--save-json", help="Also write the edit's record (the PNG's metadata) as OUTPUT.json."),
+    from_json: Optional[Path] = typer.Option(None, "--from-json", help="Re-run the edit recorded in a --save-json file or a pfbdiff PNG; options given here override the record."),
+    copy_if_empty: bool = typer.Option(False, "--copy-if-empty", help="With an all-black mask, write a copy of the photo instead of failing."),
 ):
     """Edit the masked region of IMAGE to show PROMPT, keeping the rest."""
-    with user_errors():
-        config_overrides = _check_edit_arguments(image, mask, output, preset, steps, strength, start, settings)
-        source = imgs.load_image(image)
-        mask_array = imgs.load_mask(mask, source.size)
-        empty = imgs.describe_empty_or_full(mask_array)
-        if empty and "black" in empty:
-            raise PFBDiffError(f"{empty}")
-        pipe = _load(model, device, dtype, allow_pickle, config)
-        import torch
+    from . import provenance
 
+    given = dict(image=image, mask=mask, prompt=prompt, source_prompt=source_prompt, preset=preset, inside=inside,
+                 outside=outside, steps=steps, guidance=guidance, negative_prompt=negative_prompt, seed=seed,
+                 model=model, config=config, device=device, dtype=dtype, paste_back=paste_back, feather=feather,
+                 crop=crop, crop_padding=crop_padding, auto_mask=auto_mask, auto_mask_threshold=auto_mask_threshold,
+                 strength=strength, start=start, grow=grow, settings=settings)
+    with user_errors():
+        request, record = _edit_request(ctx, given, from_json)
+        side_files = _check_edit_request(request, output, save_json)
+        if record is not None:
+            provenance.check_inputs({**record, "image": request.image, "mask": request.mask,
+                                     "image_sha256": record.get("image_sha256") if request.image == record.get("image") else None,
+                                     "mask_sha256": record.get("mask_sha256") if request.mask == record.get("mask") else None})
+        protect = {"input image": request.image, "mask": request.mask}
+        source = imgs.load_image(request.image)
+        mask_array = imgs.load_mask(request.mask, source.size) if request.mask else None
+        empty = imgs.describe_empty_or_full(mask_array) if mask_array is not None else None
+        if empty and "black" in empty:
+            if not copy_if_empty:
+                raise PFBDiffError(f"{empty} (or pass --copy-if-empty to write the photo unchanged)")
+            note = dict(request.to_dict(), note="the mask is all black: nothing was edited, the photo was copied")
+            written = outputs.save_png(source, output, note, protect=protect)
+            console.print(f"[yellow]note:[/] the mask is all black; copied the photo unchanged to {written}", highlight=False)
+            return
+        pipe = _load(request.model, request.device, request.dtype, allow_pickle, request.config)
         with _progress() as progress:
-            effective = get_preset(preset, **config_overrides)
-            k = max(1, int(steps * effective.strength))
+            effective = get_preset(request.preset, **request.settings)
+            k = max(1, int(request.steps * effective.strength))
             inverting = progress.add_task("inverting", total=k)
             editing = progress.add_task("editing", total=k)
 
@@ -104,38 +131,104 @@ def edit(
                 progress.advance(editing)
                 return state
 
-            result = pipe(
-                source, mask_array, prompt, source_prompt, preset=preset, num_inference_steps=steps,
-                inside=_words(inside) or None, outside=_words(outside) or None, guidance_scale=guidance,
-                negative_prompt=negative_prompt or None, generator=torch.Generator().manual_seed(seed),
-                callback_on_step_end=step_done, inversion_callback=lambda _: progress.advance(inverting),
-                **config_overrides,
+            result, metadata = provenance.run_edit(
+                request, pipe, source=source, mask=mask_array, callback_on_step_end=step_done,
+                inversion_callback=lambda _: progress.advance(inverting),
             )
-        metadata = dict(
-            pfbdiff_version=__version__, model=model, preset=preset, prompt=prompt, source_prompt=source_prompt,
-            negative_prompt=negative_prompt, inside=list(_words(inside)), outside=list(_words(outside)),
-            steps=steps, strength=effective.strength, guidance_scale=guidance, seed=seed, start=effective.start,
-            size=list(source.size), unet_calls=pipe.unet_calls, image=str(image), mask=str(mask),
-            settings={k: list(v) if isinstance(v, tuple) else v for k, v in config_overrides.items()},
-        )
-        written = outputs.save_png(result.images[0], output, metadata, protect={"input image": image, "mask": mask})
-    console.print(f"[green]wrote[/] {written}  ({pipe.unet_calls} U-Net calls)", highlight=False)
+        if result.auto_masks:
+            metadata["auto_mask_file"] = str(side_files["mask"])
+        written = outputs.save_png(result.images[0], output, metadata, protect=protect)
+        notes = []
+        if result.auto_masks:
+            notes.append(str(outputs.save_png(result.auto_masks[0], side_files["mask"], metadata, protect=protect)))
+        if save_json:
+            side_files["json"].write_text(json.dumps(metadata, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+            notes.append(str(side_files["json"]))
+    also = f"; also {', '.join(notes)}" if notes else ""
+    console.print(f"[green]wrote[/] {written}  ({pipe.unet_calls} U-Net calls){also}", highlight=False)
 
 
-def _check_edit_arguments(image, mask, output, preset, steps, strength, start, settings) -> dict:
-    """Every check that needs no model, so mistakes are reported at once and nothing is written."""
-    if preset not in PRESETS:
-        raise PFBDiffError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    if steps < 1:
-        raise PFBDiffError(f"--steps must be at least 1, got {steps}")
+# CLI option name → EditRequest field, where they differ.
+_REQUEST_NAMES = {"guidance": "guidance_scale"}
+_SETTING_OPTIONS = ("strength", "start", "grow", "settings")
+
+
+def _edit_request(ctx, given: dict, from_json):
+    """The request from the command line, or from a record with the options given on the command line on top."""
+    from click.core import ParameterSource
+
+    from . import provenance
+
+    def explicit(name):
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    def convert(name, value):
+        if name in ("image", "mask"):
+            return str(Path(value).expanduser().resolve()) if value is not None else None
+        if name in ("inside", "outside"):
+            return list(_words(value))
+        if name == "crop":
+            return "auto" if value is None else value
+        if name == "model":
+            return provenance.model_reference(value)
+        return value
+
+    overrides = _setting_overrides(*(given[name] if from_json is None or explicit(name) else None
+                                     for name in _SETTING_OPTIONS))
+    fields = {name: value for name, value in given.items() if name not in _SETTING_OPTIONS}
+    if from_json is None:
+        if given["image"] is None:
+            raise PFBDiffError("give the IMAGE to edit (or --from-json RECORD to re-run a recorded edit)")
+        if given["prompt"] is None:
+            raise PFBDiffError("--prompt is required: what the edited region should show, e.g. --prompt 'a dog'")
+        if given["mask"] is None and not given["auto_mask"]:
+            raise PFBDiffError("--mask is required (white = region to change), unless --auto-mask finds the region")
+        values = {_REQUEST_NAMES.get(name, name): convert(name, value) for name, value in fields.items()}
+        return provenance.EditRequest(settings=overrides, **values), None
+    record = provenance.load_record(from_json)
+    request = provenance.EditRequest.from_record(record)
+    for name, value in fields.items():
+        if explicit(name):
+            setattr(request, _REQUEST_NAMES.get(name, name), convert(name, value))
+    request.settings = {**request.settings, **overrides}
+    return request, record
+
+
+def _setting_overrides(strength, start, grow, settings) -> dict:
     overrides = parse_settings(settings or [])
-    if strength is not None:
-        overrides["strength"] = strength
-    if start is not None:
-        overrides["start"] = start
-    get_preset(preset, **overrides)  # validates strength and start
-    outputs.check_output_path(Path(output).expanduser(), {"input image": image, "mask": mask})
+    for key, value in (("strength", strength), ("start", start), ("grow", grow)):
+        if value is not None:
+            overrides[key] = value
     return overrides
+
+
+def _check_edit_request(request, output, save_json) -> dict:
+    """Every check that needs no model, so mistakes are reported at once and nothing is written.
+
+    Returns the paths of the side files: ``mask`` (the auto-mask PNG) and ``json`` (the record).
+    """
+    if request.preset not in PRESETS:
+        raise PFBDiffError(f"unknown preset {request.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if request.steps < 1:
+        raise PFBDiffError(f"--steps must be at least 1, got {request.steps}")
+    get_preset(request.preset, **request.settings)  # validates strength, start and --set values
+    if request.feather is not None and request.feather < 0:
+        raise PFBDiffError(f"--feather must be 0 or more pixels, got {request.feather}")
+    if request.crop_padding is not None and request.crop_padding < 0:
+        raise PFBDiffError(f"--crop-padding must be 0 or more pixels, got {request.crop_padding}")
+    if not 0.0 <= request.auto_mask_threshold < 1.0:
+        raise PFBDiffError(f"--auto-mask-threshold must be in [0, 1), got {request.auto_mask_threshold}")
+    protect = {"input image": request.image, "mask": request.mask}
+    target = Path(output).expanduser()
+    outputs.check_output_path(target, protect)
+    side = {"mask": target.with_name(f"{target.stem}.mask.png"), "json": target.with_suffix(".json")}
+    if request.auto_mask:
+        outputs.check_output_path(side["mask"], protect)
+    if save_json:
+        for label, protected in protect.items():
+            if protected is not None and side["json"].resolve() == Path(protected).resolve():
+                raise PFBDiffError(f"refusing to overwrite the {label} {protected} with the JSON record; choose another -o path")
+    return side
 
 
 def parse_settings(items: list[str]) -> dict:
@@ -188,7 +281,11 @@ def _load(model, device, dtype, allow_pickle, config):
     return pipe
 
 
-@app.command("bench-speed")
+bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
 def bench_speed(
     models: list[str] = typer.Option(["tiny", "sd15-random"], "--model", help="Models to time: tiny, sd15-random, or any --model value."),
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
@@ -196,13 +293,51 @@ def bench_speed(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
 ):
     """Time txt2img, a first edit, a second edit of the same inversion and the paper path; print ratios."""
-    from .bench_speed import format_table, run_speed_benchmark
+    from .bench.speed import format_table, run_speed_benchmark
 
     with user_errors():
         rows = [row for name in models for row in run_speed_benchmark(name, size=size, steps=steps)]
     print(format_table(rows))
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2))
+
+
+@bench_app.command("shapes")
+def bench_shapes(
+    model: Optional[str] = typer.Option(None, "--model", help="Diffusers folder or hub id (default: the bundled ShapesWorld model; 'tiny' = random test model)."),
+    out: Path = typer.Option(Path("results/shapesbench"), "--out", "-o", help="Folder for shapesbench.json, shapesbench.md and shapesbench_grid.png."),
+    quick: bool = typer.Option(False, "--quick", help="20 cases per task instead of 200."),
+    cases: Optional[int] = typer.Option(None, "--cases", help="Cases per task (overrides --quick)."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps, the same for every method."),
+    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default all): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, bld-inverted, bld, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
+    tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Tasks (default all): object, attribute, background, multi-object."),
+    guidance: float = typer.Option(4.0, "--guidance", "-g", help="Classifier-free guidance scale for every method and for text-to-image."),
+    grid_cases: int = typer.Option(4, "--grid-cases", help="Cases per task shown in the image grid."),
+    paste_back: bool = typer.Option(True, "--paste-back/--no-paste-back", help="Let the pipeline paste its result into the source (PFB-Diff runs, DiffEdit); fidelity is always measured before it."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: best available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
+):
+    """ShapesBench: PFB-Diff, ablations and baselines on rendered ShapesWorld edits, scored by exact oracles."""
+    from .bench import shapes as shapesbench
+    from .bench.report import format_markdown
+
+    with user_errors():
+        count = cases if cases is not None else (shapesbench.QUICK_CASES if quick else shapesbench.FULL_CASES)
+        chosen_tasks = shapesbench.select(tasks, shapesbench.TASKS, "task")
+        chosen_methods = shapesbench.select(methods, tuple(shapesbench.METHODS), "method")
+        if count < 1 or steps < 1:
+            raise PFBDiffError(f"--cases and --steps must be at least 1, got {count} and {steps}")
+        name = shapesbench.resolve_model(model)
+        pipe = _load(name, device, dtype, False, None)
+        with _progress() as progress:
+            task_bar = progress.add_task("ShapesBench cases", total=count * len(chosen_tasks))
+            result = shapesbench.run_shapesbench(
+                pipe, tasks=chosen_tasks, methods=chosen_methods, cases=count, steps=steps, guidance=guidance,
+                out_dir=out, grid_cases=grid_cases, model_name=name, paste_back=paste_back,
+                on_case=lambda done, total, case_id: progress.update(task_bar, completed=done, description=case_id),
+            )
+    print(format_markdown(result).split("\n## ")[1].split("\n", 1)[1])
+    console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)
 
 
 @app.command()
@@ -224,6 +359,72 @@ def version_callback(value: bool):
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version.")):
     """PFB-Diff: text-driven local image editing."""
+
+
+@app.command()
+def batch(
+    manifest: Path = typer.Argument(..., help="JSONL file, one edit per line: {\"image\", \"mask\", \"prompt\", \"source_prompt\", \"output\", ...}."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the results (created if missing): one PNG + one JSON record per line."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder or .safetensors file (default: the bundled shapes model, else 'tiny')."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps for lines that do not set \"steps\"."),
+    guidance: float = typer.Option(7.5, "--guidance", "-g", help="Guidance scale for lines that do not set \"guidance\"."),
+    num_processes: int = typer.Option(1, "--num-processes", "-j", help="Processes to run side by side on this machine (one per GPU; on a CPU they share its cores). Uses accelerate launch."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: best available; one GPU per process when launched by accelerate)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
+):
+    """Run every edit of a MANIFEST; rerun to resume (lines already done with the same parameters are skipped).
+
+    Exit code 0 when every line is done, 1 when some lines failed (listed in DIR/batch-summary.json), 2 for a
+    mistake in the command itself.
+    """
+    import subprocess
+
+    from . import batch as batch_module
+
+    with user_errors():
+        if num_processes < 1:
+            raise PFBDiffError(f"--num-processes must be at least 1, got {num_processes}")
+        if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            batch_module.read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
+            args = [str(manifest), "--out", str(out), "--steps", str(steps), "--guidance", str(guidance)]
+            for flag, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
+                if value is not None:
+                    args += [flag, value]
+            if allow_pickle:
+                args.append("--allow-pickle")
+            console.print(f"launching {num_processes} processes with accelerate", highlight=False)
+            raise typer.Exit(subprocess.call(batch_module.launcher_command(num_processes, args)))
+        code = batch_module.run_batch_command(
+            manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
+            allow_pickle=allow_pickle, config=config, console=console, load=_load,
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+def ui(
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder or .safetensors file (default: the bundled shapes model, else 'tiny')."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The default keeps the page on this computer; 0.0.0.0 exposes it to the network (no login)."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
+):
+    """Open the web page: upload a photo, paint the mask, type a prompt, press Run (needs pip install 'pfbdiff[ui]')."""
+    with user_errors():
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise PFBDiffError("the web UI needs gradio: pip install 'pfbdiff[ui]'") from None
+        if not 0 < port < 65536:
+            raise PFBDiffError(f"--port must be between 1 and 65535, got {port}")
+        from .ui import launch
+
+        launch(model, host=host, port=port, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
+               load=_load, echo=lambda text: console.print(f"[yellow]{text}[/]", highlight=False, soft_wrap=True))
 
 
 def main():

@@ -70,16 +70,22 @@ def recomputed_source_features(unet: FeatureUNet, latents, source_embeddings, bl
     return at_step
 
 
-def guided_prediction(unet, x, t, prompts: Prompts, hook, guidance_scale, *, batch_cfg=True, blend_skips=False):
-    """The target branch: classifier-free-guided U-Net output, unconditional and conditional rows batched."""
+def guided_prediction(unet, x, t, prompts: Prompts, hook, guidance_scale, *, batch_cfg=True, blend_skips=False, masking=None):
+    """The target branch: classifier-free-guided U-Net output, unconditional and conditional rows batched
+    (or, as in the reference code, one pass after the other)."""
+
+    def run(sample, context, unconditional_rows):
+        if masking is not None:
+            masking.unconditional_rows = unconditional_rows
+        return unet(sample, t, context, on_block=hook, blend_skips=blend_skips)
+
     if prompts.unconditional is None:
-        return unet(x, t, prompts.target, on_block=hook, blend_skips=blend_skips)
+        return run(x, prompts.target, 0)
     if batch_cfg:
-        both = unet(torch.cat([x, x]), t, torch.cat([prompts.unconditional, prompts.target]), on_block=hook, blend_skips=blend_skips)
-        uncond, cond = both.chunk(2)
+        uncond, cond = run(torch.cat([x, x]), torch.cat([prompts.unconditional, prompts.target]), x.shape[0]).chunk(2)
     else:
-        uncond = unet(x, t, prompts.unconditional, on_block=hook, blend_skips=blend_skips)
-        cond = unet(x, t, prompts.target, on_block=hook, blend_skips=blend_skips)
+        uncond = run(x, prompts.unconditional, x.shape[0])
+        cond = run(x, prompts.target, 0)
     return classifier_free_guidance(uncond, cond, guidance_scale)
 
 
@@ -110,7 +116,8 @@ def pfb_sampling_loop(
             hook = FeatureBlender(source_features(n, t), mask, plan.blend_points, plan.source_of)
         if masking is not None:
             masking.active = blending
-        out = guided_prediction(unet, x, t, prompts, hook, guidance_scale, batch_cfg=batch_cfg, blend_skips=plan.blend_skips)
+        out = guided_prediction(unet, x, t, prompts, hook, guidance_scale, batch_cfg=batch_cfg, blend_skips=plan.blend_skips,
+                                masking=masking)
         x = ddim_step(out, x, grid.alpha(t), grid.alpha_prev(n), grid.prediction_type)
         if latent_blend_is_open(n, grid.num_steps, plan.latent_blend):
             source_level = n if plan.reference_latent_index else max(n - 1, 0)

@@ -18,13 +18,13 @@ import time
 import numpy as np
 import torch
 
-from .pipeline import PFBDiffPipeline
+from ..pipeline import PFBDiffPipeline
 
 PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
 
 
 def benchmark_pipeline(name: str) -> PFBDiffPipeline:
-    from . import toy_models
+    from .. import toy_models
 
     if name == "sd15-random":
         components = toy_models.sd15_random_components()

@@ -1,0 +1,207 @@
+"""ShapesBench results: the JSON document, its aggregates with 95 % intervals, the markdown report, the grid.
+
+JSON layout (``shapesbench.json``)::
+
+    {
+      "benchmark": "shapesbench", "version": 1,
+      "config": {"model", "steps", "guidance", "cases_per_task", "tasks", "methods", "image_size", "paste_back",
+                 "pfbdiff_version", "torch_threads", "started", "elapsed_s"},
+      "methods": {name: {"kind": "pfb" | "baseline", "description", "settings", ["words"]}},
+      "metrics": {name: {"kind": "proportion" | "mean", "better": "higher" | "lower", "description"}},
+      "summary": {task: {"n": cases,
+                         "text_to_image": {"target": AGG, "full": AGG, "unet_calls": AGG, "seconds": AGG},
+                         "methods": {method: {metric: AGG}}}},
+      "cases": [{"id", "task", "index", "seed", "source_caption", "target_caption", "edited", "mask_kind",
+                 "held_out", "new_phrases", "kept_phrases", "objects",
+                 "results": {method: {metric: value, ..., "unet_calls", "unet_rows", "seconds",
+                                      ["same_as"], ["auto_mask_iou"]}},
+                 "text_to_image": {"target", "full", "unet_calls", "seconds"}}]
+    }
+
+where ``AGG = {"mean", "lo", "hi", "n"}``: the mean (a proportion for yes/no metrics) and its 95 % interval
+(Wilson for proportions, Student t for means). Non-finite values are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .metrics import PROPORTIONS, summarise
+
+METRICS: dict[str, tuple[str, str, str]] = {  # name: (kind, better, description)
+    "success": ("proportion", "higher", "oracle: target present, old gone, others kept, background right"),
+    "success_raw": ("proportion", "higher", "success of the output before any paste-back"),
+    "target_present": ("proportion", "higher", "the new object(s) in their mask / the new background"),
+    "old_gone": ("proportion", "higher", "no old object left in the mask / old background colour gone"),
+    "others_kept": ("proportion", "higher", "untouched objects found in place (IoU >= 0.8)"),
+    "background_ok": ("proportion", "higher", "object tasks: background unchanged; background task: as asked"),
+    "count_ok": ("proportion", "higher", "as many objects as the target scene (not part of success)"),
+    "psnr_out": ("mean", "higher", "PSNR (dB, capped at 100) of kept pixels vs the source, before paste-back"),
+    "ssim_out": ("mean", "higher", "SSIM of kept pixels vs the source, before paste-back"),
+    "coherence": ("mean", "higher", "share of in-mask, off-object pixels matching the true background"),
+    "coherence_mae": ("mean", "lower", "mean abs error (0-255) of those pixels vs the true background"),
+    "seam_ring": ("mean", "lower", "mean abs error (0-255) vs the ideal edit in the 3 px ring outside the mask"),
+    "seam_grad": ("mean", "lower", "mean gradient-magnitude jump vs the ideal edit across the mask edge"),
+    "unet_calls": ("mean", "lower", "U-Net forward passes (a batched guidance pass counts once)"),
+    "unet_rows": ("mean", "lower", "U-Net rows evaluated (a batched guidance pass of one image counts 2)"),
+    "seconds": ("mean", "lower", "wall time of the method (inversion share included)"),
+    "auto_mask_iou": ("mean", "higher", "DiffEdit only: IoU of its automatic mask with the user mask"),
+}
+TABLE_COLUMNS = (("success", "success %", 100, 0), ("target_present", "target %", 100, 0),
+                 ("old_gone", "old gone %", 100, 0), ("others_kept", "kept %", 100, 0),
+                 ("background_ok", "bg ok %", 100, 0), ("psnr_out", "PSNR out", 1, 1), ("ssim_out", "SSIM out", 1, 3),
+                 ("coherence", "coherence", 1, 2), ("seam_ring", "seam ring", 1, 1), ("seam_grad", "seam grad", 1, 1),
+                 ("unet_calls", "U-Net calls", 1, 0), ("seconds", "s", 1, 2))
+
+
+def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True) -> dict:
+    import torch
+
+    from .. import __version__
+
+    return {
+        "benchmark": "shapesbench", "version": 1,
+        "config": {"model": model, "steps": steps, "guidance": guidance, "cases_per_task": cases, "tasks": list(tasks),
+                   "methods": list(methods), "image_size": size, "paste_back": paste_back,
+                   "pfbdiff_version": __version__,
+                   "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "elapsed_s": 0.0},
+        "methods": method_info,
+        "metrics": {k: {"kind": kind, "better": better, "description": text} for k, (kind, better, text) in METRICS.items()},
+        "summary": {},
+        "cases": [],
+    }
+
+
+def finalise(result: dict, elapsed: float) -> dict:
+    """Fill ``summary`` from ``cases`` (per task, per method, per metric; intervals at 95 %)."""
+    result["config"]["elapsed_s"] = round(elapsed, 1)
+    summary = {}
+    for task in result["config"]["tasks"]:
+        rows = [c for c in result["cases"] if c["task"] == task]
+        if not rows:
+            continue
+        t2i = {key: summarise([c["text_to_image"][key] for c in rows], key in ("target", "full"))
+               for key in ("target", "full", "unet_calls", "seconds")}
+        per_method = {}
+        for method in result["config"]["methods"]:
+            values = [c["results"][method] for c in rows if method in c["results"]]
+            keys = [k for k in METRICS if any(k in v for v in values)]
+            per_method[method] = {k: summarise([v.get(k) for v in values], k in PROPORTIONS) for k in keys}
+        summary[task] = {"n": len(rows), "text_to_image": t2i, "methods": per_method}
+    result["summary"] = summary
+    return result
+
+
+def _clean(value):
+    """JSON-safe copy: non-finite floats become None, numpy scalars plain Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def write(result: dict, out_dir, grid_rows, methods) -> dict[str, Path]:
+    """Write ``shapesbench.json``, ``shapesbench.md`` and ``shapesbench_grid.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "shapesbench.json", "markdown": out / "shapesbench.md", "grid": out / "shapesbench_grid.png"}
+    paths["json"].write_text(json.dumps(_clean(result), indent=1) + "\n")
+    paths["markdown"].write_text(format_markdown(result))
+    if grid_rows:
+        image_grid(grid_rows, methods).save(paths["grid"])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(agg: dict | None, scale: float, digits: int, interval: bool = True) -> str:
+    if not agg or agg.get("n", 0) == 0 or agg["mean"] is None or not math.isfinite(agg["mean"]):
+        return "–"
+    mean = f"{agg['mean'] * scale:.{digits}f}"
+    if not interval or agg["n"] < 2:
+        return mean
+    return f"{mean} [{agg['lo'] * scale:.{digits}f}, {agg['hi'] * scale:.{digits}f}]"
+
+
+def format_markdown(result: dict) -> str:
+    config, summary = result["config"], result["summary"]
+    tasks = [t for t in config["tasks"] if t in summary]
+    lines = [
+        "# ShapesBench", "",
+        f"Model `{config['model']}`, {config['steps']} DDIM steps, guidance {config['guidance']}, "
+        f"{config['image_size']} px, {config['cases_per_task']} cases per task, {config['elapsed_s']:.0f} s "
+        f"({config['torch_threads']} torch threads), started {config['started']}.", "",
+        "## Edit success (% of cases, 95 % Wilson interval)", "",
+        "The first row is the model's own text-to-image accuracy on the same target captions (is the new object, "
+        "or the new background, in a fresh sample at all?): an edit method can hardly beat it by much, so read "
+        "each method against it.", "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+        "| *text-to-image (target shown)* | " + " | ".join(_fmt(summary[t]["text_to_image"]["target"], 100, 0) for t in tasks) + " |",
+        "| *text-to-image (whole caption right)* | " + " | ".join(_fmt(summary[t]["text_to_image"]["full"], 100, 0) for t in tasks) + " |",
+    ]
+    for method in config["methods"]:
+        cells = [_fmt(summary[t]["methods"].get(method, {}).get("success"), 100, 0) for t in tasks]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for task in tasks:
+        block = summary[task]
+        lines += ["", f"## {task} (n = {block['n']})", "",
+                  "Means with 95 % intervals (Wilson for %, Student t otherwise). PSNR / SSIM: kept pixels against "
+                  "the source before any paste-back; coherence: in-mask background matches the truth (higher is "
+                  "better); seams: 0–255 error vs the ideal edit at the mask edge (lower is better).", "",
+                  "| method | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |",
+                  "|---|" + "---|" * len(TABLE_COLUMNS)]
+        t2i = block["text_to_image"]
+        lines.append("| *text-to-image* | " + _fmt(t2i["target"], 100, 0) + " | " + " | ".join("" for _ in TABLE_COLUMNS[1:-2])
+                     + f" | {_fmt(t2i['unet_calls'], 1, 0, False)} | {_fmt(t2i['seconds'], 1, 2, False)} |")
+        for method in config["methods"]:
+            metrics = block["methods"].get(method, {})
+            cells = [_fmt(metrics.get(key), scale, digits, interval=key not in ("unet_calls", "seconds"))
+                     for key, _, scale, digits in TABLE_COLUMNS]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "## Methods", ""]
+    for method in config["methods"]:
+        lines.append(f"* **{method}**: {result['methods'][method]['description']}")
+    lines += ["", "Grid (`shapesbench_grid.png`): rows are cases; columns: source | mask | ideal edit | each method "
+              "| text-to-image sample of the target caption.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- grid
+
+
+def image_grid(rows, methods, gap: int = 2, label_height: int = 12) -> Image.Image:
+    """Rows = cases; columns: source | mask | ideal | each method | t2i, with a header of column names."""
+    columns = ["source", "mask", "ideal", *methods, "t2i"]
+    size = rows[0][1].size
+    width = len(columns) * (size + gap) + gap
+    height = label_height + len(rows) * (size + gap) + gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for j, name in enumerate(columns):
+        draw.text((gap + j * (size + gap), 0), name[: max(3, size // 6)], fill=(0, 0, 0), font=font)
+    for i, (_, images, pictures) in enumerate(rows):
+        mask_rgb = np.repeat((images.mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+        tiles = {"source": images.source, "mask": mask_rgb, "ideal": images.ideal, **pictures}
+        for j, name in enumerate(columns):
+            tile = tiles.get(name)
+            if tile is None:
+                continue
+            canvas.paste(Image.fromarray(np.asarray(tile, np.uint8)), (gap + j * (size + gap), label_height + gap + i * (size + gap)))
+    return canvas

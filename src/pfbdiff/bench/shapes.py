@@ -1,0 +1,312 @@
+"""ShapesBench: PFB-Diff, its ablations and baselines on rendered ShapesWorld edits with exact oracles.
+
+``pfbdiff bench shapes`` (see :mod:`pfbdiff.cli`) or :func:`run_shapesbench`. Cases come from
+:mod:`.cases`, metrics from :mod:`.metrics`, baselines from :mod:`.baselines`, tables / JSON / image grid from
+:mod:`.report`. Every method sees the same cases, the same model, the same number of DDIM steps, the same
+guidance scale and the same noise seed per case. The inversion-based methods (``pfb*`` and
+``bld-inverted``) share one DDIM inversion per case; its U-Net calls and time are charged to each of them
+(the share of the inverted steps each one uses), so the costs read as if each method ran alone. Next to the
+edits, the model's own text-to-image accuracy on the same target captions is measured, so a weak model is
+not mistaken for a weak method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import PFBDiffError
+from ..presets import EditConfig, get_preset
+from . import baselines
+from .cases import TASKS, CaseImages, make_cases, render_case
+from .metrics import coherence, edit_success, objects_in_mask, psnr, seam_score, ssim, text_to_image_success
+
+TASK_PRESET = {"object": "object", "attribute": "attribute", "background": "background", "multi-object": "multi-object"}
+PAPER_PRESET = {"object": "paper-object", "attribute": "paper-object", "background": "paper-background",
+                "multi-object": "paper-object"}
+SD1_BLOCK_COUNT = 25  # the paper presets' block numbers are SD 1.x's (spec §4.1)
+DEFAULT_GUIDANCE = 4.0  # the bundled shapes model's evaluation guidance (pfbdiff.shapes.evaluate)
+SDEDIT_STRENGTHS = (0.5, 0.7, 0.9)
+QUICK_CASES, FULL_CASES = 20, 200  # cases per task of --quick and of the full run
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "shapes" / "model"
+
+
+def resolve_model(model: str | None) -> str:
+    """The model to benchmark: ``model`` when given, else the bundled ShapesWorld model (an error if absent)."""
+    if model:
+        return model
+    if (BUNDLED_MODEL / "model_index.json").is_file():
+        return str(BUNDLED_MODEL)
+    raise PFBDiffError(
+        f"no bundled ShapesWorld model in {BUNDLED_MODEL}; train and export it with `python -m pfbdiff.shapes.train "
+        "--out runs/shapes --stage all --export-dir src/pfbdiff/shapes/model`, or pass --model DIR (a diffusers "
+        "folder; --model tiny runs the random test model, for a smoke test only)"
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method: ``config(task, feature_unet)`` for an inversion-based PFB-Diff run, or ``run``
+    (``run(pipe, images, steps, guidance, generator) -> BaselineResult``) for a baseline."""
+
+    name: str
+    description: str
+    config: Callable[[str, object], EditConfig] | None = None  # config(task, pipe)
+    run: Callable | None = None
+    settings: dict | None = None
+
+
+def default_config(task: str, pipe=None) -> EditConfig:
+    return get_preset(TASK_PRESET[task])
+
+
+def paper_config(task: str, pipe) -> EditConfig:
+    """The official code's preset for the task, carried over to the pipeline's model.
+
+    Its mask growth (``grow``, the reference's dilation at 512 px) is scaled to the image size. Its blend /
+    attention points are SD 1.x block numbers; on another U-Net layout they are carried over by resolution:
+    blend at the two deepest levels, mask cross-attention at every level but the full-resolution one (which
+    the reference never masks either)."""
+    config = get_preset(PAPER_PRESET[task])
+    if config.grow:
+        config = config.replace(grow=int(round(config.grow * model_image_size(pipe) / 512)))
+    unet = pipe.feature_unet
+    if len(unet.blocks) != SD1_BLOCK_COUNT:
+        config = config.replace(blend_blocks=None, blend_levels=(-2, -1), attention_blocks=None,
+                                attention_levels=tuple(range(1, unet.num_levels)))
+    return config
+
+
+def _variant(**changes) -> Callable[[str, object], EditConfig]:
+    return lambda task, pipe=None: default_config(task).replace(**changes)
+
+
+def _sdedit(strength: float) -> Method:
+    def run(pipe, images, steps, guidance, generator, paste_back=True):  # masked SDEdit always pastes back
+        return baselines.masked_sdedit(pipe, images.source, images.mask, images.case.target_caption, steps=steps,
+                                       strength=strength, guidance_scale=guidance, generator=generator)
+
+    return Method(f"sdedit-{strength}", f"masked SDEdit from {strength:.0%} noise, source pixels pasted back outside the mask",
+                  run=run, settings={"strength": strength, "paste_back": True})
+
+
+def _bld(pipe, images, steps, guidance, generator, paste_back=True):  # BLD has no paste-back
+    return baselines.blended_latent_diffusion(pipe, images.source, images.mask, images.case.target_caption, steps=steps,
+                                              guidance_scale=guidance, generator=generator)
+
+
+def _diffedit(pipe, images, steps, guidance, generator, paste_back=True):
+    case = images.case
+    return baselines.diffedit(pipe, images.source, case.source_caption, case.target_caption, steps=steps,
+                              guidance_scale=guidance, generator=generator, paste_back=paste_back)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("pfb", "PFB-Diff, the task's preset (object / attribute / background / multi-object)", config=default_config),
+    Method("pfb-paper", "PFB-Diff, the official code's settings and quirks (paper-object / paper-background)",
+           config=paper_config),
+    Method("pfb-no-attn", "ablation: the task preset without attention masking", config=_variant(attention_masking=False)),
+    Method("pfb-latent-only", "ablation: no feature blending (blend_blocks=()), latent blending and masking kept",
+           config=_variant(blend_blocks=())),
+    Method("pfb-deep", "ablation: feature blending at the deepest level only (blend_levels=(-1,))",
+           config=_variant(blend_blocks=None, blend_levels=(-1,))),
+    Method("pfb-deep-mid", "ablation: feature blending at the two deepest levels (blend_levels=(-2, -1))",
+           config=_variant(blend_blocks=None, blend_levels=(-2, -1))),
+    Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
+           "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
+           config=_variant(**baselines.LATENT_BLENDING)),
+    Method("bld", "baseline: Blended Latent Diffusion, forward-noised source blended after every step, start from noise",
+           run=_bld, settings={"start": "forward-noised source at the first timestep", "blend": "every step, fresh noise"}),
+    *[_sdedit(s) for s in SDEDIT_STRENGTHS],
+    Method("diffedit", "baseline: DiffEdit, automatic mask (3 copies at 50 % noise, clip 3.5x mean, threshold 0.5), "
+           "empty-prompt DDIM inversion, latent blending every step", run=_diffedit,
+           settings={"copies": 3, "noise_level": 0.5, "clip": 3.5, "threshold": 0.5, "encode_ratio": 1.0}),
+]}
+
+
+def select(names, choices, what: str) -> tuple[str, ...]:
+    """Validated selection from ``choices`` (all when ``names`` is empty), in the order of ``choices``."""
+    names = [n for name in names or [] for n in str(name).split(",") if n.strip()]
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise PFBDiffError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)}")
+    return tuple(c for c in choices if not names or c in names)
+
+
+def model_image_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+def method_settings(method: Method, pipe) -> dict:
+    """JSON description of a method: its settings per task (resolved block numbers for PFB-Diff runs)."""
+    info = {"description": method.description, "kind": "pfb" if method.config else "baseline"}
+    if method.config is None:
+        info["settings"] = dict(method.settings or {})
+        return info
+    per_task = {}
+    for task in TASKS:
+        config = method.config(task, pipe)
+        plan = pipe.blend_plan(config)
+        attention = config.attention_blocks
+        if attention is None:
+            attention = pipe.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+        fields["inside"] = fields["outside"] = "per case: see words"
+        fields["resolved_blend_blocks"] = sorted(plan.blend_points)
+        fields["resolved_attention_blocks"] = sorted(attention) if config.attention_masking else []
+        per_task[task] = fields
+    info["settings"] = per_task
+    info["words"] = ("object / attribute: the new object's colour and shape words confined to its mask; background: "
+                     "the kept objects' words confined outside the mask; multi-object: word_masks, each new "
+                     "object's words confined to its own mask")
+    return info
+
+
+# --------------------------------------------------------------------------------------------- one case
+
+
+def _edit_arguments(images: CaseImages) -> dict:
+    """Mask and confined words of a PFB-Diff edit: new objects inside their masks, kept objects outside."""
+    case = images.case
+    if case.task == "multi-object":
+        return dict(mask_image=None, inside=(), outside=(),
+                    word_masks={p: r.astype(np.float32) for p, r in zip(case.new_phrases, images.regions)})
+    mask = images.mask.astype(np.float32)
+    if case.task == "background":
+        return dict(mask_image=mask, inside=(), outside=case.kept_phrases)
+    return dict(mask_image=mask, inside=case.new_phrases, outside=())
+
+
+def score(images: CaseImages, image: np.ndarray, raw: np.ndarray | None = None) -> dict:
+    """Every per-case metric of one result (``raw``: the output before paste-back, for fidelity)."""
+    from pfbdiff.shapes.oracles import analyse
+
+    analysis = analyse(image)
+    result: dict = edit_success(images, image, analysis)
+    result["success_raw"] = result["success"] if raw is None else edit_success(images, raw)["success"]
+    raw = image if raw is None else raw
+    result["psnr_out"] = psnr(raw, images.source, images.kept)
+    result["ssim_out"] = ssim(raw, images.source, images.kept)
+    on_objects = [] if images.case.task == "background" else objects_in_mask(image, images.mask, analysis)
+    result.update(coherence(image, images.background, images.mask, on_objects))
+    result.update(seam_score(image, images.source, images.mask, reference=images.ideal))
+    return result
+
+
+class _Meter:
+    """U-Net passes, rows and wall time of a block of work."""
+
+    def __init__(self, pipe):
+        self.unet = pipe.feature_unet
+
+    def __enter__(self):
+        self.calls, self.rows, self.start = self.unet.calls, self.unet.evaluations, time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.calls = self.unet.calls - self.calls
+        self.rows = self.unet.evaluations - self.rows
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, keep_images: bool = False,
+             paste_back: bool = True) -> dict:
+    """Run every method (and the text-to-image reference) on one rendered case; per-method metrics.
+
+    ``paste_back`` is passed to the pipeline's ``edit`` (PFB-Diff runs and DiffEdit): on, the result is the
+    pipeline's composite into the source; the fidelity metrics always use the decode before it."""
+    case = images.case
+    generator = lambda: torch.Generator().manual_seed(case.seed)  # noqa: E731
+    results, pictures, done = {}, {}, {}
+    inversion = None
+    if any(METHODS[m].config for m in methods):
+        with _Meter(pipe) as inv_cost:
+            inversion = pipe.invert(Image.fromarray(images.source), case.source_caption, steps, strength=1.0)
+    for name in methods:
+        method = METHODS[name]
+        extra = {}
+        if method.config is not None:
+            config = method.config(case.task, pipe)
+            if config in done:
+                out, cost, share, source = done[config]
+                extra["same_as"] = source
+            else:
+                with _Meter(pipe) as cost:
+                    out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
+                                                  guidance_scale=guidance, generator=generator(),
+                                                  paste_back=paste_back, **_edit_arguments(images))
+                share = max(1, int(inversion.num_steps * config.strength)) / inversion.num_steps
+                done[config] = (out, cost, share, name)
+            calls = cost.calls + round(inv_cost.calls * share)
+            rows = cost.rows + round(inv_cost.rows * share)
+            seconds = cost.seconds + inv_cost.seconds * share
+        else:
+            with _Meter(pipe) as cost:
+                out = method.run(pipe, images, steps, guidance, generator(), paste_back=paste_back)
+            calls, rows, seconds = cost.calls, cost.rows, cost.seconds
+            if out.mask is not None:
+                from pfbdiff.shapes.oracles import iou
+
+                extra["auto_mask_iou"] = iou(out.mask, images.mask)
+        metrics = score(images, out.image, out.raw)
+        metrics.update(unet_calls=calls, unet_rows=rows, seconds=seconds, **extra)
+        results[name] = metrics
+        if keep_images:
+            pictures[name] = out.image
+    with _Meter(pipe) as t2i_cost:
+        sample = pipe.text_to_image(case.target_caption, height=images.size, width=images.size, num_inference_steps=steps,
+                                    guidance_scale=guidance, generator=generator()).images[0]
+    t2i = text_to_image_success(case, np.asarray(sample))
+    t2i.update(unet_calls=t2i_cost.calls, seconds=t2i_cost.seconds)
+    if keep_images:
+        pictures["t2i"] = np.asarray(sample)
+    return {"results": results, "text_to_image": t2i, "images": pictures}
+
+
+# --------------------------------------------------------------------------------------------- the bench
+
+
+def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: int = 50,
+                    guidance: float = DEFAULT_GUIDANCE, out_dir=None, grid_cases: int = 4, model_name: str = "",
+                    paste_back: bool = True, on_case: Callable | None = None) -> dict:
+    """Run ShapesBench; returns the JSON-ready result and, with ``out_dir``, writes the JSON, the markdown
+    report and the image grid there (see :mod:`.report`). ``on_case(done, total, case_id)`` reports progress."""
+    from . import report
+
+    tasks = select(tasks, TASKS, "task")
+    methods = select(methods, tuple(METHODS), "method")
+    if cases < 1 or steps < 1:
+        raise PFBDiffError(f"cases and steps must be at least 1, got cases={cases}, steps={steps}")
+    size = model_image_size(pipe)
+    started = time.time()
+    result = report.new_result(
+        model=model_name, steps=steps, guidance=guidance, cases=cases, tasks=tasks, methods=methods, size=size,
+        paste_back=paste_back,
+        method_info={m: method_settings(METHODS[m], pipe) for m in methods},
+    )
+    grid_rows = []
+    total, done = cases * len(tasks), 0
+    for task in tasks:
+        for case in make_cases(task, cases):
+            images = render_case(case, size)
+            keep = case.index < grid_cases
+            outcome = run_case(pipe, images, methods, steps=steps, guidance=guidance, keep_images=keep,
+                               paste_back=paste_back)
+            result["cases"].append({**case.to_json(), "results": outcome["results"],
+                                    "text_to_image": outcome["text_to_image"]})
+            if keep:
+                grid_rows.append((case.id, images, outcome["images"]))
+            done += 1
+            if on_case is not None:
+                on_case(done, total, case.id)
+        report.finalise(result, time.time() - started)
+        if out_dir is not None:
+            report.write(result, out_dir, grid_rows, methods)
+    return result
