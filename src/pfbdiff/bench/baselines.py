@@ -23,6 +23,7 @@ They reuse the engine's pieces (the pipeline's encoders, ``sampling.ddim_move`` 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +31,8 @@ import torch
 from PIL import Image
 
 from .. import images as imgs
-from ..loop import Prompts, guided_prediction, plain_sampling_loop
 from ..blending import blend_latents
+from ..loop import Prompts, guided_prediction, plain_sampling_loop
 from ..masks import EditMask
 from ..presets import EditConfig
 from ..sampling import ddim_move, ddim_step, split_prediction
@@ -81,6 +82,8 @@ def decode_uint8(pipe, latents: torch.Tensor) -> np.ndarray:
 def pipeline_edit(pipe, inversion, **edit_kwargs) -> BaselineResult:
     """``pipe.edit`` of one image: its result (with the pipeline's own paste-back unless ``paste_back=False``)
     and the plain decode of the final latent (before any paste-back)."""
+    if "paste_back" in edit_kwargs and "paste_back" not in inspect.signature(pipe.edit).parameters:
+        edit_kwargs.pop("paste_back")  # a pipeline without compositing returns the decode as it is
     edited = pipe.edit(inversion, **edit_kwargs)
     return BaselineResult(np.asarray(edited.images[0]), decode_uint8(pipe, edited.latents))
 

@@ -86,18 +86,18 @@ def text_to_image_success(case, image) -> dict[str, bool]:
     """Does a text-to-image sample of the target caption show what the edit should produce?
 
     ``target``: object tasks, every new (colour, shape) is found somewhere; background tasks, the background
-    reads as the new colour and pattern. ``full``: the whole caption is right (see
-    :func:`pfbdiff.shapes.evaluate.score_image`).
+    reads as the new colour and pattern. ``full``: the whole caption is right: background colour and pattern,
+    and exactly the named objects (as :func:`pfbdiff.shapes.evaluate.score_image` counts "full").
     """
-    from pfbdiff.shapes.evaluate import score_image
-
     analysis = analyse(image)
+    background = (analysis.background, analysis.pattern) == (case.target.background, case.target.pattern)
+    seen = [(o.colour or "?", o.shape or "?") for o in analysis.objects]
     if case.task == "background":
-        target = (analysis.background, analysis.pattern) == (case.target.background, case.target.pattern)
+        target = background
     else:
-        seen = [(o.colour, o.shape) for o in analysis.objects]
         target = all((case.target.objects[i].colour, case.target.objects[i].shape) in seen for i in case.edited)
-    return {"target": bool(target), "full": bool(score_image(image, case.target_caption)["full"])}
+    full = background and sorted(seen) == sorted((o.colour, o.shape) for o in case.target.objects)
+    return {"target": bool(target), "full": bool(full)}
 
 
 # --------------------------------------------------------------------------------------------- fidelity

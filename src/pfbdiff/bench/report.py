@@ -53,7 +53,8 @@ METRICS: dict[str, tuple[str, str, str]] = {  # name: (kind, better, description
     "seconds": ("mean", "lower", "wall time of the method (inversion share included)"),
     "auto_mask_iou": ("mean", "higher", "DiffEdit only: IoU of its automatic mask with the user mask"),
 }
-TABLE_COLUMNS = (("success", "success %", 100, 0), ("target_present", "target %", 100, 0),
+TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success %", 100, 0),
+                 ("target_present", "target %", 100, 0),
                  ("old_gone", "old gone %", 100, 0), ("others_kept", "kept %", 100, 0),
                  ("background_ok", "bg ok %", 100, 0), ("psnr_out", "PSNR out", 1, 1), ("ssim_out", "SSIM out", 1, 3),
                  ("coherence", "coherence", 1, 2), ("seam_ring", "seam ring", 1, 1), ("seam_grad", "seam grad", 1, 1),
@@ -180,6 +181,14 @@ def format_markdown(result: dict) -> str:
     lines += ["", "Grid (`shapesbench_grid.png`): rows are cases; columns: source | mask | ideal edit | each method "
               "| text-to-image sample of the target caption.", ""]
     return "\n".join(lines)
+
+
+def success_section(result: dict) -> str:
+    """The edit-success table of the markdown report (with its heading), for printing."""
+    text = format_markdown(result)
+    start = text.index("## Edit success")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None].rstrip() + "\n"
 
 
 # --------------------------------------------------------------------------------------------- grid

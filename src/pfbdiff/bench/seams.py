@@ -107,7 +107,6 @@ def study(vae, count: int, size: int, tasks=TASKS) -> dict[str, dict[str, float]
 
 def end_to_end(count: int, size: int, steps: int = 10, tasks=("object", "attribute")) -> dict[str, dict[str, float]]:
     """Seams of real PFB-Diff edits (tiny random model), feature blending on / off × compositing steps."""
-    from pfbdiff.bench.cases import _phrase  # noqa: PLC2701 - the bench's own phrase helper
     from pfbdiff.pipeline import PFBDiffPipeline
     from pfbdiff.shapes.world import caption
     from pfbdiff.toy_models import tiny_sd_components
@@ -127,11 +126,10 @@ def end_to_end(count: int, size: int, steps: int = 10, tasks=("object", "attribu
     for task in tasks:
         for case in make_cases(task, count):
             images = render_case(case, size)
-            edited = case.target.objects[case.edited[0]]
             inversion = pipe.invert(images.source, caption(case.source), steps)
             for name, (config, finish) in settings.items():
                 out = pipe.edit(inversion, images.mask.astype(np.float32), caption(case.target),
-                                inside=_phrase(edited).split(), **config, **finish).images[0]
+                                inside=case.new_phrases[0].split(), **config, **finish).images[0]
                 totals.setdefault(name, []).append(seam_score(np.asarray(out), images.source, images.mask, images.ideal))
     return {name: _mean(rows) for name, rows in totals.items()}
 
@@ -141,7 +139,7 @@ def _mean(rows: list[dict]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    lines = [f"| variant | seam_ring ↓ | seam_grad ↓ |", "|---|---|---|"]
+    lines = ["| variant | seam_ring ↓ | seam_grad ↓ |", "|---|---|---|"]
     lines += [f"| {name} | {r['seam_ring']:.2f} | {r['seam_grad']:.2f} |" for name, r in results.items()]
     return "\n".join(lines)
 

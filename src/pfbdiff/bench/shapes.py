@@ -13,9 +13,9 @@ not mistaken for a weak method.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,8 +52,8 @@ def resolve_model(model: str | None) -> str:
 
 @dataclass(frozen=True)
 class Method:
-    """A benchmarked method: ``config(task, feature_unet)`` for an inversion-based PFB-Diff run, or ``run``
-    (``run(pipe, images, steps, guidance, generator) -> BaselineResult``) for a baseline."""
+    """A benchmarked method: ``config(task, pipe)`` for an inversion-based PFB-Diff run (through
+    ``pipe.edit``), or ``run(pipe, images, steps, guidance, generator, paste_back=...) -> BaselineResult``."""
 
     name: str
     description: str
@@ -223,7 +223,10 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
     ``paste_back`` is passed to the pipeline's ``edit`` (PFB-Diff runs and DiffEdit): on, the result is the
     pipeline's composite into the source; the fidelity metrics always use the decode before it."""
     case = images.case
-    generator = lambda: torch.Generator().manual_seed(case.seed)  # noqa: E731
+
+    def generator():
+        return torch.Generator().manual_seed(case.seed)
+
     results, pictures, done = {}, {}, {}
     inversion = None
     if any(METHODS[m].config for m in methods):
@@ -234,16 +237,17 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
         extra = {}
         if method.config is not None:
             config = method.config(case.task, pipe)
-            if config in done:
-                out, cost, share, source = done[config]
-                extra["same_as"] = source
-            else:
-                with _Meter(pipe) as cost:
-                    out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
-                                                  guidance_scale=guidance, generator=generator(),
-                                                  paste_back=paste_back, **_edit_arguments(images))
-                share = max(1, int(inversion.num_steps * config.strength)) / inversion.num_steps
-                done[config] = (out, cost, share, name)
+            if config in done:  # identical settings (e.g. pfb-deep-mid is the preset's own levels): run once
+                results[name] = {**results[done[config]], "same_as": done[config]}
+                if keep_images:
+                    pictures[name] = pictures[done[config]]
+                continue
+            done[config] = name
+            with _Meter(pipe) as cost:
+                out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
+                                              guidance_scale=guidance, generator=generator(),
+                                              paste_back=paste_back, **_edit_arguments(images))
+            share = max(1, int(inversion.num_steps * config.strength)) / inversion.num_steps
             calls = cost.calls + round(inv_cost.calls * share)
             rows = cost.rows + round(inv_cost.rows * share)
             seconds = cost.seconds + inv_cost.seconds * share

@@ -7,7 +7,8 @@ Four timed jobs on one model, measured in one run and reported as ratios to (a):
 (c) a second edit of the same inversion (K batched guided passes: the source features are cached);
 (d) the ``paper-object`` preset, which follows the official code's sequential path (K + 3K passes).
 
-Each job runs once untimed (warm-up) and then ``repeats`` times; the median wall time is reported.
+Each job runs once untimed (warm-up); then the four jobs take turns ``repeats`` times and the median wall time of
+each is reported.
 """
 
 from __future__ import annotations
@@ -48,22 +49,29 @@ def _inputs(size: int):
     return image, mask
 
 
-def _timed(pipe, job, repeats):
-    job()  # warm-up
-    times, passes, evaluations = [], 0, 0
+def _time_once(pipe, job) -> tuple[float, int, int]:
+    calls, rows = pipe.feature_unet.calls, pipe.feature_unet.evaluations
+    start = time.perf_counter()
+    job()
+    return time.perf_counter() - start, pipe.feature_unet.calls - calls, pipe.feature_unet.evaluations - rows
+
+
+def _time_in_rounds(pipe, jobs: dict, repeats: int) -> dict:
+    """Median wall time of each job; the jobs take turns in every round, so a load that comes and goes on
+    the machine falls on all of them alike and the ratios stay fair."""
+    for job in jobs.values():
+        job()  # warm-up
+    samples = {name: [] for name in jobs}
     for _ in range(repeats):
-        calls, rows = pipe.feature_unet.calls, pipe.feature_unet.evaluations
-        start = time.perf_counter()
-        job()
-        times.append(time.perf_counter() - start)
-        passes, evaluations = pipe.feature_unet.calls - calls, pipe.feature_unet.evaluations - rows
-    return statistics.median(times), passes, evaluations
+        for name, job in jobs.items():
+            samples[name].append(_time_once(pipe, job))
+    return {name: (statistics.median(s[0] for s in runs), runs[-1][1], runs[-1][2]) for name, runs in samples.items()}
 
 
 @torch.no_grad()
 def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats: int | None = None) -> list[dict]:
     pipe = benchmark_pipeline(model)
-    repeats = repeats or (1 if model == "sd15-random" else 3)
+    repeats = repeats or (3 if model == "sd15-random" else 5)
     image, mask = _inputs(size)
     inversion = pipe.invert(image, SOURCE_PROMPT, steps)
     jobs = {
@@ -75,8 +83,7 @@ def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats:
                                                      num_inference_steps=steps),
     }
     rows = []
-    for job, run in jobs.items():
-        seconds, passes, evaluations = _timed(pipe, run, repeats)
+    for job, (seconds, passes, evaluations) in _time_in_rounds(pipe, jobs, repeats).items():
         rows.append(dict(model=model, size=size, steps=steps, job=job, seconds=seconds, unet_passes=passes,
                          unet_evaluations=evaluations))
     floor = rows[0]["seconds"]

@@ -1,0 +1,276 @@
+"""ShapesBench (pfbdiff.bench: cases, metrics, baselines, runner, report, CLI) on rendered scenes and the tiny model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pfbdiff.bench import baselines, metrics, report, shapes
+from pfbdiff.bench import cases as bench_cases
+from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
+from pfbdiff.presets import get_preset
+from pfbdiff.shapes.oracles import object_kept
+from pfbdiff.shapes.world import sample_scene
+
+TINY_SIZE = 128  # the tiny model's image side
+
+
+@pytest.fixture(scope="module")
+def first_cases():
+    return {task: make_cases(task, 6) for task in TASKS}
+
+
+# --- cases -------------------------------------------------------------------------------------------------
+
+
+def test_cases_are_deterministic_and_do_not_depend_on_the_count(first_cases):
+    again = make_cases("object", 3)
+    assert again == first_cases["object"][:3]
+    assert make_case("background", 4) == first_cases["background"][4]
+    a, b = render_case(again[1], 64), render_case(first_cases["object"][1], 64)
+    assert np.array_equal(a.source, b.source) and np.array_equal(a.mask, b.mask) and np.array_equal(a.ideal, b.ideal)
+    assert len({c.seed for task in TASKS for c in first_cases[task]}) == 6 * len(TASKS)
+
+
+def test_case_seeds_are_disjoint_from_training_and_evaluation(first_cases):
+    from pfbdiff.shapes.evaluate import EVAL_SCENE_TAG, PSNR_SCENE_TAG
+    from pfbdiff.shapes.train import STAGE_CODES
+
+    def stream(entropy):
+        return tuple(np.random.default_rng(entropy).integers(0, 2**31, 4))
+
+    # numpy pads entropy with zero words, so [s, stage, step] (training) == [s, stage, step, 0]: a last word of
+    # 1 can never coincide with a training or evaluation stream, whatever the training seed.
+    assert stream([0, 2, 5]) == stream([0, 2, 5, 0]) != stream([0, 2, 5, 1])
+    for task in TASKS:
+        entropy = bench_cases.entropy(task, 0)
+        assert len(entropy) == 4 and entropy[-1] != 0 and entropy[0] not in (EVAL_SCENE_TAG, PSNR_SCENE_TAG)
+    assert stream(bench_cases.entropy("object", 0)) != stream([bench_cases.BENCH_TAG, 1, 0])
+    # Geometry is continuous, so a scene shared with training would mean a shared random stream.
+    scenes = [c.source for task in TASKS for c in first_cases[task]]
+    train_geometry = set()
+    for stage in STAGE_CODES:
+        for step in range(3):
+            rng = np.random.default_rng([0, STAGE_CODES[stage], step])
+            train_geometry |= {(o.cx, o.cy, o.size) for _ in range(16) for o in sample_scene(rng, split="train").objects}
+    assert train_geometry.isdisjoint({(o.cx, o.cy, o.size) for s in scenes for o in s.objects})
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cases_are_valid(task, first_cases):
+    for number, case in enumerate(first_cases[task]):
+        for size in (64, TINY_SIZE) if number < 2 else (64,):
+            images = render_case(case, size)
+            # The oracle finds every source object where it is.
+            for i, obj in enumerate(case.source.objects):
+                assert object_kept(images.labels, obj, images.source, object_index=i)
+            # The ideal edit passes the success oracle; the unedited source does not.
+            assert metrics.edit_success(images, images.ideal)["success"], case
+            assert not metrics.edit_success(images, images.source)["success"], case
+            if number == 0:  # a perfect text-to-image sample shows the target; the source does not
+                assert metrics.text_to_image_success(case, images.ideal) == {"target": True, "full": True}
+                assert not metrics.text_to_image_success(case, images.source)["target"]
+            union = np.zeros_like(images.mask)
+            for region in images.regions:
+                assert region.any()
+                union |= region
+            assert np.array_equal(union, images.mask) and not images.mask.all()
+        if task == "background":
+            assert case.target.background != case.source.background and case.edited == ()
+            assert images.mask.mean() > 0.5 and not (images.mask & (images.labels > 0)).any()
+            continue
+        assert np.array_equal(images.kept, ~images.mask)  # object edits change nothing outside the mask
+        for i, region in zip(case.edited, images.regions):
+            old, new = case.source.objects[i], case.target.objects[i]
+            assert new.colour != old.colour and new.colour != case.source.background
+            assert (new.shape == old.shape) if task == "attribute" else (new.shape != old.shape)
+            assert region[images.labels == i + 1].all()  # the mask covers the object
+        for j in range(len(case.source.objects)):
+            if j not in case.edited:
+                assert not (images.mask & (images.labels == j + 1)).any()  # and never a kept object
+        for phrase in case.new_phrases:
+            assert case.target_caption.count(phrase) == 1
+        assert case.mask_kind in (("dilated", "box") if task == "attribute" else ("box",))
+
+
+def test_held_out_combinations_appear(first_cases):
+    for task in TASKS:
+        assert any(c.held_out for c in first_cases[task])
+        assert bench_cases.held_out_targets(first_cases[task])
+    assert {c.mask_kind for c in first_cases["attribute"]} == {"dilated", "box"}
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_psnr_ssim_and_seam_of_identical_images():
+    images = render_case(make_case("object", 0), 64)
+    src = images.source
+    assert metrics.psnr(src, src) == metrics.PSNR_CAP and metrics.psnr(src, src, cap=None) == math.inf
+    assert metrics.ssim(src, src) == pytest.approx(1.0) and metrics.ssim(src, src, images.kept) == pytest.approx(1.0)
+    assert metrics.seam_score(src, src, images.mask) == {"seam_ring": 0.0, "seam_grad": 0.0}
+    assert metrics.seam_score(images.ideal, src, images.mask, reference=images.ideal) == {"seam_ring": 0.0, "seam_grad": 0.0}
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(src + rng.normal(0, s, src.shape), 0, 255) for s in (4, 16)]
+    psnrs = [metrics.psnr(n, src) for n in noisy]
+    ssims = [metrics.ssim(n, src) for n in noisy]
+    assert metrics.PSNR_CAP > psnrs[0] > psnrs[1] and 1.0 > ssims[0] > ssims[1]
+    assert math.isnan(metrics.psnr(src, src, np.zeros(src.shape[:2], bool)))
+
+
+def test_psnr_and_ssim_known_values():
+    a, b = np.full((16, 16, 3), 100.0), np.full((16, 16, 3), 110.0)
+    assert metrics.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100))
+    c1 = (0.01 * 255) ** 2
+    assert metrics.ssim(a, b) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1))
+    window = metrics._gaussian_window()
+    assert len(window) == 11 and window.sum() == pytest.approx(1.0) and window.argmax() == 5
+
+
+def test_seam_and_coherence_see_what_they_should():
+    images = render_case(make_case("object", 2), 64)
+    src, mask = images.source, images.mask
+    step = src.astype(float).copy()
+    ring = metrics.dilate(mask, 3) & ~mask
+    step[ring] += 40
+    assert metrics.seam_score(step, src, mask)["seam_ring"] == pytest.approx(40.0)
+    ideal_objects = metrics.objects_in_mask(images.ideal, mask)
+    assert len(ideal_objects) == 1
+    assert metrics.coherence(images.ideal, images.background, mask, ideal_objects)["coherence"] == pytest.approx(1.0)
+    assert metrics.coherence(images.background, images.background, mask)["coherence_mae"] == 0.0
+    blank = np.zeros_like(src)
+    assert metrics.coherence(blank, images.background, mask, ideal_objects)["coherence"] < 0.5
+
+
+def test_confidence_intervals():
+    lo, hi = metrics.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1.959964**2 / (10 + 1.959964**2), rel=1e-5)
+    widths = [np.subtract(*metrics.wilson_interval(n // 2, n)[::-1]) for n in (10, 100, 1000)]
+    assert widths[0] > widths[1] > widths[2] > 0
+    assert metrics.t_quantile_975(9) == 2.262 and metrics.t_quantile_975(100) == pytest.approx(1.984, abs=1e-3)
+    rng = np.random.default_rng(1)
+    spans = []
+    for n in (10, 100, 1000):
+        mean, lo, hi, count = metrics.mean_interval(rng.normal(5, 1, n))
+        assert lo < mean < hi and count == n
+        spans.append(hi - lo)
+    assert spans[0] > spans[1] > spans[2]
+    summary = metrics.summarise([True, False, None, True], proportion=True)
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(2 / 3)
+    assert metrics.summarise([1.0, float("nan"), 3.0], proportion=False)["mean"] == 2.0
+
+
+# --- baselines and the runner on the tiny model ------------------------------------------------------------
+
+
+def _generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_baselines_run_end_to_end(tiny_pipe):
+    case = make_case("object", 1)
+    images = render_case(case, TINY_SIZE)
+    prompt = case.target_caption
+    calls = tiny_pipe.unet_calls
+    bld = baselines.blended_latent_diffusion(tiny_pipe, images.source, images.mask, prompt, steps=2, guidance_scale=4.0,
+                                             generator=_generator())
+    assert bld.image.shape == (TINY_SIZE, TINY_SIZE, 3) and bld.image.dtype == np.uint8
+    assert tiny_pipe.unet_calls - calls == 2
+    again = baselines.blended_latent_diffusion(tiny_pipe, images.source, images.mask, prompt, steps=2,
+                                               guidance_scale=4.0, generator=_generator())
+    assert np.array_equal(bld.image, again.image)
+
+    calls = tiny_pipe.unet_calls
+    sdedit = baselines.masked_sdedit(tiny_pipe, images.source, images.mask, prompt, steps=2, strength=0.5,
+                                     guidance_scale=4.0, generator=_generator())
+    assert tiny_pipe.unet_calls - calls == 1
+    assert np.array_equal(sdedit.image[~images.mask], images.source[~images.mask])  # pasted back
+    assert np.array_equal(sdedit.image[images.mask], sdedit.raw[images.mask])
+    assert not np.array_equal(sdedit.raw, sdedit.image)
+
+    calls = tiny_pipe.unet_calls
+    diffedit = baselines.diffedit(tiny_pipe, images.source, case.source_caption, prompt, steps=2, guidance_scale=4.0,
+                                  generator=_generator(), copies=2)
+    assert tiny_pipe.unet_calls - calls == 2 + 2 + 2  # mask copies, inversion, edit
+    assert diffedit.mask.shape == images.mask.shape and diffedit.mask.any()
+    assert diffedit.raw.shape == diffedit.image.shape
+
+
+def test_every_method_runs_on_one_case(tiny_pipe):
+    images = render_case(make_case("multi-object", 0), TINY_SIZE)
+    outcome = shapes.run_case(tiny_pipe, images, tuple(shapes.METHODS), steps=1, guidance=4.0, keep_images=True)
+    assert set(outcome["results"]) == set(shapes.METHODS)
+    assert set(outcome["images"]) == set(shapes.METHODS) | {"t2i"}
+    for name, result in outcome["results"].items():
+        assert {"success", "success_raw", "psnr_out", "ssim_out", "coherence", "seam_ring", "seam_grad", "unet_calls",
+                "seconds"} <= set(result), name
+        assert result["unet_calls"] >= 1
+    assert outcome["results"]["pfb-deep-mid"]["same_as"] == "pfb"  # identical settings run once
+    assert outcome["results"]["pfb-paper"]["unet_calls"] == 4  # reference path: inversion + source, uncond, cond
+    assert 0.0 <= outcome["results"]["diffedit"]["auto_mask_iou"] <= 1.0
+    assert set(outcome["text_to_image"]) >= {"target", "full"}
+
+
+def test_paper_preset_is_carried_over_to_other_unets(tiny_pipe):
+    class Shallow:  # a 3-level U-Net like the shapes model's, at 64 px
+        unet = type("U", (), {"config": type("C", (), {"sample_size": 16})()})()
+        vae_scale_factor = 4
+        feature_unet = type("F", (), {"blocks": tuple(range(13)), "num_levels": 3})()
+
+    config = shapes.paper_config("background", Shallow())
+    assert config.blend_blocks is None and config.blend_levels == (-2, -1) and config.attention_levels == (1, 2)
+    assert config.grow == round(get_preset("paper-background").grow * 64 / 512) and config.reference_middle and config.mask_uncond
+    literal = shapes.paper_config("object", tiny_pipe)  # SD 1.x layout: the reference block numbers
+    assert literal.blend_blocks == (8, 9, 10, 11, 12, 14, 15, 16, 17, 18)
+
+
+def test_quick_shapesbench_writes_json_markdown_and_grid(tiny_pipe, tmp_path):
+    methods = ("pfb", "sdedit-0.5")
+    result = shapes.run_shapesbench(tiny_pipe, cases=2, steps=2, methods=methods, out_dir=tmp_path, grid_cases=1,
+                                    model_name="tiny")
+    data = json.loads((tmp_path / "shapesbench.json").read_text())
+    assert data["config"]["tasks"] == list(TASKS) and data["config"]["methods"] == list(methods)
+    assert len(data["cases"]) == 2 * len(TASKS) and set(data["methods"]) == set(methods)
+    per_case = set(report.METRICS) - {"auto_mask_iou"}
+    for case in data["cases"]:
+        assert set(case["results"]) == set(methods)
+        for values in case["results"].values():
+            assert per_case <= set(values)
+        assert {"target", "full", "unet_calls", "seconds"} <= set(case["text_to_image"])
+    for task in TASKS:
+        block = data["summary"][task]
+        assert block["n"] == 2 and set(block["methods"]) == set(methods)
+        assert set(block["text_to_image"]) == {"target", "full", "unet_calls", "seconds"}
+        for method in methods:
+            assert per_case <= set(block["methods"][method])
+            for agg in block["methods"][method].values():
+                assert set(agg) == {"mean", "lo", "hi", "n"}
+    assert result["summary"]["object"]["methods"]["pfb"]["success"]["n"] == 2
+    markdown = (tmp_path / "shapesbench.md").read_text()
+    assert "text-to-image" in markdown and all(m in markdown for m in methods) and "multi-object" in markdown
+    grid = Image.open(tmp_path / "shapesbench_grid.png")
+    assert grid.size == (6 * (TINY_SIZE + 2) + 2, 12 + len(TASKS) * (TINY_SIZE + 2) + 2)
+
+
+def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
+    from pfbdiff.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "sb"
+    args = ["bench", "shapes", "--model", str(tiny_model_dir), "--cases", "1", "--tasks", "attribute",
+            "--methods", "pfb", "--steps", "2", "--out", str(out), "--grid-cases", "1"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "| pfb |" in done.output
+    assert json.loads((out / "shapesbench.json").read_text())["config"]["cases_per_task"] == 1
+    assert (out / "shapesbench.md").exists() and (out / "shapesbench_grid.png").exists()
+
+    bad = runner.invoke(app, ["bench", "shapes", "--model", "tiny", "--methods", "pfb,nope"])
+    assert bad.exit_code == 2 and "unknown method nope" in bad.output
+    monkeypatch.setattr(shapes, "BUNDLED_MODEL", tmp_path / "missing")
+    missing = runner.invoke(app, ["bench", "shapes", "--quick"])
+    assert missing.exit_code == 2 and "--model" in missing.output and "Traceback" not in missing.output
