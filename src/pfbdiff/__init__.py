@@ -17,6 +17,7 @@ _EXPORTS = {
     "PRESETS": ".presets",
     "get_preset": ".presets",
     "PFBDiffError": ".errors",
+    "replay": ".provenance",
 }
 
 __all__ = [*_EXPORTS, "load_pipeline"]

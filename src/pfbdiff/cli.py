@@ -155,12 +155,10 @@ _SETTING_OPTIONS = ("strength", "start", "grow", "settings")
 
 def _edit_request(ctx, given: dict, from_json):
     """The request from the command line, or from a record with the options given on the command line on top."""
-    from click.core import ParameterSource
-
     from . import provenance
 
-    def explicit(name):
-        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    def explicit(name):  # typer may bundle its own click, so compare the source by name
+        return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
 
     def convert(name, value):
         if name in ("image", "mask"):
@@ -291,12 +289,13 @@ def bench_speed(
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
     steps: int = typer.Option(4, "--steps", help="DDIM steps (2–5 keeps the full-size model quick on a CPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per job (default 5; 3 for sd15-random)."),
 ):
     """Time txt2img, a first edit, a second edit of the same inversion and the paper path; print ratios."""
     from .bench.speed import format_table, run_speed_benchmark
 
     with user_errors():
-        rows = [row for name in models for row in run_speed_benchmark(name, size=size, steps=steps)]
+        rows = [row for name in models for row in run_speed_benchmark(name, size=size, steps=steps, repeats=repeats)]
     print(format_table(rows))
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2))
@@ -319,7 +318,7 @@ def bench_shapes(
 ):
     """ShapesBench: PFB-Diff, ablations and baselines on rendered ShapesWorld edits, scored by exact oracles."""
     from .bench import shapes as shapesbench
-    from .bench.report import format_markdown
+    from .bench.report import success_section
 
     with user_errors():
         count = cases if cases is not None else (shapesbench.QUICK_CASES if quick else shapesbench.FULL_CASES)
@@ -336,7 +335,7 @@ def bench_shapes(
                 out_dir=out, grid_cases=grid_cases, model_name=name, paste_back=paste_back,
                 on_case=lambda done, total, case_id: progress.update(task_bar, completed=done, description=case_id),
             )
-    print(format_markdown(result).split("\n## ")[1].split("\n", 1)[1])
+    print(success_section(result))
     console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)
 
 

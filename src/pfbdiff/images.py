@@ -99,8 +99,13 @@ def _load_pil_or_array(source: Any, name: str, *, signed_tensors: bool) -> Image
         return _open_image_file(Path(source).expanduser(), name)
     if isinstance(source, Image.Image):
         _check_not_empty(source.size, name)
+        _check_in_memory_size(source.size, name)
         # A PIL image straight from Image.open is still sideways; exif_transpose is a no-op for upright ones.
         return ImageOps.exif_transpose(source)
+    if isinstance(source, (torch.Tensor, np.ndarray)) and source.ndim >= 2:
+        # Before any conversion: a float copy of a huge array is what would exhaust memory.
+        rows, cols = _array_height_width(source)
+        _check_in_memory_size((cols, rows), name)
     if isinstance(source, torch.Tensor):
         return _tensor_to_float_array(source, name, signed=signed_tensors)
     if isinstance(source, np.ndarray):
@@ -153,6 +158,23 @@ def _check_not_too_large(size: Size, path: Path, name: str) -> None:
     if MAX_PIXELS is not None and width * height > MAX_PIXELS:
         raise PFBDiffError(
             f"{name} {path} is {width}×{height} ({width * height / 1e6:.1f} megapixels), too large "
+            f"(limit {MAX_PIXELS / 1e6:g} megapixels); downscale it first or raise pfbdiff.images.MAX_PIXELS"
+        )
+
+
+def _array_height_width(array) -> tuple[int, int]:
+    """(rows, columns) of an H×W, H×W×C, C×H×W or 1×C×H×W array or tensor (channels first only for torch)."""
+    shape = tuple(array.shape)
+    if isinstance(array, torch.Tensor) and len(shape) >= 3:
+        return shape[-2], shape[-1]
+    return shape[0], shape[1]
+
+
+def _check_in_memory_size(size: Size, name: str) -> None:
+    width, height = size
+    if MAX_PIXELS is not None and width * height > MAX_PIXELS:
+        raise PFBDiffError(
+            f"the {name} is {width}×{height} ({width * height / 1e6:.1f} megapixels), too large "
             f"(limit {MAX_PIXELS / 1e6:g} megapixels); downscale it first or raise pfbdiff.images.MAX_PIXELS"
         )
 

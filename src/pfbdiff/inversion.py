@@ -40,7 +40,9 @@ class Inversion:
     """A source image inverted once, reusable for many edits.
 
     ``latents[k]`` is Z[k] (Z[0] the clean latent) and ``features[n]`` the source's outputs of the recorded
-    blocks at step n. ``image`` is the prepared source image in [-1, 1] at model size.
+    blocks at step n. ``image`` is the prepared source image in [-1, 1] at model size: the part of the input
+    inside ``crop_box`` (the whole input when not cropped). ``source_images`` are the inputs as given (RGB,
+    full size), kept for the pixel-exact paste-back.
     """
 
     latents: list[torch.Tensor]
@@ -51,6 +53,8 @@ class Inversion:
     source_prompt: list[str]
     image: torch.Tensor
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    crop_box: object = None  # regions.CropBox of the inverted part, None = the whole image
+    source_images: list = field(default_factory=list)
 
     @property
     def num_steps(self) -> int:

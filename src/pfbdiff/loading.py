@@ -459,3 +459,27 @@ def _hub_snapshot(repo_id: str, patterns: list[str], allow_pickle: bool) -> Path
             f"{'' if allow_pickle else 'safetensors '}weights; {pickle_hint}or {MODEL_HINT}"
         )
     return downloaded
+
+
+# --------------------------------------------------------------------------------------------- default model
+
+#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
+BUNDLED_SHAPES_MODEL = Path(__file__).parent / "shapes" / "model"
+
+
+def default_model() -> tuple[str, str | None]:
+    """The model to use when none is named: ``(model, note)``.
+
+    The bundled ShapesWorld model when this install ships it (``note`` is ``None``); otherwise ``"tiny"``, a
+    random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
+    """
+    if "shapes" in MODEL_ALIASES:
+        try:
+            if Path(MODEL_ALIASES["shapes"]()).exists():
+                return "shapes", None
+        except Exception:  # noqa: BLE001 - a broken alias falls back like a missing model
+            pass
+    if (BUNDLED_SHAPES_MODEL / "model_index.json").is_file():
+        return str(BUNDLED_SHAPES_MODEL), None
+    return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
+                    "that show the pipeline works, not meaningful pictures; pass --model for a real one")

@@ -8,6 +8,10 @@
 
 ``invert`` encodes the image, runs the DDIM inversion and records the source features once; ``edit`` runs the
 PFB-Diff loop (``loop.py``) from an inversion; ``__call__`` does both.
+
+Real photos: a photo larger than the model's native size is inverted and edited as a crop around the mask
+(``regions.py``); the result is scaled back and pasted into the untouched photo with a feathered, colour-matched
+alpha (``compositing.py``); ``auto_mask`` estimates the region from the prompts (``automask.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from . import automask, compositing, regions
 from . import images as imgs
 from .attention import AttentionMasking, TokenRegion, attention_masking_installed
 from .errors import PFBDiffError
@@ -29,16 +34,24 @@ from .loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop,
 from .masks import EditMask
 from .presets import PRESETS, EditConfig, get_preset
 from .sampling import DDIMGrid
-from .tokens import new_words, positions_of, shared_words
+from .tokens import new_words, positions_of, subject_words
 from .unet_features import FeatureUNet
 
 
 @dataclass
 class PFBDiffOutput(BaseOutput):
-    """``images``: the edited images (PIL list, numpy array or tensor); ``latents``: the final latents."""
+    """``images``: the edited images (PIL list, numpy array or tensor); ``latents``: the final latents.
+
+    ``masks``: the paste-back alpha of each image (PIL "L", input size; ``None`` with paste-back off);
+    ``auto_masks``: the estimated edit masks (``auto_mask=True``); ``crop_box``: the edited box of the input,
+    [left, top, right, bottom].
+    """
 
     images: list | np.ndarray | torch.Tensor
     latents: torch.Tensor | None = None
+    masks: list | None = None
+    auto_masks: list | None = None
+    crop_box: list | None = None
 
 
 class PFBDiffPipeline(DiffusionPipeline):
@@ -90,11 +103,17 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     # -- inversion -----------------------------------------------------------------------------------------
     def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None,
-               callback=None) -> Inversion:
+               callback=None, *, mask_image=None, crop="auto", crop_padding: int | None = None, grow: int = 0,
+               feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT) -> Inversion:
         """Encode ``image`` (one or a list), DDIM-invert it with ``source_prompt`` and record source features.
 
         ``record_blocks`` (block numbers L) defaults to every block any preset blends; an edit that needs
         another block re-runs the source branch for it. ``callback(k)`` is called after inversion step k.
+
+        Crop-to-mask (``regions.py``): ``crop="auto"`` inverts only a box around ``mask_image`` (grown by
+        ``grow`` px, widened by the ``feather`` band, padded by ``crop_padding`` px of context), scaled to the
+        model's native pixel count, when the image has more pixels than that; ``True`` always, ``False`` never.
+        Without a mask a large image is scaled down whole. Later edits must keep their mask inside that box.
         """
         if not 0.0 < strength <= 1.0:
             raise PFBDiffError(f"strength must be in (0, 1], got {strength}; e.g. --strength 0.8")
@@ -104,8 +123,9 @@ class PFBDiffPipeline(DiffusionPipeline):
         sizes = [im.size for im in pil_images]
         if len(set(sizes)) > 1:
             raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
-        model_size = imgs.fit_to_multiple(sizes[0], self.vae_scale_factor)
-        pixels = torch.cat([imgs.image_to_tensor(im, model_size) for im in pil_images])
+        plan = self._plan_region(sizes[0], mask_image, crop, crop_padding, grow, feather, feather_placement)
+        model_size = plan.model_size
+        pixels = torch.cat([imgs.image_to_tensor(im.crop(tuple(plan.box.as_list())), model_size) for im in pil_images])
         source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
         embeddings = self.encode_prompt(source_prompts)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
@@ -120,7 +140,27 @@ class PFBDiffPipeline(DiffusionPipeline):
                 self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, num_steps, blocks,
                 callback=on_step,
             )
-        return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes)
+        return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes,
+                         crop_box=plan.box, source_images=pil_images)
+
+    def _plan_region(self, size, mask_image, crop, crop_padding, grow, feather, placement) -> regions.RegionPlan:
+        """The box of the image to invert and its model size (``regions.plan_region``)."""
+        support, margin = None, 0
+        if mask_image is not None:
+            union = None
+            for source in _as_list(mask_image):
+                with warnings.catch_warnings():  # a resized mask is reported once, by edit()
+                    warnings.simplefilter("ignore", UserWarning)
+                    loaded = imgs.load_mask(source, size)
+                grown = compositing.grow_mask(loaded, grow)
+                union = grown if union is None else np.maximum(union, grown)
+            support = regions.support_box(union)
+            width = compositing.auto_feather(union) if feather is None else int(feather)
+            margin = compositing.feather_reach(width, placement)
+        native = regions.native_side(self.unet, self.vae_scale_factor)
+        min_side = regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor)
+        return regions.plan_region(size, support, margin=margin, crop=crop, padding=crop_padding, native=native,
+                                   multiple=self.vae_scale_factor, min_side=min_side)
 
     def _default_record_blocks(self) -> frozenset[int]:
         return frozenset(b for cfg in PRESETS.values() for b in self.blend_plan(cfg).source_blocks)
@@ -158,6 +198,14 @@ class PFBDiffPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         attention_observer=None,
         return_dict: bool = True,
+        paste_back: bool = True,
+        feather: int | None = None,
+        feather_placement: str = compositing.DEFAULT_PLACEMENT,
+        colour_match: str = "local",
+        auto_mask: bool = False,
+        auto_mask_threshold: float = automask.DEFAULT_THRESHOLD,
+        auto_mask_draws: int = automask.DEFAULT_DRAWS,
+        auto_mask_seed: int = automask.DEFAULT_SEED,
         **overrides,
     ):
         """Edit an inverted image: regenerate the masked region from ``prompt`` with PFB-Diff.
@@ -166,7 +214,14 @@ class PFBDiffPipeline(DiffusionPipeline):
         words of ``prompt`` (or token positions) confined to the mask / to the rest. ``word_masks``: a word →
         mask map for multi-object edits (each word confined to its own mask; the edit mask defaults to
         their union). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
-        ``overrides``: any :class:`EditConfig` field.
+        ``overrides``: any :class:`EditConfig` field (``grow``: pixels of the input image, + grows, − shrinks).
+
+        Putting the result back (``compositing.py``): with ``paste_back`` (default) every pixel outside the
+        feathered mask is the input's own, bit for bit; ``feather`` px (default: from the mask's size, 0 for
+        a soft mask) soften the edge, placed ``"inside"`` (default) / ``"center"`` / ``"outside"`` it;
+        ``colour_match`` (``"local"``, ``"mean"``, ``"none"``) matches the generation's colours to the input
+        around the edge. ``auto_mask`` estimates the region from the prompts (``automask.py``), clipped to
+        ``mask_image`` when one is given; it is returned as ``auto_masks``. Latent outputs are unaffected.
         """
         config = preset.replace(**overrides) if isinstance(preset, EditConfig) else get_preset(preset, **overrides)
         if inside is not None:
@@ -184,8 +239,15 @@ class PFBDiffPipeline(DiffusionPipeline):
         prompts_list = _broadcast(prompt, images_in, "prompt")
         target_prompts = [p for p in prompts_list for _ in range(num_images_per_prompt)]
 
+        compositing.check_placement(feather_placement)
+        if feather is not None and feather < 0:
+            raise PFBDiffError(f"feather must be 0 or more pixels, got {feather}")
+        if colour_match not in compositing.COLOUR_MATCH_MODES:
+            raise PFBDiffError(f"colour_match must be one of {', '.join(compositing.COLOUR_MATCH_MODES)}, got {colour_match!r}")
         latent_size = tuple(inversion.latents[0].shape[-2:])
-        mask, word_regions = self._edit_masks(inversion, mask_image, word_masks, config, latent_size)
+        auto = dict(threshold=auto_mask_threshold, draws=auto_mask_draws, seed=auto_mask_seed) if auto_mask else None
+        mask_set = self._masks(inversion, mask_image, word_masks, config, latent_size, prompts_list, auto)
+        mask, word_regions = mask_set.edit, mask_set.words
         mask = EditMask(mask.latent.repeat_interleave(num_images_per_prompt, 0), mask.resize_mode)
         regions = self._token_regions(config, inversion, prompts_list, mask, word_regions, num_images_per_prompt)
 
@@ -222,7 +284,8 @@ class PFBDiffPipeline(DiffusionPipeline):
                 self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
                 masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
             )
-        return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict)
+        finish = _Finish(paste_back, feather, feather_placement, colour_match)
+        return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict, mask_set, finish)
 
     def __call__(
         self,
@@ -234,9 +297,15 @@ class PFBDiffPipeline(DiffusionPipeline):
         preset: str | EditConfig = "object",
         num_inference_steps: int = 50,
         strength: float | None = None,
+        crop="auto",
+        crop_padding: int | None = None,
         **edit_kwargs,
     ):
-        """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`)."""
+        """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`).
+
+        ``crop`` / ``crop_padding`` choose the part of the image that is inverted and edited (:meth:`invert`);
+        everything else is passed on to :meth:`edit`.
+        """
         config = preset if isinstance(preset, EditConfig) else get_preset(preset)
         if strength is not None:
             edit_kwargs["strength"] = strength
@@ -246,10 +315,12 @@ class PFBDiffPipeline(DiffusionPipeline):
         rest = {k: v for k, v in edit_kwargs.items() if k not in overrides}
         for prompt_text in _as_list(prompt):  # name a misspelt word before the costly inversion
             positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
+        region = mask_image if mask_image is not None else list((rest.get("word_masks") or {}).values()) or None
         inversion = self.invert(
             image, source_prompt, num_inference_steps, strength=config.strength,
             record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
-            callback=rest.pop("inversion_callback", None),
+            callback=rest.pop("inversion_callback", None), mask_image=region, crop=crop, crop_padding=crop_padding,
+            grow=config.grow, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
         )
         return self.edit(inversion, mask_image, prompt, preset=config, **rest)
 
@@ -271,55 +342,108 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _edit_masks(self, inversion, mask_image, word_masks, config, latent_size):
+        """The edit mask and the word → region masks at latent resolution (no auto-mask)."""
+        found = self._masks(inversion, mask_image, word_masks, config, latent_size, None, None)
+        return found.edit, found.words
+
+    def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> "_MaskSet":
+        """All masks of an edit: full-size (grown) ones for the paste-back, latent-size ones for the method."""
         size = inversion.original_sizes[0]
-        model_size = tuple(inversion.image.shape[-2:])[::-1]
+        box = _inverted_box(inversion)
 
-        def to_edit_mask(source, name):
-            masks = [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, inversion.batch_size)]
-            pixels = torch.cat([imgs.mask_to_tensor(m, model_size) for m in masks]).to(self.unet.device)
-            pixels = grow_mask(pixels, config.grow * model_size[0] / 512)
-            return EditMask.from_pixels(pixels.to(self.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
+        def load(source, name):
+            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, inversion.batch_size)]
 
-        word_regions = {word: to_edit_mask(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
-        if mask_image is None:
-            if not word_regions:
-                raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
-            regions = list(word_regions.values())
-            mask = regions[0]
-            for other in regions[1:]:
+        raw = load(mask_image, "mask") if mask_image is not None else None
+        word_raw = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
+        if raw is None and word_raw:
+            raw = [np.maximum.reduce([masks[i] for masks in word_raw.values()]) for i in range(inversion.batch_size)]
+        if raw is None and auto is None:
+            raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
+        word_full = {word: [compositing.grow_mask(m, config.grow) for m in masks] for word, masks in word_raw.items()}
+        word_regions = {word: self._latent_mask(masks, box, inversion, config, latent_size)
+                        for word, masks in word_full.items()}
+        estimated = None
+        if auto is not None:
+            estimated = self._auto_masks(inversion, prompts, box, auto)
+            estimated = [compositing.grow_mask(m, config.grow) for m in estimated]
+            if raw is not None:  # the user's mask is a hard outer bound
+                estimated = [automask.clip_to_bound(m, bound) for m, bound in zip(estimated, raw)]
+            full, bound = estimated, raw
+        else:
+            full, bound = [compositing.grow_mask(m, config.grow) for m in raw], None
+        if not box.covers(size):
+            rows, cols = box.slices
+            for m in full + [m for masks in word_full.values() for m in masks]:
+                if float(m.sum()) > float(m[rows, cols].sum()):
+                    raise PFBDiffError(
+                        f"the mask reaches outside the part of the image that was inverted (box {box.as_list()}); "
+                        "invert with this mask (invert(image, mask_image=mask)) or with crop=False"
+                    )
+        if mask_image is None and word_regions and auto is None:
+            regions_list = list(word_regions.values())
+            mask = regions_list[0]
+            for other in regions_list[1:]:
                 mask = mask.union(other)
         else:
-            mask = to_edit_mask(mask_image, "mask")
-        coverage = float((mask.latent > 0.5).float().mean())
-        if float(mask.latent.max()) <= 0.0:
+            mask = self._latent_mask(full, box, inversion, config, latent_size)
+        if float(mask.latent.max()) <= 0.0 or not any(float(m.max()) > 0.0 for m in full):
+            if auto is not None:
+                raise PFBDiffError("the auto-mask found nothing to edit" + (" inside your mask" if raw else "")
+                                   + "; lower auto_mask_threshold (--auto-mask-threshold) or paint a mask")
             raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
-        if coverage == 1.0:
+        if float((mask.latent > 0.5).float().mean()) == 1.0:
             warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
-        return mask, word_regions
+        return _MaskSet(mask, word_regions, full, bound, estimated)
+
+    def _latent_mask(self, full_masks, box, inversion, config, latent_size) -> EditMask:
+        """Full-size masks → the crop box → model size → an :class:`EditMask` at latent size."""
+        model_size = tuple(inversion.image.shape[-2:])[::-1]
+        rows, cols = box.slices
+        pixels = torch.cat([imgs.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(self.unet.device)
+        return EditMask.from_pixels(pixels.to(self.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
+
+    def _auto_masks(self, inversion, prompts, box, auto) -> list[np.ndarray]:
+        """DiffEdit-style masks (``automask.py``) of the inverted box, placed on full-size canvases."""
+        target = self.encode_prompt(list(prompts))
+        estimates = automask.estimate_masks(
+            self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
+            [box.size] * inversion.batch_size, draws=auto["draws"], threshold=auto["threshold"], seed=auto["seed"],
+        )
+        width, height = inversion.original_sizes[0]
+        full = []
+        for estimate in estimates:
+            canvas = np.zeros((height, width), np.float32)
+            canvas[box.slices] = estimate
+            full.append(canvas)
+        return full
 
     def _token_regions(self, config, inversion, prompts, mask, word_regions, repeats):
-        """The token → allowed-region map: confined words of the prompt and the region each may appear in."""
+        """The token → allowed-region map: confined words of each prompt and the region each may appear in."""
         if not config.attention_masking:
             return []
-        inside, outside = list(config.inside), list(config.outside)
-        if not (inside or outside or word_regions) and config.auto_words:
-            pick = new_words if config.auto_words == "new-inside" else shared_words
-            found = pick(inversion.source_prompt[0], prompts[0])
-            inside, outside = (found, []) if config.auto_words == "new-inside" else ([], found)
-        groups = [(inside, mask), (outside, mask.complement())]
-        groups += [([word], EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode))
-                   for word, region in word_regions.items()]
-        return [TokenRegion(self._positions(prompts, words), region) for words, region in groups if words]
+        words_per_image = [self._confined_words(config, source, prompt, word_regions)
+                           for source, prompt in zip(inversion.source_prompt, prompts)]
+        regions = []
+        for group, region in ((0, mask), (1, mask.complement())):
+            positions = [positions_of(self.tokenizer, p, w[group]) for p, w in zip(prompts, words_per_image)]
+            if any(positions):
+                regions.append(TokenRegion(_per_edit(positions, repeats), region))
+        for word, region in word_regions.items():
+            positions = [positions_of(self.tokenizer, prompt, [word]) for prompt in prompts]
+            regions.append(TokenRegion(_per_edit(positions, repeats),
+                                       EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode)))
+        return regions
 
-    def _positions(self, prompts, words) -> tuple[int, ...]:
-        """Token positions of ``words``, which must be the same in every prompt of the batch."""
-        found = {positions_of(self.tokenizer, prompt, words) for prompt in prompts}
-        if len(found) > 1:
-            raise PFBDiffError(
-                f"the words {list(words)} sit at different token positions in the batch's prompts; "
-                "edit those images separately or give prompts with the same wording before the words"
-            )
-        return found.pop()
+    @staticmethod
+    def _confined_words(config, source_prompt, prompt, word_regions) -> tuple[list, list]:
+        """(inside, outside) words for one prompt: the given ones, else the preset's automatic choice."""
+        inside, outside = list(config.inside), list(config.outside)
+        if not (inside or outside or word_regions) and config.auto_words == "new-inside":
+            inside = new_words(source_prompt, prompt)
+        elif not (inside or outside or word_regions) and config.auto_words == "subject-outside":
+            outside = subject_words(source_prompt, prompt)
+        return inside, outside
 
     def _source_features(self, inversion, plan, config, repeats):
         needed = plan.source_blocks
@@ -338,28 +462,94 @@ class PFBDiffPipeline(DiffusionPipeline):
             return inverted.clone()
         return _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
 
-    def _finish(self, latents, inversion, repeats, output_type, return_dict):
+    def _finish(self, latents, inversion, repeats, output_type, return_dict, mask_set=None, finish=None):
+        """Decode, scale the edited box back to the input's pixels and paste it into the input (``compositing``)."""
         decoded = self.decode_latents(latents)
+        box = _inverted_box(inversion)
+        size = inversion.original_sizes[0]
+        alphas = None
+        if mask_set is not None and finish is not None and finish.paste_back and inversion.source_images:
+            alphas = [self._alpha(m, bound, box, finish) for m, bound in
+                      zip(mask_set.full, mask_set.bound or [None] * len(mask_set.full))]
         if output_type == "latent":
             images = latents
         else:
-            sizes = [s for s in inversion.original_sizes for _ in range(repeats)]
-            pil = [imgs.restore_size(im, size) for im, size in zip(imgs.tensor_to_pil(decoded), sizes)]
+            pil = []
+            for i, generated in enumerate(imgs.tensor_to_pil(decoded)):
+                image = i // repeats
+                generated = imgs.restore_size(generated, box.size)
+                if (alphas is None and box.covers(size)) or not inversion.source_images:
+                    pil.append(generated)
+                    continue
+                source = np.asarray(inversion.source_images[image])
+                rows, cols = box.slices
+                alpha = alphas[image] if alphas is not None else None
+                mask_box = mask_set.full[image][rows, cols] if mask_set is not None else None
+                colour = finish.colour_match if finish is not None else "none"
+                width = max(4, finish.feather if finish is not None and finish.feather else 4)
+                pil.append(Image.fromarray(compositing.composite(source, np.asarray(generated), box, mask_box, alpha,
+                                                                 colour, ring_width=width)))
             images = pil if output_type == "pil" else imgs.convert_output(_pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)
-        return PFBDiffOutput(images=images, latents=latents)
+        masks = None
+        if alphas is not None:
+            masks = [_to_grey(_on_canvas(alphas[i // repeats], box, size)) for i in range(len(alphas) * repeats)]
+        auto_masks = None
+        if mask_set is not None and mask_set.auto is not None:
+            auto_masks = [_to_grey(m) for m in mask_set.auto]
+        return PFBDiffOutput(images=images, latents=latents, masks=masks, auto_masks=auto_masks, crop_box=box.as_list())
+
+    @staticmethod
+    def _alpha(full_mask, bound, box, finish) -> np.ndarray:
+        """The paste-back alpha inside the box: the feathered (grown) mask, limited by the user's bound."""
+        rows, cols = box.slices
+        part = full_mask[rows, cols]
+        width = compositing.auto_feather(full_mask) if finish.feather is None else int(finish.feather)
+        alpha = compositing.feather_alpha(part, width, finish.feather_placement)
+        if bound is not None:
+            alpha = np.minimum(alpha, bound[rows, cols])
+        return alpha
 
 
-def grow_mask(mask: torch.Tensor, pixels: float) -> torch.Tensor:
-    """Grow (pixels > 0) or shrink (< 0) a B×1×H×W mask with a square window: dilation / erosion."""
-    radius = int(round(abs(pixels)))
-    if radius == 0:
-        return mask
-    kernel = 2 * radius + 1
-    if pixels > 0:
-        return F.max_pool2d(mask, kernel, stride=1, padding=radius)
-    return -F.max_pool2d(-mask, kernel, stride=1, padding=radius)
+@dataclass
+class _MaskSet:
+    """The masks of one edit: latent-size (method) and full-size (paste-back)."""
+
+    edit: EditMask
+    words: dict
+    full: list  # grown edit masks, input size, one per image
+    bound: list | None  # the user's masks when an auto-mask is clipped to them
+    auto: list | None  # the estimated masks (auto_mask=True)
+
+
+@dataclass
+class _Finish:
+    """How the result is put back into the input (``compositing.py``)."""
+
+    paste_back: bool = True
+    feather: int | None = None
+    feather_placement: str = compositing.DEFAULT_PLACEMENT
+    colour_match: str = "local"
+
+
+def _inverted_box(inversion) -> regions.CropBox:
+    return inversion.crop_box or regions.CropBox.full(inversion.original_sizes[0])
+
+
+def _on_canvas(part: np.ndarray, box: regions.CropBox, size) -> np.ndarray:
+    canvas = np.zeros((size[1], size[0]), np.float32)
+    canvas[box.slices] = part
+    return canvas
+
+
+def _to_grey(mask: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8), mode="L")
+
+
+def _per_edit(positions: list[tuple[int, ...]], repeats: int) -> tuple[tuple[int, ...], ...]:
+    """Per-image token positions repeated for each edit of the image."""
+    return tuple(p for p in positions for _ in range(repeats))
 
 
 def _as_list(value) -> list:

@@ -1,0 +1,167 @@
+"""Crop boxes and model sizes (regions.py), feathered alpha and colour match (compositing.py), auto-mask maths."""
+
+import numpy as np
+import pytest
+import torch
+
+from pfbdiff import automask, compositing, regions
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.regions import CropBox, plan_region
+
+NATIVE = 512
+
+
+def _mask(size, box):
+    width, height = size
+    mask = np.zeros((height, width), np.float32)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def _plan(size, box, **kwargs):
+    support = regions.support_box(_mask(size, box))
+    return plan_region(size, support, native=NATIVE, min_side=64, **kwargs)
+
+
+def _check_native(plan):
+    width, height = plan.model_size
+    assert width % 8 == 0 and height % 8 == 0
+    assert abs(width * height / NATIVE**2 - 1) < 0.1
+
+
+def test_small_mask_in_a_large_photo_is_cropped_to_native_size():
+    plan = _plan((4000, 3000), (1000, 1000, 1100, 1060))
+    assert plan.cropped
+    box = plan.box
+    assert box.left <= 1000 and box.top <= 1000 and box.right >= 1100 and box.bottom >= 1060
+    assert box.width < 400 and box.height < 400  # a crop, not the photo
+    _check_native(plan)
+    assert abs(plan.model_size[0] / plan.model_size[1] - box.width / box.height) < 0.1  # aspect kept
+
+
+@pytest.mark.parametrize("mask_box", [(3990, 2990, 4000, 3000), (0, 0, 15, 12), (3980, 0, 4000, 3000), (0, 1500, 4000, 1520)])
+def test_masks_at_edges_corners_and_across_the_image(mask_box):
+    plan = _plan((4000, 3000), mask_box)
+    box = plan.box
+    assert 0 <= box.left < box.right <= 4000 and 0 <= box.top < box.bottom <= 3000
+    left, top, right, bottom = mask_box
+    assert box.left <= left and box.top <= top and box.right >= right and box.bottom >= bottom
+    assert max(box.width, box.height) <= regions.MAX_ASPECT * min(box.width, box.height) + 1
+    _check_native(plan)
+
+
+def test_a_mask_covering_most_of_the_photo_edits_the_whole_photo_scaled_down():
+    plan = _plan((4000, 3000), (100, 100, 3900, 2900))
+    assert plan.box == CropBox.full((4000, 3000))
+    _check_native(plan)
+
+
+def test_padding_feather_margin_and_explicit_padding():
+    small = _plan((4000, 3000), (2000, 1500, 2040, 1540), padding=0)
+    assert small.box == CropBox(2000, 1500, 2040, 1540)
+    margin = _plan((4000, 3000), (2000, 1500, 2040, 1540), padding=10, margin=5)
+    assert margin.box == CropBox(1985, 1485, 2055, 1555)
+    auto = _plan((4000, 3000), (2000, 1500, 2040, 1540))
+    assert auto.box.width == 40 + 2 * regions.MIN_PADDING
+    with pytest.raises(PFBDiffError, match="padding"):
+        _plan((4000, 3000), (0, 0, 10, 10), padding=-1)
+
+
+def test_auto_crop_only_for_images_larger_than_native_and_whole_edit_size_limit():
+    assert not _plan((512, 512), (0, 0, 10, 10)).cropped
+    assert _plan((513, 512), (0, 0, 10, 10)).cropped
+    assert _plan((300, 200), (0, 0, 10, 10), crop=True).cropped
+    whole = _plan((133, 75), (0, 0, 10, 10))
+    assert whole.box == CropBox.full((133, 75)) and whole.model_size == (136, 72)
+    with pytest.raises(PFBDiffError, match="too large to edit whole"):
+        _plan((4000, 3000), (0, 0, 10, 10), crop=False)
+    with pytest.raises(PFBDiffError, match="crop must be"):
+        _plan((100, 100), (0, 0, 10, 10), crop="yes")
+
+
+def test_tiny_images_are_raised_to_the_minimum_model_side():
+    assert regions.whole_size((1, 1), 8, 64) == (64, 64)
+    assert regions.whole_size((20, 10), 8, 64) == (128, 64)
+
+
+# ------------------------------------------------------------------------------------------ alpha
+
+
+def test_grow_and_shrink_keep_soft_values_and_ignore_the_image_border():
+    mask = _mask((20, 20), (5, 5, 10, 10)) * 0.6
+    grown = compositing.grow_mask(mask, 2)
+    assert grown[3:12, 3:12].min() == pytest.approx(0.6) and grown.sum() == pytest.approx(0.6 * 81)
+    assert compositing.grow_mask(mask, -2).sum() == pytest.approx(0.6)
+    full = np.ones((10, 10), np.float32)
+    assert compositing.grow_mask(full, -3).min() == 1.0
+
+
+@pytest.mark.parametrize("placement", compositing.FEATHER_PLACEMENTS)
+def test_feathered_alpha_is_exactly_zero_beyond_its_reach(placement):
+    mask = _mask((80, 60), (20, 15, 50, 40))
+    alpha = compositing.feather_alpha(mask, 5, placement)
+    reach = compositing.feather_reach(5, placement)
+    outside = compositing.grow_mask(mask, reach) == 0
+    assert (alpha[outside] == 0).all() and 0 <= alpha.min() and alpha.max() == 1.0
+    fractional = (alpha > 0) & (alpha < 1)
+    assert fractional.any()
+    if placement == "inside":
+        assert (alpha <= mask).all()
+    if placement == "outside":
+        assert (alpha >= mask).all()
+
+
+def test_soft_masks_are_their_own_alpha_and_thin_masks_are_not_erased():
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))
+    assert compositing.auto_feather(ramp) == 0
+    assert np.array_equal(compositing.feather_alpha(ramp, 0), ramp)
+    line = _mask((100, 100), (0, 48, 100, 52))
+    width = compositing.auto_feather(line)
+    assert compositing.feather_alpha(line, width).max() == 1.0
+    square = _mask((1000, 1000), (100, 100, 900, 900))
+    assert compositing.auto_feather(square) == 48  # 8 % of 800 px, capped
+
+
+def test_paste_back_is_exact_where_alpha_is_zero_and_blends_elsewhere():
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    generated = rng.integers(0, 256, (30, 40, 3)).astype(np.float32)
+    alpha = np.zeros((30, 40), np.float32)
+    alpha[10:20, 10:30] = 0.25
+    out = compositing.paste_back(source, generated, alpha)
+    assert np.array_equal(out[alpha == 0], source[alpha == 0])
+    expected = np.round(0.25 * generated + 0.75 * source).astype(np.uint8)
+    assert np.array_equal(out[alpha > 0], expected[alpha > 0])
+
+
+@pytest.mark.parametrize("mode", ["mean", "local"])
+def test_colour_match_removes_a_colour_shift_measured_around_the_mask(mode):
+    rng = np.random.default_rng(1)
+    source = rng.integers(60, 200, (64, 64, 3)).astype(np.float32)
+    mask = _mask((64, 64), (16, 16, 48, 48))
+    generated = source + np.array([20.0, -10.0, 5.0])
+    generated[16:48, 16:48] = 128  # new content inside
+    ring = compositing.reference_ring(mask, mask, 4)
+    matched = compositing.match_colours(generated, source, ring, mode)
+    assert np.abs(matched - source)[ring].mean() < 0.5 < np.abs(generated - source)[ring].mean()
+    assert np.allclose(matched[30, 30], 128 + np.array([-20.0, 10.0, -5.0]), atol=0.5)
+    assert np.array_equal(compositing.match_colours(generated, source, ring, "none"), generated)
+
+
+# ------------------------------------------------------------------------------------------ auto-mask maths
+
+
+def test_auto_mask_rescale_threshold_clip_and_iou():
+    difference = torch.zeros(1, 1, 8, 8)
+    difference[..., 2:6, 2:6] = 4.0
+    soft = automask.rescale(difference)
+    assert soft.max() == 1.0 and soft.min() == 0.0
+    binary = automask.upsample_mask(soft, (32, 32))
+    assert set(np.unique(binary)) == {0.0, 1.0} and binary[16, 16] == 1 and binary[0, 0] == 0
+    bound = _mask((32, 32), (0, 0, 16, 32))
+    clipped = automask.clip_to_bound(binary, bound)
+    assert (clipped[bound == 0] == 0).all() and (clipped <= binary).all()
+    assert automask.iou(binary, binary) == 1.0 and automask.iou(binary, 1 - binary) == 0.0
+    with pytest.raises(PFBDiffError, match="threshold"):
+        automask.upsample_mask(soft, (8, 8), threshold=1.0)
