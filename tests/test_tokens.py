@@ -3,7 +3,7 @@
 import pytest
 
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.tokens import new_words, positions_of, shared_words, token_positions
+from pfbdiff.tokens import new_words, positions_of, subject_words, token_positions
 
 
 def test_single_token_word_maps_to_its_position(tiny_pipe):
@@ -41,4 +41,6 @@ def test_integers_are_raw_positions_and_zero_is_refused(tiny_pipe):
 
 def test_new_and_shared_content_words():
     assert new_words("a cat sitting on a bench", "a dog sitting on a bench") == ["dog"]
-    assert shared_words("a dog on the grass", "a dog in the desert") == ["dog"]
+    assert subject_words("a dog is standing on grass", "a dog is standing in a desert area") == ["dog", "standing"]
+    assert subject_words("a red circle on a plain yellow background", "a red circle on a striped blue background") == [
+        "red", "circle"]  # "background" is shared but is what changes

@@ -26,6 +26,8 @@ def test_blocks_by_level_name_the_16x16_and_8x8_levels_of_sd(unet):
     assert unet.blocks_at_levels([-2, -1]) == tuple(range(7, 19))
     assert unet.blocks_at_levels([2, 3]) == tuple(range(7, 19))
     assert unet.attention_blocks_at_levels([1, 2, 3]) == (5, 6, 8, 9, 13, 17, 18, 19, 20, 21, 22)
+    assert unet.attention_blocks_at_levels([1, 2, 3, 4]) == unet.attention_blocks_at_levels([1, 2, 3])  # no level 4
+    assert unet.blocks_at_levels([-1]) == unet.blocks_at_levels([3])
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 16, 16), (1, 4, 12, 20)])

@@ -24,10 +24,19 @@ from .masks import EditMask
 
 @dataclass
 class TokenRegion:
-    """Text-token positions that may only be attended to where ``region`` is 1 (B×1×h×w at latent size)."""
+    """Text-token positions that may only be attended to where ``region`` is 1 (B×1×h×w at latent size).
 
-    positions: tuple[int, ...]
+    ``positions`` holds the same positions for every image, or one tuple of positions per image when the
+    prompts of a batch place the words differently.
+    """
+
+    positions: tuple
     region: EditMask
+
+    def positions_of_image(self, image: int) -> tuple[int, ...]:
+        if self.positions and isinstance(self.positions[0], tuple):
+            return self.positions[image]
+        return self.positions
 
 
 class AttentionMasking:
@@ -75,10 +84,11 @@ class AttentionMasking:
         images = self.regions[0].region.latent.shape[0]
         allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.regions[0].region.latent.device)
         for token_region in self.regions:
-            inside = token_region.region.binary_at(size).reshape(images, num_pixels, 1)
-            for position in token_region.positions:
-                if position < num_tokens:
-                    allowed[:, :, position : position + 1] &= inside
+            inside = token_region.region.binary_at(size).reshape(images, num_pixels)
+            for image in range(images):
+                for position in token_region.positions_of_image(image):
+                    if position < num_tokens:
+                        allowed[image, :, position] &= inside[image]
         allowed = allowed.repeat(batch // images, 1, 1)
         if not self.mask_uncond:
             allowed[: self.unconditional_rows] = True

@@ -34,7 +34,7 @@ class EditConfig:
     mask_uncond: bool = False  # quirk 4: also mask the unconditional pass
     inside: tuple = ()  # words (or raw token positions) allowed only inside the edit mask
     outside: tuple = ()  # words allowed only outside it
-    auto_words: str | None = "new-inside"  # with no words given: "new-inside", "shared-outside" or None
+    auto_words: str | None = "new-inside"  # with no words given: "new-inside", "subject-outside" or None
     # -- gates (spec §3)
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
@@ -43,7 +43,7 @@ class EditConfig:
     # -- start and schedule (spec §2)
     start: str = "inverted"  # "inverted" (DDIM-inverted source latent) or "noise" (seeded Gaussian)
     strength: float = 1.0  # ratio K / N of the steps that are inverted and re-generated, in (0, 1]
-    grow: int = 0  # grow (+) or shrink (−) the edit mask by this many pixels, measured at 512 px
+    grow: int = 0  # grow (+) or shrink (−) the edit mask by this many pixels of the input image
     # -- compute
     cache_source: bool = True  # take source features from the inversion instead of re-running the source
     batch_cfg: bool = True  # unconditional and conditional rows in one U-Net call
@@ -63,8 +63,8 @@ class EditConfig:
             raise PFBDiffError(f"mask_resize must be 'area' or 'bicubic', got {self.mask_resize!r}")
         if self.latent_mask not in ("soft", "binary"):
             raise PFBDiffError(f"latent_mask must be 'soft' or 'binary', got {self.latent_mask!r}")
-        if self.auto_words not in (None, "new-inside", "shared-outside"):
-            raise PFBDiffError(f"auto_words must be 'new-inside', 'shared-outside' or None, got {self.auto_words!r}")
+        if self.auto_words not in (None, "new-inside", "subject-outside"):
+            raise PFBDiffError(f"auto_words must be 'new-inside', 'subject-outside' or None, got {self.auto_words!r}")
         return self
 
 
@@ -87,7 +87,7 @@ _PAPER_QUIRKS = dict(
 PRESETS: dict[str, EditConfig] = {
     "object": EditConfig(),
     "attribute": EditConfig(strength=0.8),
-    "background": EditConfig(t_combine=200, latent_blend=0.8, auto_words="shared-outside"),
+    "background": EditConfig(t_combine=200, latent_blend=0.8, auto_words="subject-outside"),
     "multi-object": EditConfig(auto_words=None),
     "paper-object": EditConfig(
         blend_blocks=_PAPER_OBJECT_BLOCKS, attention_blocks=_PAPER_OBJECT_ATTENTION, inside=(1, 2), **_PAPER_QUIRKS
@@ -97,7 +97,7 @@ PRESETS: dict[str, EditConfig] = {
         attention_blocks=_PAPER_BACKGROUND_ATTENTION,
         t_combine=200,
         latent_blend=0.8,
-        grow=-36,
+        grow=-18,  # the reference dilates the kept object with a 36×36 box (radius 18) at 512 px
         **_PAPER_QUIRKS,
     ),
 }

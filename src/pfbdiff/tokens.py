@@ -60,7 +60,11 @@ def new_words(source_prompt: str, prompt: str) -> list[str]:
     return list(dict.fromkeys(w for w in content_words(prompt) if w not in old))
 
 
-def shared_words(source_prompt: str, prompt: str) -> list[str]:
-    """Content words of ``prompt`` that also describe the source: what an edit should keep."""
-    old = set(content_words(source_prompt))
-    return list(dict.fromkeys(w for w in content_words(prompt) if w in old))
+def subject_words(source_prompt: str, prompt: str) -> list[str]:
+    """Content words of the words ``prompt`` starts with in common with the source prompt: the subject
+    a background edit keeps ("a dog is standing on grass" → "a dog is standing in a desert": dog, standing)."""
+    old, new = _WORD.findall(source_prompt.lower()), _WORD.findall(prompt.lower())
+    common = 0
+    while common < min(len(old), len(new)) and old[common] == new[common]:
+        common += 1
+    return list(dict.fromkeys(w for w in new[:common] if w not in STOP_WORDS))

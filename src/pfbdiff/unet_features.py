@@ -92,14 +92,18 @@ class FeatureUNet:
         modules = _cross_attention_modules(attn)
         return UNetBlock(index, part, level, name, attention_level if modules else None, modules)
 
+    def _levels(self, levels) -> set[int]:
+        """Levels as absolute numbers: 0, 1, ... from the top (those the U-Net lacks are ignored), −1 the deepest."""
+        return {lv if lv >= 0 else self.num_levels + lv for lv in levels if -self.num_levels <= lv < self.num_levels}
+
     def blocks_at_levels(self, levels, parts=("encoder", "middle", "decoder")) -> tuple[int, ...]:
-        """L numbers of the blocks whose *output* is at one of ``levels`` (negative = counted from the deepest)."""
-        wanted = {lv % self.num_levels for lv in levels}
+        """L numbers of the blocks whose *output* is at one of ``levels``."""
+        wanted = self._levels(levels)
         return tuple(b.index for b in self.blocks if b.level in wanted and b.part in parts and b.index > 1)
 
     def attention_blocks_at_levels(self, levels) -> tuple[int, ...]:
         """L numbers of the blocks whose cross-attention runs at one of ``levels``."""
-        wanted = {lv % self.num_levels for lv in levels}
+        wanted = self._levels(levels)
         return tuple(b.index for b in self.blocks if b.attention_level is not None and b.attention_level in wanted)
 
     # -- the forward pass ----------------------------------------------------------------------------------
