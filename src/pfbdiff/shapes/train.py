@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from pfbdiff.shapes.world import HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS, VOCABULARY, caption, render, sample_scene
 
-STAGE_CODES = {"vae": 1, "unet": 2}
+STAGE_CODES = {"vae": 1, "unet": 2, "decoder": 3}
 EMPTY_CAPTION = ""
 
 # ------------------------------------------------------------------------------------------------ model configs
@@ -294,6 +294,88 @@ def finish_vae(vae, final_dir: Path, args, elapsed: float, step: int) -> None:
     (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, final_dir)
     log(f"VAE done: {info}")
+
+
+def train_decoder(args, stop: StopFlag) -> None:
+    """Fine-tune the VAE decoder alone (the encoder, hence the latent space and scaling factor, stay fixed).
+
+    Can run before, after or between U-Net sessions: the U-Net only ever sees encoder outputs. Updates
+    ``<out>/vae`` in place when done (its ``training.json`` records the extra steps and the new PSNR).
+    """
+    out = Path(args.out)
+    final_dir = out / "vae"
+    info = json.loads((final_dir / "training.json").read_text())
+    if info.get("decoder_steps", 0) >= args.decoder_steps:
+        log(f"decoder already fine-tuned for {info['decoder_steps']} steps")
+        return
+    vae = load_vae(out)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ckpt_path = out / "decoder_checkpoint.pt"
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        log(f"decoder: resumed at step {step}")
+    vae.decoder.train()
+
+    def save() -> None:
+        atomic_save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "elapsed": elapsed}, ckpt_path)
+
+    session_start = last_save = last_log = time.time()
+    while step < args.decoder_steps and not stop.stop:
+        tick = time.time()
+        images, _ = training_batch(args.seed, "decoder", step, args.vae_batch)
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 900_000_000 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.decoder_lr, 20, args.decoder_steps)
+        with torch.no_grad():
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(latents).sample
+        l2 = F.mse_loss(recon, images)
+        loss = (recon - images).abs().mean() + l2 + args.edge_weight * image_gradient_l1(recon, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        elapsed += time.time() - tick
+        if step % args.log_every == 0:
+            append_csv(out / "decoder_log.csv", {"step": step, "elapsed_s": round(elapsed, 1),
+                                                 "loss": round(loss.item(), 5),
+                                                 "train_psnr": round(10 * math.log10(4.0 / max(l2.item(), 1e-12)), 2)})
+            if time.time() - last_log > 60:
+                log(f"decoder step {step}: loss {loss.item():.4f} ({elapsed / step:.2f} s/step)")
+                last_log = time.time()
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            save()
+            last_save = time.time()
+        if args.max_minutes and time.time() - session_start > args.max_minutes * 60:
+            stop.stop = True
+    save()
+    if step < args.decoder_steps:
+        log(f"decoder: stopped at step {step}; rerun the same command to resume")
+        return
+    from pfbdiff.shapes.evaluate import reconstruction_psnr
+
+    vae.eval().requires_grad_(False)
+    info.update({"decoder_steps": step, "decoder_seconds": round(elapsed, 1), **reconstruction_psnr(vae, 256)})
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    old = final_dir.with_name(final_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"decoder fine-tuned: {info}")
 
 
 # ------------------------------------------------------------------------------------------------ stage 2: UNet
@@ -624,7 +706,8 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pfbdiff.shapes.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/shapes", help="run folder: checkpoints, logs, the trained VAE")
-    parser.add_argument("--stage", choices=("vae", "unet", "all"), default="all")
+    parser.add_argument("--stage", choices=("vae", "decoder", "unet", "all"), default="all",
+                        help="all = vae, then decoder fine-tuning (if --decoder-steps), then unet")
     parser.add_argument("--resume", action="store_true",
                         help="accepted for clarity: an existing checkpoint in --out is always resumed")
     parser.add_argument("--seed", type=int, default=0)
@@ -632,6 +715,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--decoder-steps", type=int, default=0, help="decoder-only fine-tuning steps after the VAE")
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-5)
     parser.add_argument("--edge-weight", type=float, default=0.5)
     parser.add_argument("--unet-steps", type=int, default=None, help="stop after this many steps (default: never)")
@@ -659,7 +744,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    name = "export" if args.export_only else args.stage
+    (out / f"args_{name}.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2) + "\n")
     if args.export_only:
         if not args.export_dir:
             raise SystemExit("--export-only needs --export-dir")
@@ -668,6 +754,8 @@ def main(argv=None) -> None:
     stop = StopFlag()
     if args.stage in ("vae", "all"):
         train_vae(args, stop)
+    if args.stage in ("decoder", "all") and args.decoder_steps and not stop.stop and (out / "vae" / "config.json").exists():
+        train_decoder(args, stop)
     if args.stage in ("unet", "all") and not stop.stop and (out / "vae" / "config.json").exists():
         train_unet(args, stop)
 

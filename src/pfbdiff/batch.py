@@ -1,0 +1,679 @@
+"""Batch editing: a JSONL manifest in, one PNG and one JSON record per line out; resumable; sharded over processes.
+
+A manifest has one edit per line (blank lines and lines starting with ``#`` are ignored)::
+
+    {"image": "cat.png", "mask": "cat-mask.png", "source_prompt": "a cat on a bench", "prompt": "a dog",
+     "output": "dog.png", "seed": 1, "steps": 30, "preset": "object", "inside": ["dog"]}
+
+Keys: ``image``, ``prompt`` and ``mask`` (required; ``mask`` may be left out with ``"auto_mask": true``);
+``source_prompt``, ``preset``, ``inside``/``outside`` (a list or a comma-separated string), ``seed``, ``steps``,
+``guidance`` (or ``guidance_scale``), ``negative_prompt``, ``strength``, ``grow``, ``paste_back``, ``feather``,
+``crop`` (``"auto"``, true, false), ``crop_padding``, ``auto_mask``, ``auto_mask_threshold``, ``output`` (a
+``.png`` name relative to ``--out``; default ``line-NNNN.png``) and any :class:`~pfbdiff.presets.EditConfig`
+field (``"t_combine": 200``) — the options of ``pfbdiff edit``. Image and mask paths are relative to the
+manifest's folder and may not leave it. An unknown key is an error naming the known ones, so a typo is not
+silently ignored. Each line becomes a :class:`~pfbdiff.provenance.EditRequest`, and its JSON record is the
+one ``pfbdiff edit --save-json`` writes, so ``pfbdiff edit --from-json OUT/NAME.json -o again.png`` replays it.
+
+Safety and resumption:
+
+* every file is written atomically (temporary file + rename), the PNG first, then its JSON record;
+* each output carries a hash of everything that decides its pixels (model, the bytes of the image and mask,
+  prompts, seed, steps, guidance, every setting); a rerun skips a line whose PNG carries the hash the line
+  asks for, and redoes it otherwise. So a run killed at any moment (even ``kill -9``) and started again ends
+  with exactly one correct output per line; stale temporary files of a killed run are removed;
+* a bad line (unreadable file, unknown key, word not in the prompt, ...) is reported and the rest go on.
+
+Lines that share the source image, source prompt, steps, strength and edited box (the whole image, unless a
+large photo is cropped around its mask) are edited from one inversion: the costly DDIM inversion runs once per
+group, and each edit is exactly what a single ``pfbdiff edit`` of the line makes. Across processes
+(``accelerate launch -m pfbdiff batch`` or ``pfbdiff batch --num-processes N``), lines that may share an
+inversion are dealt to processes together, balanced by line count; each process edits only its own lines on
+its own device, so no two processes write the same output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import PFBDiffError
+from .images import check_readable_file, describe_empty_or_full, load_image, load_mask, one_line
+from .outputs import save_png
+from .presets import PRESETS, EditConfig, get_preset
+from .provenance import EditRequest
+
+#: Keys of a manifest line that are EditRequest fields (model, device and dtype are the batch's own).
+REQUEST_KEYS = (
+    "image", "mask", "prompt", "source_prompt", "preset", "inside", "outside", "steps", "guidance_scale",
+    "negative_prompt", "seed", "paste_back", "feather", "crop", "crop_padding", "auto_mask", "auto_mask_threshold",
+)
+#: Other spellings, as on the command line and in diffusers.
+KEY_ALIASES = {"guidance": "guidance_scale", "num_inference_steps": "steps", "negative": "negative_prompt"}
+#: EditConfig fields a line may set directly (they go to the request's settings).
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(EditConfig) if f.name not in ("inside", "outside"))
+LINE_KEYS = (*REQUEST_KEYS, "output", "settings")
+
+SUMMARY_NAME = "batch-summary.json"
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")  # outputs.save_png and write_json_atomically
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+@dataclass
+class BatchLine:
+    """One valid manifest line: the edit request with every default filled in, and where it goes."""
+
+    line_no: int
+    request: EditRequest  # image and mask are absolute paths; model is filled in when the batch runs
+    output: str  # relative POSIX path under --out, ends in .png
+    config: EditConfig  # the preset with the request's settings applied
+    image_digest: str
+    mask_digest: str | None
+
+    # shorthands
+    @property
+    def image(self) -> Path:
+        return Path(self.request.image)
+
+    @property
+    def mask(self) -> Path | None:
+        return Path(self.request.mask) if self.request.mask else None
+
+    @property
+    def record_name(self) -> str:
+        return str(PurePosixPath(self.output).with_suffix(".json"))
+
+    @property
+    def sharing_key(self) -> tuple:
+        """Lines with the same key may share an inversion (they do when their edited boxes match too)."""
+        r = self.request
+        return (self.image_digest, r.source_prompt, r.steps, self.config.strength, repr(r.crop), r.crop_padding)
+
+    def request_for(self, model: str) -> EditRequest:
+        return dataclasses.replace(self.request, model=model)
+
+    def parameters_hash(self, model: str) -> str:
+        """A hash of everything that decides the output's pixels (file contents, not their paths)."""
+        decisive = self.request_for(model).to_dict()
+        decisive.update(image=self.image_digest, mask=self.mask_digest, device=None, dtype=None,
+                        effective=_jsonable(dataclasses.asdict(self.config)))
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@dataclass
+class BadLine:
+    """A manifest line that cannot be run, and why."""
+
+    line_no: int
+    reason: str
+    output: str | None = None
+
+
+def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5) -> tuple[list[BatchLine], list[BadLine]]:
+    """Parse and check every line of the manifest at ``path`` without loading a model.
+
+    ``steps`` and ``guidance`` are the defaults for lines that do not set them. A missing or unreadable manifest
+    is a :class:`PFBDiffError`; a bad line is returned as a :class:`BadLine` (the rest still run).
+    """
+    manifest = Path(path).expanduser()
+    if not manifest.is_file():
+        raise PFBDiffError(f"manifest not found: {manifest}; pass a .jsonl file with one edit per line")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PFBDiffError(f"cannot read manifest {manifest} ({one_line(str(error))}); it must be UTF-8 JSONL") from None
+    folder = manifest.resolve().parent
+    lines: list[BatchLine] = []
+    bad: list[BadLine] = []
+    outputs: dict[str, int] = {}
+    digests: dict[Path, str] = {}
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        try:
+            entry = _parse_line(raw, line_no, folder, steps, guidance, digests)
+        except PFBDiffError as error:
+            bad.append(BadLine(line_no, str(error), _output_name_or_none(raw, line_no)))
+            continue
+        key = entry.output.lower()  # one file on case-insensitive disks too
+        if key in outputs:
+            bad.append(BadLine(line_no, f"output {entry.output} is also the output of line {outputs[key]}; "
+                                        "give each line its own \"output\" name", entry.output))
+            continue
+        outputs[key] = line_no
+        lines.append(entry)
+    if not lines and not bad:
+        raise PFBDiffError(f"manifest {manifest} has no edits; write one JSON object per line")
+    return lines, bad
+
+
+def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, digests: dict) -> BatchLine:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise PFBDiffError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise PFBDiffError(f"a line must be a JSON object {{\"image\": ..., \"mask\": ..., \"prompt\": ...}}, "
+                           f"got {type(data).__name__}")
+    data = {KEY_ALIASES.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(LINE_KEYS) - set(CONFIG_KEYS))
+    if unknown:
+        hint = " (the model, device and dtype are options of `pfbdiff batch`)" if {"model", "device", "dtype"} & set(unknown) else ""
+        raise PFBDiffError(f"unknown key(s) {', '.join(map(repr, unknown))}{hint}; known keys: "
+                           f"{', '.join(LINE_KEYS)} and the settings of `pfbdiff presets`")
+    auto_mask = _flag(data, "auto_mask", False)
+    for required in ("image", "prompt") + (() if auto_mask else ("mask",)):
+        if required not in data:
+            raise PFBDiffError(f"missing \"{required}\"" + (" (or set \"auto_mask\": true)" if required == "mask" else ""))
+    image = _input_path(data["image"], folder, "image")
+    mask = _input_path(data["mask"], folder, "mask") if data.get("mask") is not None else None
+    preset = _text(data, "preset") or "object"
+    if preset not in PRESETS:
+        raise PFBDiffError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise PFBDiffError(f"\"settings\" must be an object of method settings, got {settings!r}")
+    settings = {**settings, **{k: v for k, v in data.items() if k in CONFIG_KEYS}}
+    settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
+    for key, value in settings.items():
+        _check_setting(key, value)
+    try:
+        config = get_preset(preset, **settings)
+    except (TypeError, ValueError) as error:  # PFBDiffError is a ValueError
+        raise PFBDiffError(one_line(str(error))) from None
+    request = EditRequest(
+        image=str(image), mask=str(mask) if mask else None, prompt=_text(data, "prompt", required=True),
+        source_prompt=_text(data, "source_prompt"), preset=preset,
+        inside=list(_words(data.get("inside"), "inside")), outside=list(_words(data.get("outside"), "outside")),
+        steps=_number(data, "steps", int, steps), guidance_scale=_number(data, "guidance_scale", float, guidance),
+        negative_prompt=_text(data, "negative_prompt"), seed=_number(data, "seed", int, 0), settings=settings,
+        paste_back=_flag(data, "paste_back", True), feather=_number(data, "feather", int, None),
+        crop=_crop(data.get("crop", "auto")), crop_padding=_number(data, "crop_padding", int, None),
+        auto_mask=auto_mask, auto_mask_threshold=_number(data, "auto_mask_threshold", float, 0.5),
+    )
+    if request.steps < 1:
+        raise PFBDiffError(f"\"steps\" must be at least 1, got {request.steps}")
+    for key in ("feather", "crop_padding"):
+        if (getattr(request, key) or 0) < 0:
+            raise PFBDiffError(f"\"{key}\" must be 0 or more pixels, got {getattr(request, key)}")
+    return BatchLine(
+        line_no=line_no, request=request, output=_output_name(data.get("output"), line_no), config=config,
+        image_digest=_digest(image, digests), mask_digest=_digest(mask, digests) if mask else None,
+    )
+
+
+def _check_setting(key: str, value) -> None:
+    """A method setting must have the type of its default (bool, whole number, number, text or list)."""
+    fields = EditConfig.__dataclass_fields__
+    if key not in fields:
+        raise PFBDiffError(f"unknown setting {key!r}; see `pfbdiff presets` for the settings")
+    default = fields[key].default
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}
+    expected = kinds.get(type(default))
+    if expected and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
+        raise PFBDiffError(f"setting {key!r} must be like its default {default!r}, got {value!r}")
+
+
+def _flag(data: dict, key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise PFBDiffError(f"\"{key}\" must be true or false, got {value!r}")
+    return value
+
+
+def _crop(value):
+    if value in ("auto", True, False):
+        return value
+    raise PFBDiffError(f"\"crop\" must be \"auto\", true or false, got {value!r}")
+
+
+def _input_path(value, folder: Path, name: str) -> Path:
+    """A path relative to the manifest's folder that must stay inside it (symlinks resolved)."""
+    if not isinstance(value, str) or not value.strip():
+        raise PFBDiffError(f"\"{name}\" must be a file path (a string), got {value!r}")
+    resolved = (folder / Path(value).expanduser()).resolve()
+    if not resolved.is_relative_to(folder):
+        raise PFBDiffError(f"{name} path {value!r} leads outside the manifest's folder {folder}; "
+                           "keep inputs in that folder or below it")
+    check_readable_file(resolved, name)
+    return resolved
+
+
+def _output_name(value, line_no: int) -> str:
+    """A relative ``.png`` path under --out: no absolute paths, no ``..``, no hidden names."""
+    if value is None:
+        return f"line-{line_no:04d}.png"
+    if not isinstance(value, str) or not value.strip():
+        raise PFBDiffError(f"\"output\" must be a file name such as \"dog.png\", got {value!r}")
+    name = PurePosixPath(value.replace("\\", "/"))
+    if name.is_absolute() or re.match(r"^[A-Za-z]:", value) or any(p in ("..", ".") for p in name.parts):
+        raise PFBDiffError(f"output {value!r} must be a plain relative name inside --out (no '/...' or '..')")
+    if any(p.startswith(".") for p in name.parts):
+        raise PFBDiffError(f"output {value!r} must not be a hidden name (starting with '.')")
+    if name.suffix.lower() != ".png":
+        raise PFBDiffError(f"output {value!r} must end in .png (PNG is lossless and keeps the edit's settings)")
+    return str(name)
+
+
+def _output_name_or_none(raw: str, line_no: int) -> str | None:
+    try:
+        data = json.loads(raw)
+        return _output_name(data.get("output"), line_no) if isinstance(data, dict) else None
+    except (json.JSONDecodeError, PFBDiffError):
+        return None
+
+
+def _text(data: dict, key: str, *, required: bool = False) -> str:
+    value = data.get(key)
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise PFBDiffError(f"\"{key}\" must be a string, got {value!r}")
+    if required and not value.strip():
+        raise PFBDiffError(f"\"{key}\" is empty; say what the edited region should show")
+    return value
+
+
+def _number(data: dict, key: str, kind: type, default=None):
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and float(value) != int(value)):
+        raise PFBDiffError(f"\"{key}\" must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
+def _words(value, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
+        raise PFBDiffError(f"\"{key}\" must be a list of words or a comma-separated string, got {value!r}")
+    return tuple(w.strip() for w in value if w.strip())
+
+
+def _digest(path: Path, cache: dict) -> str:
+    if path not in cache:
+        cache[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return cache[path]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def inversion_groups(lines: Iterable[BatchLine]) -> list[list[BatchLine]]:
+    """Lines that may share an inversion (same :attr:`BatchLine.sharing_key`), groups in order of first line."""
+    groups: dict[tuple, list[BatchLine]] = {}
+    for entry in sorted(lines, key=lambda e: e.line_no):
+        groups.setdefault(entry.sharing_key, []).append(entry)
+    return list(groups.values())
+
+
+def shard(lines: Iterable[BatchLine], num_processes: int) -> list[list[BatchLine]]:
+    """Deal whole inversion groups to ``num_processes`` shards, each to the shard with the fewest lines so far.
+
+    Deterministic: every process computes the same split from the same manifest, so no line is run twice.
+    """
+    shards: list[list[BatchLine]] = [[] for _ in range(max(1, num_processes))]
+    for group in sorted(inversion_groups(lines), key=lambda g: (-len(g), g[0].line_no)):
+        min(shards, key=len).extend(group)  # min() takes the first of equals: the lowest process index
+    return [sorted(s, key=lambda e: e.line_no) for s in shards]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def output_status(entry: BatchLine, out: Path, model: str) -> str:
+    """``"done"`` when the line's PNG exists and carries the line's hash (its JSON record is repaired if
+    needed), ``"changed"`` when a PNG exists from other parameters, ``"missing"`` otherwise."""
+    from .outputs import read_png_metadata
+
+    target = out / entry.output
+    if not target.is_file():
+        return "missing"
+    try:
+        metadata = read_png_metadata(target)
+    except PFBDiffError:
+        return "changed"
+    if metadata.get("batch_hash") != entry.parameters_hash(model):
+        return "changed"
+    record = out / entry.record_name
+    try:
+        ok = json.loads(record.read_text()).get("batch_hash") == metadata["batch_hash"]
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:  # killed between the PNG and its record: write the record again from the PNG
+        write_json_atomically(record, _record(entry, metadata))
+    return "done"
+
+
+def remove_stale_temporaries(entries: Iterable[BatchLine], out: Path) -> int:
+    """Delete temporary files a killed run left for these lines' outputs (and only theirs); return how many."""
+    wanted: dict[Path, set[str]] = {}
+    for entry in entries:
+        for name in (entry.output, entry.record_name):
+            target = out / name
+            wanted.setdefault(target.parent, set()).add(target.name)
+    removed = 0
+    for folder, names in wanted.items():
+        if not folder.is_dir():
+            continue
+        for candidate in folder.iterdir():
+            match = _TEMP_NAME.fullmatch(candidate.name)
+            if match and match.group(1) in names and candidate.is_file():
+                candidate.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "x", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, ensure_ascii=False, default=str)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise PFBDiffError(f"cannot write {path} ({one_line(error.strerror or str(error))})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _record(entry: BatchLine, metadata: dict) -> dict:
+    return {"line": entry.line_no, "output": entry.output, **metadata}
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class BatchSummary:
+    """What one process (or, merged, the whole run) did."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # {"line", "output", "reason"}
+    seconds: float = 0.0
+    edit_seconds: float = 0.0
+    inversions: int = 0
+    unet_calls: int = 0
+    processes: int = 1
+
+    @property
+    def edits_per_minute(self) -> float:
+        return 60.0 * len(self.done) / self.seconds if self.seconds > 0 and self.done else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "edits_per_minute": round(self.edits_per_minute, 3)}
+
+    @classmethod
+    def merged(cls, parts: list[dict]) -> "BatchSummary":
+        total = cls(processes=len(parts))
+        for part in parts:
+            total.done += part["done"]
+            total.skipped += part["skipped"]
+            total.failed += part["failed"]
+            total.seconds = max(total.seconds, part["seconds"])  # processes run side by side
+            total.edit_seconds += part["edit_seconds"]
+            total.inversions += part["inversions"]
+            total.unet_calls += part["unet_calls"]
+        total.failed.sort(key=lambda f: f["line"])
+        return total
+
+
+@dataclass
+class Reporter:
+    """Hooks for progress: ``start(total)``, ``line(entry, status, message)``, ``step()`` (a denoising step)."""
+
+    start: Callable[[int, int], None] = lambda lines, steps: None
+    line: Callable[[BatchLine | BadLine, str, str], None] = lambda entry, status, message: None
+    step: Callable[[], None] = lambda: None
+
+
+def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: str, load_pipe: Callable[[], Any],
+              reporter: Reporter | None = None, report_bad: bool = True) -> BatchSummary:
+    """Run this process's ``lines`` into ``out``: skip those already done, edit the rest group by group.
+
+    ``load_pipe()`` is only called when some line needs editing, so a finished batch reruns in a moment.
+    ``bad`` lines are counted as failed when ``report_bad`` (one process reports them).
+    """
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    summary = BatchSummary()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def fail(entry, reason):
+        summary.failed.append({"line": entry.line_no, "output": entry.output, "reason": reason})
+        reporter.line(entry, "failed", reason)
+
+    if report_bad:
+        for entry in bad:
+            fail(entry, entry.reason)
+    remove_stale_temporaries(lines, out)
+    todo = []
+    for entry in lines:
+        if output_status(entry, out, model) == "done":
+            summary.skipped.append(entry.output)
+            reporter.line(entry, "skipped", "already done with these parameters")
+        else:
+            todo.append(entry)
+    reporter.start(len(todo), sum(max(1, int(e.request.steps * e.config.strength)) for e in todo))
+    pipe = load_pipe() if todo else None
+    for group in inversion_groups(todo):
+        try:
+            source = load_image(group[0].image)
+        except PFBDiffError as error:
+            for entry in group:
+                fail(entry, one_line(str(error)))
+            continue
+        inversions: dict[tuple, Any] = {}  # edited box → inversion, within this group
+        for entry in group:
+            edit_started = time.perf_counter()
+            calls = pipe.unet_calls
+            try:
+                result, record, shared = _edit_line(pipe, entry, source, model, inversions, reporter.step)
+                save_png(result.images[0], out / entry.output, record,
+                         protect={"input image": entry.image, "mask": entry.mask})
+                write_json_atomically(out / entry.record_name, _record(entry, record))
+            except Exception as error:  # noqa: BLE001 - one bad line must not stop the batch
+                fail(entry, _reason(error))
+                continue
+            seconds = time.perf_counter() - edit_started
+            summary.edit_seconds += seconds
+            summary.unet_calls += pipe.unet_calls - calls
+            summary.inversions += not shared
+            summary.done.append(entry.output)
+            note = " (shared inversion)" if shared else ""
+            reporter.line(entry, "done", f"{seconds:.1f} s, {record['unet_calls']} U-Net passes{note}")
+        inversions.clear()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _edit_line(pipe, entry: BatchLine, source, model: str, inversions: dict, step: Callable[[], None]):
+    """Edit one line, from a cached inversion of its edited box when there is one; ``(result, record, shared)``.
+
+    The calls are those of ``pipe(...)`` (:func:`pfbdiff.provenance.run_edit`) split in two, so each output is
+    what ``pfbdiff edit`` makes of the line alone.
+    """
+    import torch
+
+    from .compositing import DEFAULT_PLACEMENT
+    from .provenance import make_record
+    from .tokens import positions_of
+
+    request, config = entry.request_for(model), entry.config
+    positions_of(pipe.tokenizer, request.prompt, config.inside + tuple(request.inside) + tuple(request.outside))
+    mask = load_mask(request.mask, source.size) if request.mask else None
+    if mask is not None:
+        empty = describe_empty_or_full(mask)
+        if empty and "black" in empty:
+            raise PFBDiffError(empty)
+    plan = pipe._plan_region(source.size, mask, request.crop, request.crop_padding, config.grow, request.feather,
+                             DEFAULT_PLACEMENT)
+    key = (tuple(plan.box.as_list()), tuple(plan.model_size))
+    calls = pipe.unet_calls
+    shared = key in inversions
+    if not shared:
+        inversions[key] = pipe.invert(
+            source, request.source_prompt, request.steps, strength=config.strength, mask_image=mask,
+            crop=request.crop, crop_padding=request.crop_padding, grow=config.grow, feather=request.feather,
+        )
+    result = pipe.edit(
+        inversions[key], mask, request.prompt, preset=config, inside=tuple(request.inside) or None,
+        outside=tuple(request.outside) or None, guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt or None, generator=torch.Generator().manual_seed(request.seed),
+        callback_on_step_end=lambda pipeline, i, t, state: (step(), state)[1],
+        paste_back=request.paste_back, feather=request.feather, auto_mask=request.auto_mask,
+        auto_mask_threshold=request.auto_mask_threshold,
+    )
+    record = make_record(request, pipe, result, source.size)
+    record.update(unet_calls=pipe.unet_calls - calls, shared_inversion=shared,
+                  batch_hash=entry.parameters_hash(model))
+    return result, record, shared
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, PFBDiffError):
+        return one_line(str(error))
+    return f"internal error ({type(error).__name__}: {one_line(str(error))}); please report it"
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def process_state(device: str | None):
+    """accelerate's PartialState: which process this is, of how many, and its device.
+
+    Under ``accelerate launch`` / ``torchrun`` the processes join one group (gloo on CPUs, NCCL on GPUs) with a
+    long timeout, because processes that finish early wait for the others at the end.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=cpu, **({"timeout": timedelta(days=7)} if distributed else {}))
+
+
+def gather_summaries(state, summary: BatchSummary) -> BatchSummary:
+    """All processes' summaries merged (on every process)."""
+    if state.num_processes == 1:
+        return BatchSummary.merged([summary.as_dict()])
+    from accelerate.utils import gather_object
+
+    return BatchSummary.merged(gather_object([summary.as_dict()]))
+
+
+def launcher_command(num_processes: int, batch_args: list[str]) -> list[str]:
+    """``accelerate launch`` of ``pfbdiff batch`` in ``num_processes`` processes on this machine.
+
+    ``--multi_gpu`` is accelerate's name for its torchrun launcher; on a machine without GPUs the processes
+    run on the CPU and join a gloo group.
+    """
+    import sys
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        "-m", "pfbdiff", "batch", *batch_args,
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: int, guidance: float,
+                      device: str | None, dtype: str | None, allow_pickle: bool, config: str | None,
+                      console, load: Callable[..., Any]) -> int:
+    """``pfbdiff batch`` in this process (one shard when launched by accelerate); return the exit code.
+
+    ``load(model, device, dtype, allow_pickle, config)`` loads the pipeline (the CLI's loader).
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .loading import default_model
+    from .provenance import model_reference
+
+    if model is None:
+        model, _ = default_model()  # the loader prints a note when that is the random-weight 'tiny'
+    model = model_reference(model)  # a local folder as an absolute path, as in `pfbdiff edit` records
+    lines, bad = read_manifest(manifest, steps=steps, guidance=guidance)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PFBDiffError(f"--out {out} is a file; give a folder (it is created if missing)")
+    state = process_state(device)
+    index, count = state.process_index, state.num_processes
+    mine = shard(lines, count)[index]
+    tag = f"\\[process {index + 1}/{count}] " if count > 1 else ""  # escaped: rich reads [..] as markup
+    device = device or (str(state.device) if count > 1 else None)
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+        disable=not state.is_local_main_process,
+    )
+    tasks = {}
+
+    def on_start(n_lines, n_steps):
+        tasks["lines"] = progress.add_task(f"{tag}editing", total=n_lines)
+        tasks["steps"] = progress.add_task(f"{tag}denoising", total=n_steps)
+
+    def on_line(entry, status, message):
+        colour = {"done": "green", "skipped": "cyan", "failed": "red"}[status]
+        name = entry.output or f"line {entry.line_no}"
+        console.print(f"{tag}[{colour}]{status}[/] line {entry.line_no} → {name}: {message}", highlight=False,
+                      soft_wrap=True)
+        if status == "done" and "lines" in tasks:
+            progress.advance(tasks["lines"])
+
+    reporter = Reporter(start=on_start, line=on_line, step=lambda: progress.advance(tasks["steps"]))
+    with progress:
+        summary = run_shard(mine, bad, out, model=model, reporter=reporter, report_bad=index == 0,
+                            load_pipe=lambda: load(model, device, dtype, allow_pickle, config))
+    total = gather_summaries(state, summary)
+    if count > 1:
+        state.destroy_process_group()  # a clean exit, without torch's warning about a live group
+    if state.is_main_process:
+        record = {"manifest": str(Path(manifest).resolve()), "model": model, "out": str(out.resolve()),
+                  **total.as_dict()}
+        write_json_atomically(out / SUMMARY_NAME, record)
+        rate = f", {total.edits_per_minute:.1f} edits/min" if total.done else ""
+        console.print(
+            f"[bold]summary[/]: {len(total.done)} done, {len(total.skipped)} skipped (already done), "
+            f"{len(total.failed)} failed — {total.seconds:.1f} s on {total.processes} process(es){rate}; "
+            f"{total.inversions} inversion(s) for {len(total.done)} edit(s). Written: {out / SUMMARY_NAME}",
+            highlight=False, soft_wrap=True,
+        )
+        for failure in total.failed:
+            console.print(f"  [red]line {failure['line']}[/]: {failure['reason']}", highlight=False, soft_wrap=True)
+    return 1 if total.failed else 0
