@@ -289,7 +289,7 @@ def bench_speed(
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
     steps: int = typer.Option(4, "--steps", help="DDIM steps (2–5 keeps the full-size model quick on a CPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per job (default 5; 3 for sd15-random)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per job (default 5)."),
 ):
     """Time txt2img, a first edit, a second edit of the same inversion and the paper path; print ratios."""
     from .bench.speed import format_table, run_speed_benchmark
