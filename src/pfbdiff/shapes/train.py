@@ -161,9 +161,23 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
+    """Append a row; a file whose header lacks some of the row's columns is rewritten with them added."""
+    fields = list(row)
+    if path.exists():
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header and not set(fields) <= set(header):
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            header += [f for f in fields if f not in header]
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(rows)
+        fields = header or fields
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -211,7 +225,7 @@ def train_vae(args, stop: StopFlag) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
@@ -316,7 +330,7 @@ def train_decoder(args, stop: StopFlag) -> None:
     ckpt_path = out / "decoder_checkpoint.pt"
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
@@ -448,15 +462,16 @@ def train_unet(args, stop: StopFlag) -> None:
     ema = EMA(modules, args.ema_decay)
     ckpt_path = out / "unet_checkpoint.pt"
     step, elapsed, next_eval, next_export = 0, 0.0, args.eval_minutes * 60, args.export_minutes * 60
+    cpu_seconds = 0.0  # CPU time of this process's training steps: robust to other load and to pauses
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for shadow, value in zip(ema.shadow, state["ema"], strict=True):
                 shadow.copy_(value)
-        step, elapsed = state["step"], state["elapsed"]
+        step, elapsed, cpu_seconds = state["step"], state["elapsed"], state.get("cpu_seconds", 0.0)
         next_eval, next_export = state.get("next_eval", next_eval), state.get("next_export", next_export)
         log(f"UNet: resumed at step {step} ({elapsed / 60:.1f} min done)")
     else:
@@ -472,13 +487,13 @@ def train_unet(args, stop: StopFlag) -> None:
     def save() -> None:
         atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                      "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step, "elapsed": elapsed,
-                     "next_eval": next_eval, "next_export": next_export}, ckpt_path)
+                     "cpu_seconds": cpu_seconds, "next_eval": next_eval, "next_export": next_export}, ckpt_path)
 
     session_start = time.time()
     last_save = last_log = time.time()
     losses: list[float] = []
     while (args.unet_steps is None or step < args.unet_steps) and not stop.stop:
-        tick = time.time()
+        tick, cpu_tick = time.time(), time.process_time()
         images, captions = training_batch(args.seed, "unet", step, args.batch)
         rng = np.random.default_rng([args.seed, 99, step])
         captions = [EMPTY_CAPTION if rng.random() < uncond_rate else c for c in captions]
@@ -506,9 +521,11 @@ def train_unet(args, stop: StopFlag) -> None:
         step += 1
         ema.update(step)
         elapsed += time.time() - tick
+        cpu_seconds += time.process_time() - cpu_tick
         losses.append(loss.item())
         if step % args.log_every == 0:
             append_csv(out / "unet_log.csv", {"step": step, "elapsed_s": round(elapsed, 1),
+                                              "cpu_s": round(cpu_seconds, 1),
                                               "loss": round(float(np.mean(losses)), 5),
                                               "lr": f"{optimizer.param_groups[0]['lr']:.2e}"})
             if time.time() - last_log > 120:
@@ -537,7 +554,7 @@ def ema_components(out: Path, seed: int, ema_shadow=None) -> dict:
     """Components with the EMA weights of the checkpoint (or of ``ema_shadow``), in eval mode, fp32."""
     tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, seed)
     if ema_shadow is None:
-        ema_shadow = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=False)["ema"]
+        ema_shadow = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
     targets = [p for m in (unet, text_encoder) for p in m.parameters()]
     with torch.no_grad():
         for target, value in zip(targets, ema_shadow, strict=True):
@@ -588,16 +605,17 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     for weights in tmp.glob("*/*.safetensors"):
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(weights).items()}
         save_file(tensors, weights, metadata={"format": "pt"})
-    state = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)
     vae_info = json.loads((out / "vae" / "training.json").read_text())
     info = {
         "unet_steps": state["step"],
         "unet_batch_size": args.batch if args is not None else None,
         "unet_seconds": round(state["elapsed"], 1),
+        "unet_cpu_seconds": round(state.get("cpu_seconds", 0.0), 1) or None,
         "vae": vae_info,
         "parameters": {name: count_parameters(components[name]) for name in ("unet", "text_encoder", "vae")},
         "hardware": hardware(),
-        "quick_eval": _last_row(out / "unet_eval.csv"),
+        "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     previous = export_dir / "training.json"
@@ -617,11 +635,12 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     return export_dir
 
 
-def _last_row(path: Path) -> dict | None:
+def _last_row(path: Path, max_step: int | None = None) -> dict | None:
+    """The last CSV row (with ``step`` at most ``max_step``, if given), or None."""
     if not path.exists():
         return None
     with path.open() as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [r for r in csv.DictReader(handle) if max_step is None or int(r["step"]) <= max_step]
     return rows[-1] if rows else None
 
 
