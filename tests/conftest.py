@@ -63,3 +63,15 @@ def box_mask():
     mask = np.zeros((96, 128), np.float32)
     mask[24:72, 32:96] = 1.0
     return mask
+
+
+@pytest.fixture()
+def files(tmp_path, photo, box_mask):
+    """``photo`` and ``box_mask`` written as PNG files: (folder, image path, mask path)."""
+    import numpy as np
+    from PIL import Image
+
+    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.fromarray(photo).save(image)
+    Image.fromarray((box_mask * 255).astype(np.uint8)).save(mask)
+    return tmp_path, image, mask

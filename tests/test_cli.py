@@ -15,14 +15,6 @@ from pfbdiff.outputs import read_png_metadata
 runner = CliRunner()
 
 
-@pytest.fixture()
-def files(tmp_path, photo, box_mask):
-    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
-    Image.fromarray(photo).save(image)
-    Image.fromarray((box_mask * 255).astype(np.uint8)).save(mask)
-    return tmp_path, image, mask
-
-
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -16,14 +16,6 @@ from pfbdiff.provenance import EditRequest, load_record, replay
 runner = CliRunner()
 
 
-@pytest.fixture()
-def files(tmp_path, photo, box_mask):
-    image, mask = tmp_path / "photo.png", tmp_path / "mask.png"
-    Image.fromarray(photo).save(image)
-    Image.fromarray((box_mask * 255).astype(np.uint8)).save(mask)
-    return tmp_path, image, mask
-
-
 def _edit(*args):
     result = runner.invoke(app, ["edit", *map(str, args)])
     assert result.exit_code == 0, result.output
