@@ -100,5 +100,5 @@ def test_v_prediction_with_zero_terminal_snr_edits_end_to_end(photo, box_mask):
 def test_soft_mask_blends_features_with_fractional_weights(tiny_pipe, photo):
     soft = np.full((96, 128), 0.5, np.float32)
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=2)
-    mask, _ = tiny_pipe._edit_masks(inv, soft, None, __import__("pfbdiff").get_preset("object"), (12, 16))
+    mask = tiny_pipe._masks(inv, soft, None, __import__("pfbdiff").get_preset("object"), (12, 16), None, None).edit
     assert torch.allclose(mask.latent, torch.full_like(mask.latent, 0.5))

@@ -125,7 +125,7 @@ def test_soft_mask_is_honoured_in_feature_and_latent_blending_and_thresholded_fo
     for group in (feature, latent):
         values = torch.cat([w.flatten() for w in group])
         assert group and ((values > 0.1) & (values < 0.9)).float().mean() > 0.5  # fractional, not thresholded
-    mask, _ = tiny_pipe._edit_masks(inv, ramp, None, get_preset("object"), (12, 16))
+    mask = tiny_pipe._masks(inv, ramp, None, get_preset("object"), (12, 16), None, None).edit
     binary = mask.binary_at((6, 8))
     assert binary.dtype == torch.bool and binary.any() and not binary.all()  # attention: a yes/no decision
 

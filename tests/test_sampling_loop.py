@@ -82,7 +82,7 @@ def test_empty_mask_stays_much_closer_to_the_source_than_full_mask(tiny_pipe, ph
 def test_final_step_lock_keeps_the_clean_source_latent_outside_the_mask(tiny_pipe, photo, box_mask):
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
     out = tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, output_type="latent").images
-    keep = tiny_pipe._edit_masks(inv, box_mask, None, pipe_config(), (12, 16))[0].latent == 0
+    keep = tiny_pipe._masks(inv, box_mask, None, pipe_config(), (12, 16), None, None).edit.latent == 0
     assert keep.any() and torch.equal(out[keep.expand_as(out)], inv.latents[0][keep.expand_as(out)])
 
 

@@ -341,11 +341,6 @@ class PFBDiffPipeline(DiffusionPipeline):
         return PFBDiffOutput(images=imgs.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _edit_masks(self, inversion, mask_image, word_masks, config, latent_size):
-        """The edit mask and the word → region masks at latent resolution (no auto-mask)."""
-        found = self._masks(inversion, mask_image, word_masks, config, latent_size, None, None)
-        return found.edit, found.words
-
     def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> "_MaskSet":
         """All masks of an edit: full-size (grown) ones for the paste-back, latent-size ones for the method."""
         size = inversion.original_sizes[0]

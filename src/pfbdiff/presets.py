@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import PFBDiffError
+from .masks import LATENT_MASK_MODES, RESIZE_MODES
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ class EditConfig:
             raise PFBDiffError(f"strength must be in (0, 1], got {self.strength}; e.g. --strength 0.8")
         if self.start not in ("inverted", "noise"):
             raise PFBDiffError(f"start must be 'inverted' or 'noise', got {self.start!r}")
-        if self.mask_resize not in ("area", "bicubic"):
+        if self.mask_resize not in RESIZE_MODES:
             raise PFBDiffError(f"mask_resize must be 'area' or 'bicubic', got {self.mask_resize!r}")
-        if self.latent_mask not in ("soft", "binary"):
+        if self.latent_mask not in LATENT_MASK_MODES:
             raise PFBDiffError(f"latent_mask must be 'soft' or 'binary', got {self.latent_mask!r}")
         if self.auto_words not in (None, "new-inside", "subject-outside"):
             raise PFBDiffError(f"auto_words must be 'new-inside', 'subject-outside' or None, got {self.auto_words!r}")

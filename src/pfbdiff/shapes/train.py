@@ -432,11 +432,6 @@ class EMA:
         decay = min(self.max_decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
 
-    @torch.no_grad()
-    def copy_to(self, modules: list[torch.nn.Module]) -> None:
-        targets = [p for m in modules for p in m.parameters()]
-        for target, value in zip(targets, self.shadow, strict=True):
-            target.copy_(value)
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
