@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from pfbdiff import loading
 from pfbdiff.bench import baselines, metrics, report, shapes
 from pfbdiff.bench import cases as bench_cases
 from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
@@ -271,6 +272,6 @@ def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
 
     bad = runner.invoke(app, ["bench", "shapes", "--model", "tiny", "--methods", "pfb,nope"])
     assert bad.exit_code == 2 and "unknown method nope" in bad.output
-    monkeypatch.setattr(shapes, "BUNDLED_MODEL", tmp_path / "missing")
+    monkeypatch.setattr(loading, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     missing = runner.invoke(app, ["bench", "shapes", "--quick"])
     assert missing.exit_code == 2 and "--model" in missing.output and "Traceback" not in missing.output

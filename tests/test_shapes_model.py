@@ -58,6 +58,19 @@ def test_shipped_model_loads_with_sd_component_types(shapes_components):
 
 
 @needs_model
+def test_shipped_model_loads_offline_by_name_and_is_the_default(shapes_components):
+    import torch
+
+    from pfbdiff.loading import default_model, load_components
+
+    assert default_model() == ("shapes", None)
+    by_name = load_components("shapes", device="cpu", torch_dtype="float32")
+    for name in ("unet", "vae", "text_encoder"):
+        by_path = shapes_components[name].state_dict()
+        assert all(torch.equal(by_path[k], v) for k, v in by_name[name].state_dict().items())
+
+
+@needs_model
 def test_shipped_model_is_small():
     size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 30 * 1024 * 1024

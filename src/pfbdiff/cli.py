@@ -35,7 +35,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 PRESET_LIST = ", ".join(PRESET_HELP) + " (see `pfbdiff presets`)"
-DEFAULT_MODEL = "tiny"
 
 
 @contextlib.contextmanager
@@ -77,7 +76,7 @@ def edit(
     negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for guidance."),
     seed: int = typer.Option(0, "--seed", help="Seed for the noise start (--start noise)."),
     start: Optional[str] = typer.Option(None, "--start", help="'inverted' (default: the DDIM-inverted photo) or 'noise' (seeded)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Hub id, diffusers folder, or .safetensors file. 'tiny' is a random test model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, or .safetensors file (default: 'shapes', the bundled ShapesWorld model; 'tiny' is a random test model)."),
     config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
@@ -168,7 +167,9 @@ def _edit_request(ctx, given: dict, from_json):
         if name == "crop":
             return "auto" if value is None else value
         if name == "model":
-            return provenance.model_reference(value)
+            from .loading import default_model
+
+            return provenance.model_reference(value if value is not None else default_model()[0])
         return value
 
     overrides = _setting_overrides(*(given[name] if from_json is None or explicit(name) else None
@@ -337,6 +338,33 @@ def bench_shapes(
             )
     print(success_section(result))
     console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("pfbdiff-demo"), "--out", "-o", help="Folder for the demo's PNGs (created if missing)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A ShapesWorld-trained model (default: the bundled 'shapes'; 'tiny' runs the random test model)."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed of the edits."),
+):
+    """Offline demo: render a ShapesWorld picture, replace its object and its background, write the PNGs."""
+    from . import demo as demo_module
+    from .bench.shapes import resolve_model
+
+    with user_errors():
+        if steps < 1:
+            raise PFBDiffError(f"--steps must be at least 1, got {steps}")
+        demo_module.check_demo_folder(out)
+        name = resolve_model(model)
+        pipe = _load(name, None, None, False, None)
+        with console.status("inverting once, then two edits"):
+            edits = demo_module.run_demo(pipe, steps=steps, seed=seed)
+        written = demo_module.write_demo(edits, out, {"model": name, "steps": steps, "seed": seed,
+                                                      "source_prompt": demo_module.caption(demo_module.SOURCE)})
+    for edit in edits:
+        console.print(edit.summary, highlight=False)
+    console.print(f"[green]wrote[/] {', '.join(p.name for p in written)} in {out}  ({pipe.unet_calls} U-Net calls)",
+                  highlight=False)
 
 
 @app.command()

@@ -23,6 +23,7 @@ Conventions chosen here (and relied on by the rest of pfbdiff):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -431,12 +432,15 @@ def fit_to_multiple(size: Size, multiple: int = 8) -> Size:
     width, height = _check_size(size, "size")
     if not isinstance(multiple, int) or multiple <= 0:
         raise PFBDiffError(f"multiple must be a positive integer, got {multiple!r}")
-    return _round_to_multiple(width, multiple), _round_to_multiple(height, multiple)
+    return round_to_multiple(width, multiple), round_to_multiple(height, multiple)
 
 
-def _round_to_multiple(length: int, multiple: int) -> int:
-    # Integer half-up rounding: Python's round() rounds halves to even, so 12 would go up to 16 but 20 down to 16.
-    return max(multiple, (length + multiple // 2) // multiple * multiple)
+def round_to_multiple(length: float, multiple: int) -> int:
+    """``length`` rounded half-up to a multiple of ``multiple``, at least one multiple.
+
+    Half-up because Python's ``round()`` rounds halves to even: 12 / 8 would go up to 16 but 20 / 8 down to 16.
+    """
+    return max(multiple, int(math.floor(length / multiple + 0.5)) * multiple)
 
 
 def image_to_tensor(image: Image.Image, size: Size | None = None) -> torch.Tensor:

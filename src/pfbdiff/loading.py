@@ -31,15 +31,28 @@ import torch
 
 from .errors import PFBDiffError
 
-# Short model names (e.g. a bundled model "shapes") mapped to a function that returns its local path.
-# Consulted before anything else, so a registered name shadows a folder of the same name.
+#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
+BUNDLED_SHAPES_MODEL = Path(__file__).parent / "shapes" / "model"
+SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
+                        "--export-dir src/pfbdiff/shapes/model`")
+
+
+# Short model names mapped to a function that returns their local path. Consulted before anything else, so a
+# registered name shadows a folder of the same name.
 def _tiny_model() -> Path:
     from .toy_models import tiny_model_path
 
     return tiny_model_path()
 
 
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model}
+def _shapes_model() -> Path:
+    if not (BUNDLED_SHAPES_MODEL / "model_index.json").is_file():
+        raise PFBDiffError(f"the bundled shapes model is not in this install ({BUNDLED_SHAPES_MODEL}); "
+                           f"{SHAPES_TRAINING_HINT}, or pass --model with another model")
+    return BUNDLED_SHAPES_MODEL
+
+
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model}
 
 COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -463,23 +476,14 @@ def _hub_snapshot(repo_id: str, patterns: list[str], allow_pickle: bool) -> Path
 
 # --------------------------------------------------------------------------------------------- default model
 
-#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
-BUNDLED_SHAPES_MODEL = Path(__file__).parent / "shapes" / "model"
-
 
 def default_model() -> tuple[str, str | None]:
     """The model to use when none is named: ``(model, note)``.
 
-    The bundled ShapesWorld model when this install ships it (``note`` is ``None``); otherwise ``"tiny"``, a
-    random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
+    ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
+    ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
     """
-    if "shapes" in MODEL_ALIASES:
-        try:
-            if Path(MODEL_ALIASES["shapes"]()).exists():
-                return "shapes", None
-        except Exception:  # noqa: BLE001 - a broken alias falls back like a missing model
-            pass
     if (BUNDLED_SHAPES_MODEL / "model_index.json").is_file():
-        return str(BUNDLED_SHAPES_MODEL), None
+        return "shapes", None
     return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
                     "that show the pipeline works, not meaningful pictures; pass --model for a real one")

@@ -104,7 +104,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def model_reference(model: str) -> str:
-    """A model name that still points at the same model from another folder: local paths made absolute."""
+    """A model name that still points at the same model from another folder: local paths made absolute
+    (a registered short name such as ``shapes`` is kept: it shadows any folder of that name)."""
+    from .loading import MODEL_ALIASES
+
+    if model in MODEL_ALIASES:
+        return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
 

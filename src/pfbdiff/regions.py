@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PFBDiffError
+from .images import round_to_multiple
 
 #: Smallest context padding (pixels of the input image) of an automatic crop.
 MIN_PADDING = 32
@@ -149,8 +150,7 @@ def padded_box(box: CropBox, image_size: tuple[int, int], padding: int, max_aspe
 
 
 def _round_side(length: float, multiple: int, minimum: int) -> int:
-    # Half-up, like images.fit_to_multiple (round() would send 100/8 = 12.5 down to 12 but 104/8 = 13 up).
-    return max(minimum, int(math.floor(length / multiple + 0.5)) * multiple, multiple)
+    return max(minimum, round_to_multiple(length, multiple))
 
 
 def scaled_size(size: tuple[int, int], target_pixels: int, multiple: int = 8, min_side: int = 8) -> tuple[int, int]:

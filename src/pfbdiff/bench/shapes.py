@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,20 +33,16 @@ SD1_BLOCK_COUNT = 25  # the paper presets' block numbers are SD 1.x's (spec §4.
 DEFAULT_GUIDANCE = 4.0  # the bundled shapes model's evaluation guidance (pfbdiff.shapes.evaluate)
 SDEDIT_STRENGTHS = (0.5, 0.7, 0.9)
 QUICK_CASES, FULL_CASES = 20, 200  # cases per task of --quick and of the full run
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "shapes" / "model"
 
 
 def resolve_model(model: str | None) -> str:
     """The model to benchmark: ``model`` when given, else the bundled ShapesWorld model (an error if absent)."""
     if model:
         return model
-    if (BUNDLED_MODEL / "model_index.json").is_file():
-        return str(BUNDLED_MODEL)
-    raise PFBDiffError(
-        f"no bundled ShapesWorld model in {BUNDLED_MODEL}; train and export it with `python -m pfbdiff.shapes.train "
-        "--out runs/shapes --stage all --export-dir src/pfbdiff/shapes/model`, or pass --model DIR (a diffusers "
-        "folder; --model tiny runs the random test model, for a smoke test only)"
-    )
+    from ..loading import MODEL_ALIASES
+
+    MODEL_ALIASES["shapes"]()  # a one-line error naming the fix when the install does not ship it
+    return "shapes"
 
 
 @dataclass(frozen=True)
@@ -172,7 +167,7 @@ def method_settings(method: Method, pipe) -> dict:
 # --------------------------------------------------------------------------------------------- one case
 
 
-def _edit_arguments(images: CaseImages) -> dict:
+def edit_arguments(images: CaseImages) -> dict:
     """Mask and confined words of a PFB-Diff edit: new objects inside their masks, kept objects outside."""
     case = images.case
     if case.task == "multi-object":
@@ -246,7 +241,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
             with _Meter(pipe) as cost:
                 out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
                                               guidance_scale=guidance, generator=generator(),
-                                              paste_back=paste_back, **_edit_arguments(images))
+                                              paste_back=paste_back, **edit_arguments(images))
             share = max(1, int(inversion.num_steps * config.strength)) / inversion.num_steps
             calls = cost.calls + round(inv_cost.calls * share)
             rows = cost.rows + round(inv_cost.rows * share)
