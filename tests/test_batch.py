@@ -13,17 +13,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff.batch import (
-    BatchLine,
-    Reporter,
-    inversion_groups,
-    read_manifest,
-    remove_stale_temporaries,
-    run_shard,
-    shard,
-)
+from pfbdiff.batch import Reporter, inversion_groups, remove_stale_temporaries, run_shard, shard
 from pfbdiff.cli import app
 from pfbdiff.errors import PFBDiffError
+from pfbdiff.manifest import BatchLine, read_manifest
 from pfbdiff.outputs import read_png_metadata
 from pfbdiff.provenance import replay
 

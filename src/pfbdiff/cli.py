@@ -409,12 +409,13 @@ def batch(
     import subprocess
 
     from . import batch as batch_module
+    from .manifest import read_manifest
 
     with user_errors():
         if num_processes < 1:
             raise PFBDiffError(f"--num-processes must be at least 1, got {num_processes}")
         if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            batch_module.read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
+            read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
             args = [str(manifest), "--out", str(out), "--steps", str(steps), "--guidance", str(guidance)]
             for flag, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
                 if value is not None:
