@@ -25,7 +25,7 @@ from PIL import Image
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from . import automask, compositing, regions
+from . import automask, compositing, edit_masks, regions
 from . import images as imgs
 from .attention import AttentionMasking, TokenRegion, attention_masking_installed
 from .errors import PFBDiffError
@@ -341,77 +341,15 @@ class PFBDiffPipeline(DiffusionPipeline):
         return PFBDiffOutput(images=imgs.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> "_MaskSet":
-        """All masks of an edit: full-size (grown) ones for the paste-back, latent-size ones for the method."""
-        size = inversion.original_sizes[0]
-        box = _inverted_box(inversion)
+    def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> edit_masks.EditMasks:
+        size, n = inversion.original_sizes[0], inversion.batch_size
 
         def load(source, name):
-            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, inversion.batch_size)]
+            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, n)]
 
-        raw = load(mask_image, "mask") if mask_image is not None else None
-        word_raw = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
-        if raw is None and word_raw:
-            raw = [np.maximum.reduce([masks[i] for masks in word_raw.values()]) for i in range(inversion.batch_size)]
-        if raw is None and auto is None:
-            raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
-        word_full = {word: [compositing.grow_mask(m, config.grow) for m in masks] for word, masks in word_raw.items()}
-        word_regions = {word: self._latent_mask(masks, box, inversion, config, latent_size)
-                        for word, masks in word_full.items()}
-        estimated = None
-        if auto is not None:
-            estimated = self._auto_masks(inversion, prompts, box, auto)
-            estimated = [compositing.grow_mask(m, config.grow) for m in estimated]
-            if raw is not None:  # the user's mask is a hard outer bound
-                estimated = [automask.clip_to_bound(m, bound) for m, bound in zip(estimated, raw)]
-            full, bound = estimated, raw
-        else:
-            full, bound = [compositing.grow_mask(m, config.grow) for m in raw], None
-        if not box.covers(size):
-            rows, cols = box.slices
-            for m in full + [m for masks in word_full.values() for m in masks]:
-                if float(m.sum()) > float(m[rows, cols].sum()):
-                    raise PFBDiffError(
-                        f"the mask reaches outside the part of the image that was inverted (box {box.as_list()}); "
-                        "invert with this mask (invert(image, mask_image=mask)) or with crop=False"
-                    )
-        if mask_image is None and word_regions and auto is None:
-            regions_list = list(word_regions.values())
-            mask = regions_list[0]
-            for other in regions_list[1:]:
-                mask = mask.union(other)
-        else:
-            mask = self._latent_mask(full, box, inversion, config, latent_size)
-        if float(mask.latent.max()) <= 0.0 or not any(float(m.max()) > 0.0 for m in full):
-            if auto is not None:
-                raise PFBDiffError("the auto-mask found nothing to edit" + (" inside your mask" if raw else "")
-                                   + "; lower auto_mask_threshold (--auto-mask-threshold) or paint a mask")
-            raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
-        if float((mask.latent > 0.5).float().mean()) == 1.0:
-            warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
-        return _MaskSet(mask, word_regions, full, bound, estimated)
-
-    def _latent_mask(self, full_masks, box, inversion, config, latent_size) -> EditMask:
-        """Full-size masks → the crop box → model size → an :class:`EditMask` at latent size."""
-        model_size = tuple(inversion.image.shape[-2:])[::-1]
-        rows, cols = box.slices
-        pixels = torch.cat([imgs.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(self.unet.device)
-        return EditMask.from_pixels(pixels.to(self.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
-
-    def _auto_masks(self, inversion, prompts, box, auto) -> list[np.ndarray]:
-        """DiffEdit-style masks (``automask.py``) of the inverted box, placed on full-size canvases."""
-        target = self.encode_prompt(list(prompts))
-        estimates = automask.estimate_masks(
-            self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
-            [box.size] * inversion.batch_size, draws=auto["draws"], threshold=auto["threshold"], seed=auto["seed"],
-        )
-        width, height = inversion.original_sizes[0]
-        full = []
-        for estimate in estimates:
-            canvas = np.zeros((height, width), np.float32)
-            canvas[box.slices] = estimate
-            full.append(canvas)
-        return full
+        user = load(mask_image, "mask") if mask_image is not None else None
+        per_word = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
+        return edit_masks.build(self, inversion, user, per_word, config, latent_size, prompts, auto)
 
     def _token_regions(self, config, inversion, prompts, mask, word_regions, repeats):
         """The token → allowed-region map: confined words of each prompt and the region each may appear in."""
@@ -460,7 +398,7 @@ class PFBDiffPipeline(DiffusionPipeline):
     def _finish(self, latents, inversion, repeats, output_type, return_dict, mask_set=None, finish=None):
         """Decode, scale the edited box back to the input's pixels and paste it into the input (``compositing``)."""
         decoded = self.decode_latents(latents)
-        box = _inverted_box(inversion)
+        box = edit_masks.inverted_box(inversion)
         size = inversion.original_sizes[0]
         alphas = None
         if mask_set is not None and finish is not None and finish.paste_back and inversion.source_images:
@@ -508,17 +446,6 @@ class PFBDiffPipeline(DiffusionPipeline):
 
 
 @dataclass
-class _MaskSet:
-    """The masks of one edit: latent-size (method) and full-size (paste-back)."""
-
-    edit: EditMask
-    words: dict
-    full: list  # grown edit masks, input size, one per image
-    bound: list | None  # the user's masks when an auto-mask is clipped to them
-    auto: list | None  # the estimated masks (auto_mask=True)
-
-
-@dataclass
 class _Finish:
     """How the result is put back into the input (``compositing.py``)."""
 
@@ -526,10 +453,6 @@ class _Finish:
     feather: int | None = None
     feather_placement: str = compositing.DEFAULT_PLACEMENT
     colour_match: str = "local"
-
-
-def _inverted_box(inversion) -> regions.CropBox:
-    return inversion.crop_box or regions.CropBox.full(inversion.original_sizes[0])
 
 
 def _on_canvas(part: np.ndarray, box: regions.CropBox, size) -> np.ndarray:

@@ -1,0 +1,116 @@
+"""Every mask of one edit, from what the user gave to what the method uses.
+
+The paper edits "under a mask": the same region decides where latents and feature maps are blended and where
+the confined words may be attended to. Here the user's mask (or one mask per word for multi-object edits, or
+a DiffEdit-style estimate from the two prompts, ``automask.py``) is grown by ``grow`` pixels, checked against
+the part of the image that was inverted, and turned into
+
+* full-size masks, one per input image, for the paste-back (``compositing.py``), and
+* :class:`~pfbdiff.masks.EditMask` s at latent size for latent blending, feature blending and attention
+  masking (``masks.py`` resizes them to every feature level).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import automask, compositing, regions
+from . import images as imgs
+from .errors import PFBDiffError
+from .masks import EditMask
+
+
+@dataclass
+class EditMasks:
+    """The masks of one edit: latent-size (method) and full-size (paste-back)."""
+
+    edit: EditMask
+    words: dict  # word -> EditMask of a multi-object edit
+    full: list  # grown edit masks, input size, one per image
+    bound: list | None  # the user's masks when an auto-mask is clipped to them
+    auto: list | None  # the estimated masks (auto_mask=True)
+
+
+def inverted_box(inversion) -> regions.CropBox:
+    """The part of the input that was inverted (the whole image unless it was cropped around the mask)."""
+    return inversion.crop_box or regions.CropBox.full(inversion.original_sizes[0])
+
+
+def build(pipe, inversion, user, per_word, config, latent_size, prompts, auto) -> EditMasks:
+    """All masks of an edit from the loaded user masks (``user``: one H×W array per image, or None;
+    ``per_word``: word -> arrays) and, with ``auto`` (the auto-mask settings), an estimated mask."""
+    size = inversion.original_sizes[0]
+    box = inverted_box(inversion)
+    union_of_words = user is None and bool(per_word) and auto is None
+    if user is None and per_word:
+        user = [np.maximum.reduce([masks[i] for masks in per_word.values()]) for i in range(inversion.batch_size)]
+    if user is None and auto is None:
+        raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
+    word_full = {word: [compositing.grow_mask(m, config.grow) for m in masks] for word, masks in per_word.items()}
+    word_regions = {word: latent_mask(pipe, masks, box, inversion, config, latent_size)
+                    for word, masks in word_full.items()}
+    estimated = None
+    if auto is not None:
+        estimated = _estimated_masks(pipe, inversion, prompts, box, auto)
+        estimated = [compositing.grow_mask(m, config.grow) for m in estimated]
+        if user is not None:  # the user's mask is a hard outer bound
+            estimated = [automask.clip_to_bound(m, bound) for m, bound in zip(estimated, user)]
+        full, bound = estimated, user
+    else:
+        full, bound = [compositing.grow_mask(m, config.grow) for m in user], None
+    _check_inside_box(box, size, full + [m for masks in word_full.values() for m in masks])
+    if union_of_words:
+        regions_list = list(word_regions.values())
+        mask = regions_list[0]
+        for other in regions_list[1:]:
+            mask = mask.union(other)
+    else:
+        mask = latent_mask(pipe, full, box, inversion, config, latent_size)
+    if float(mask.latent.max()) <= 0.0 or not any(float(m.max()) > 0.0 for m in full):
+        if auto is not None:
+            raise PFBDiffError("the auto-mask found nothing to edit" + (" inside your mask" if user else "")
+                               + "; lower auto_mask_threshold (--auto-mask-threshold) or paint a mask")
+        raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
+    if float((mask.latent > 0.5).float().mean()) == 1.0:
+        warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
+    return EditMasks(mask, word_regions, full, bound, estimated)
+
+
+def latent_mask(pipe, full_masks, box, inversion, config, latent_size) -> EditMask:
+    """Full-size masks → the crop box → model size → an :class:`EditMask` at latent size."""
+    model_size = tuple(inversion.image.shape[-2:])[::-1]
+    rows, cols = box.slices
+    pixels = torch.cat([imgs.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(pipe.unet.device)
+    return EditMask.from_pixels(pixels.to(pipe.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
+
+
+def _check_inside_box(box, size, masks) -> None:
+    if box.covers(size):
+        return
+    rows, cols = box.slices
+    for m in masks:
+        if float(m.sum()) > float(m[rows, cols].sum()):
+            raise PFBDiffError(
+                f"the mask reaches outside the part of the image that was inverted (box {box.as_list()}); "
+                "invert with this mask (invert(image, mask_image=mask)) or with crop=False"
+            )
+
+
+def _estimated_masks(pipe, inversion, prompts, box, auto) -> list[np.ndarray]:
+    """DiffEdit-style masks (``automask.py``) of the inverted box, placed on full-size canvases."""
+    target = pipe.encode_prompt(list(prompts))
+    estimates = automask.estimate_masks(
+        pipe.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
+        [box.size] * inversion.batch_size, draws=auto["draws"], threshold=auto["threshold"], seed=auto["seed"],
+    )
+    width, height = inversion.original_sizes[0]
+    full = []
+    for estimate in estimates:
+        canvas = np.zeros((height, width), np.float32)
+        canvas[box.slices] = estimate
+        full.append(canvas)
+    return full
