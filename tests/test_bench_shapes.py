@@ -39,7 +39,7 @@ def test_cases_are_deterministic_and_do_not_depend_on_the_count(first_cases):
 
 def test_case_seeds_are_disjoint_from_training_and_evaluation(first_cases):
     from pfbdiff.shapes.evaluate import EVAL_SCENE_TAG, PSNR_SCENE_TAG
-    from pfbdiff.shapes.train import STAGE_CODES
+    from pfbdiff.shapes.training_setup import STAGE_CODES
 
     def stream(entropy):
         return tuple(np.random.default_rng(entropy).integers(0, 2**31, 4))

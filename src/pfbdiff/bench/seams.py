@@ -43,7 +43,7 @@ def load_vae(path: str | Path):
     path = Path(path)
     if path.is_dir():
         return AutoencoderKL.from_pretrained(path).eval()
-    from pfbdiff.shapes.train import vae_config
+    from pfbdiff.shapes.training_setup import vae_config
 
     vae = AutoencoderKL(**vae_config())
     vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["vae"])

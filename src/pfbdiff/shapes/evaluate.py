@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def record_evaluation(model_dir: str | Path, result: dict) -> None:
     """Store ``result`` as the ``evaluation`` of ``<model_dir>/training.json`` and rewrite the model card."""
-    from pfbdiff.shapes.train import write_model_card
+    from pfbdiff.shapes.export import write_model_card
 
     info_path = Path(model_dir) / "training.json"
     info = json.loads(info_path.read_text())

@@ -1,0 +1,166 @@
+"""Export of the trained ShapesWorld model: the EMA weights as a diffusers Stable Diffusion folder and its card.
+
+:func:`export_model` writes ``unet``, ``text_encoder``, ``tokenizer``, ``vae`` and ``scheduler`` sub-folders
+(fp16 safetensors on disk, fp32 configs), ``model_index.json`` and ``training.json`` (what was trained, how long,
+the last quick evaluation, and a full evaluation kept from an earlier export of the same weights), then
+:func:`write_model_card` writes ``model_card.md`` next to the folder from that ``training.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pfbdiff.shapes.training_loop import hardware, log, replace_folder
+from pfbdiff.shapes.training_setup import build_unet_stage, count_parameters, load_vae, unet_config, vae_config
+from pfbdiff.shapes.world import HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS
+
+
+def ema_components(out: Path, seed: int, ema_shadow=None) -> dict:
+    """Components with the EMA weights of the checkpoint (or of ``ema_shadow``), in eval mode, fp32."""
+    tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, seed)
+    if ema_shadow is None:
+        ema_shadow = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
+    targets = [p for m in (unet, text_encoder) for p in m.parameters()]
+    with torch.no_grad():
+        for target, value in zip(targets, ema_shadow, strict=True):
+            target.copy_(value)
+    vae = load_vae(out)
+    for module in (unet, text_encoder, vae):
+        module.eval().requires_grad_(False)
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the EMA model as a diffusers StableDiffusionPipeline folder (safetensors, ``dtype`` on disk).
+
+    The weights are stored in ``dtype`` but every config keeps fp32 as the default dtype, so a plain
+    ``StableDiffusionPipeline.from_pretrained(folder)`` loads everything in fp32 on the CPU.
+    """
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    seed = args.seed if args is not None else 0
+    components = ema_components(out, seed)
+    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    export_dir = Path(export_dir)
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    for weights in tmp.glob("*/*.safetensors"):
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    state = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)
+    vae_info = json.loads((out / "vae" / "training.json").read_text())
+    info = {
+        "unet_steps": state["step"],
+        "unet_batch_size": args.batch if args is not None else None,
+        "unet_seconds": round(state["elapsed"], 1),
+        "unet_cpu_seconds": round(state.get("cpu_seconds", 0.0), 1) or None,
+        "vae": vae_info,
+        "parameters": {name: count_parameters(components[name]) for name in ("unet", "text_encoder", "vae")},
+        "hardware": hardware(),
+        "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
+        "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    previous = export_dir / "training.json"
+    if previous.exists():  # keep a full evaluation if it was made on these very weights
+        old = json.loads(previous.read_text())
+        if old.get("unet_steps") == info["unet_steps"] and "evaluation" in old:
+            info["evaluation"] = old["evaluation"]
+    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    replace_folder(tmp, export_dir)
+    write_model_card(export_dir)
+    log(f"exported EMA model at step {state['step']} to {export_dir} ({folder_size(export_dir) / 1e6:.1f} MB)")
+    return export_dir
+
+
+def _last_row(path: Path, max_step: int | None = None) -> dict | None:
+    """The last CSV row (with ``step`` at most ``max_step``, if given), or None."""
+    if not path.exists():
+        return None
+    with path.open() as handle:
+        rows = [r for r in csv.DictReader(handle) if max_step is None or int(r["step"]) <= max_step]
+    return rows[-1] if rows else None
+
+
+def folder_size(folder: Path) -> int:
+    """Total size in bytes of the files under ``folder``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
+    """Write ``model_card.md`` (next to the model folder unless ``card_path``) from ``<model_dir>/training.json``."""
+    model_dir = Path(model_dir)
+    info = json.loads((model_dir / "training.json").read_text())
+    card_path = Path(card_path) if card_path else model_dir.parent / "model_card.md"
+    vae = info["vae"]
+    params = info["parameters"]
+    lines = [
+        "# ShapesWorld text-to-image model (bundled with pfbdiff)",
+        "",
+        "A small latent diffusion model with exactly Stable Diffusion's component types (`AutoencoderKL`, "
+        "`CLIPTextModel` + `CLIPTokenizer`, `UNet2DConditionModel`, `DDIMScheduler`), trained from scratch on "
+        "CPU so that the PFB-Diff editing code can be run and scored without downloading Stable Diffusion. "
+        "Folder: `src/pfbdiff/shapes/model/` (diffusers layout, fp16 safetensors on disk, configs default to fp32).",
+        "",
+        "## Data",
+        "",
+        "ShapesWorld (`pfbdiff.shapes.world`): 64 x 64 RGB scenes of one or two solid shapes (circle, square, "
+        "triangle; 6 colours) on a plain, striped or checkered background of another colour, with captions such "
+        "as `a red circle and a green square on a plain yellow background`. Scenes are rendered on the fly from "
+        "the `train` split, which never contains the held-out combinations "
+        f"(objects {', '.join(' '.join(p) for p in HELD_OUT_OBJECTS)}; backgrounds "
+        f"{', '.join(' '.join(p) for p in HELD_OUT_BACKGROUNDS)}).",
+        "",
+        "## Components",
+        "",
+        f"* VAE: `AutoencoderKL`, block_out_channels {list(vae_config()['block_out_channels'])}, downscale factor 4 "
+        f"(64 x 64 x 3 -> 16 x 16 x 4), {params['vae'] / 1e6:.2f}M parameters, scaling_factor "
+        f"{vae['scaling_factor']} (1 / measured latent std).",
+        f"* Text encoder: `CLIPTextModel`, hidden 128, 3 layers, 4 heads, {params['text_encoder'] / 1e6:.2f}M "
+        "parameters; tokenizer: CLIP BPE in which every ShapesWorld word is one token, max length 77.",
+        f"* U-Net: `UNet2DConditionModel`, block_out_channels {list(unet_config()['block_out_channels'])}, "
+        "CrossAttnDownBlock2D x2 + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x2, "
+        f"layers_per_block {unet_config()['layers_per_block']}, {params['unet'] / 1e6:.2f}M parameters.",
+        "* Scheduler: `DDIMScheduler`, SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction, "
+        "trailing timestep spacing.",
+        "",
+        "## Training",
+        "",
+        f"* VAE: {vae['steps']} steps of batch {vae['batch_size']} ({vae['seconds'] / 60:.1f} min); L1 + L2 + "
+        "image-gradient L1 + 1e-5 KL; AdamW, cosine decay.",
+        f"* U-Net + text encoder (jointly, from scratch): {info['unet_steps']} steps of batch "
+        f"{info['unet_batch_size']} ({info['unet_seconds'] / 60:.1f} min); v-prediction, min-SNR-5 weights "
+        "(for v: min(snr + 1, 5) / (snr + 1)), AdamW with warm-up, 10 % empty captions, EMA weights exported.",
+        f"* Hardware: {info['hardware']}. Script: `python -m pfbdiff.shapes.train` (see its docstring).",
+        "",
+        "## Scores",
+        "",
+        f"* VAE reconstruction PSNR on 256 rendered scenes: mean {vae['psnr_mean']:.2f} dB "
+        f"(median {vae['psnr_median']:.2f}, min {vae['psnr_min']:.2f}).",
+    ]
+    quick = info.get("quick_eval")
+    if quick:
+        lines.append(f"* Quick check during training (step {quick['step']}, {quick['captions']} captions, "
+                     f"{quick['ddim_steps']} DDIM steps): single-object fully right {float(quick['single_full']):.0%}, "
+                     f"two-object fully right {float(quick['two_full']):.0%}.")
+    evaluation = info.get("evaluation")
+    if evaluation:
+        lines.append(f"* `python -m pfbdiff.shapes.evaluate` ({evaluation['captions']} captions, half with held-out "
+                     f"combinations, {evaluation['steps']} DDIM steps, CFG {evaluation['guidance']}): single-object "
+                     f"fully right {evaluation['single_full']:.1%} (held-out {evaluation['single_heldout_full']:.1%}), "
+                     f"two-object fully right {evaluation['two_full']:.1%} (held-out "
+                     f"{evaluation['two_heldout_full']:.1%}); background colour {evaluation['all_background']:.1%}, "
+                     f"pattern {evaluation['all_pattern']:.1%}.")
+    else:
+        lines.append("* Full evaluation: not yet run on these weights (`python -m pfbdiff.shapes.evaluate --card`).")
+    lines += ["", f"Exported {info['exported']}.", ""]
+    card_path.write_text("\n".join(lines))
+    return card_path

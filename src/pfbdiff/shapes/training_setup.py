@@ -1,0 +1,146 @@
+"""What the ShapesWorld training builds: the component configs, fresh or trained components, and the data stream.
+
+The configs are those of the bundled model (see :mod:`pfbdiff.shapes.train`). :func:`training_batch` renders
+the train-split scenes of one training step, fixed by (seed, stage, step), and :func:`sample_latents` draws
+from the VAE posterior with a seeded generator, so that a resumed run sees exactly the data and noise of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfbdiff.shapes.world import VOCABULARY, caption, render, sample_scene
+
+# Second word of each stage's data-stream entropy (see training_batch); never reuse a code.
+STAGE_CODES = {"vae": 1, "unet": 2, "decoder": 3}
+EMPTY_CAPTION = ""
+
+# ------------------------------------------------------------------------------------------------ model configs
+
+
+def vae_config() -> dict:
+    """AutoencoderKL: 64 x 64 x 3 <-> 16 x 16 x 4 (three levels, so a downscale factor of 4)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (24, 48, 64),
+        "layers_per_block": 1,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "scaling_factor": 1.0,  # measured after training
+    }
+
+
+def unet_config(cross_attention_dim: int = 128) -> dict:
+    """UNet2DConditionModel on 16 x 16 x 4 latents; cross-attention at 16 x 16, 8 x 8 and in the 4 x 4 mid block.
+
+    ``attention_head_dim`` is the number of heads here (the SD 1.x naming quirk of diffusers).
+    """
+    return {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (64, 128, 128),
+        "layers_per_block": 1,
+        "norm_num_groups": 32,
+        "attention_head_dim": 4,
+        "cross_attention_dim": cross_attention_dim,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def text_encoder_config(tokenizer, hidden_size: int = 128, layers: int = 3):
+    """A small CLIP text transformer whose vocabulary and special token ids match ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        projection_dim=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def scheduler_config() -> dict:
+    """DDIM with SD's beta range, rescaled to zero terminal SNR, v-prediction and trailing timesteps."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "rescale_betas_zero_snr": True,
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+
+def build_unet_stage(out: Path, seed: int):
+    """Tokenizer, text encoder, UNet and scheduler of a fresh model (weights seeded)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from pfbdiff.toy_models import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
+    scheduler = DDIMScheduler.from_config(scheduler_config())
+    return tokenizer, text_encoder, unet, scheduler
+
+
+def load_vae(out: Path):
+    """The trained VAE of the run folder ``out`` (``<out>/vae``), frozen in eval mode."""
+    from diffusers import AutoencoderKL
+
+    folder = out / "vae"
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"no trained VAE in {folder}: run --stage vae first")
+    return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def training_batch(seed: int, stage: str, step: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Rendered train-split scenes (N x 3 x 64 x 64 in [-1, 1]) and their captions, fixed by (seed, stage, step)."""
+    rng = np.random.default_rng([seed, STAGE_CODES[stage], step])
+    scenes = [sample_scene(rng, split="train") for _ in range(batch_size)]
+    images = np.stack([render(scene).image for scene in scenes])
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return tensor, [caption(scene) for scene in scenes]
+
+
+def sample_latents(posterior, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the VAE posterior with the noise of ``generator`` (CPU), so that resumed runs repeat it."""
+    return posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)

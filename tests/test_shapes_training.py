@@ -1,0 +1,125 @@
+"""Smoke test of the ShapesWorld training (``python -m pfbdiff.shapes.train``): every stage end to end, tiny.
+
+The VAE, decoder and U-Net stages run for a few steps of batch 2 in a temporary folder, are resumed, stopped
+by the ``--max-minutes`` deadline and exported; the test checks the files that a long run is resumed and
+shipped from (checkpoint keys, CSV columns, ``training.json``, the exported folder) and the min-SNR weights.
+"""
+
+import csv
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+UNET_CHECKPOINT_KEYS = ["unet", "text_encoder", "optimizer", "ema", "step", "elapsed", "cpu_seconds", "next_eval",
+                        "next_export"]
+VAE_CHECKPOINT_KEYS = ["vae", "optimizer", "step", "elapsed"]
+
+
+@pytest.fixture
+def tiny_training(monkeypatch):
+    """Few images for the VAE's scaling-factor and PSNR measurements; restores what ``main`` changes globally."""
+    from pfbdiff.shapes import vae_stages
+
+    monkeypatch.setattr(vae_stages, "MEASURE_BATCHES", 1)
+    monkeypatch.setattr(vae_stages, "MEASURE_BATCH", 8)
+    monkeypatch.setattr(vae_stages, "PSNR_IMAGES", 4)
+    # main() sets the torch thread count and installs SIGTERM / SIGINT handlers (StopFlag).
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _csv(path) -> tuple[list[str], list[dict]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
+    from safetensors.torch import load_file
+
+    from pfbdiff.loading import load_components
+    from pfbdiff.shapes.train import main
+
+    out, export_dir = tmp_path / "run", tmp_path / "model"
+    common = ["--out", str(out), "--log-every", "1", "--vae-batch", "2", "--batch", "2", "--eval-minutes", "0"]
+
+    main([*common, "--stage", "vae", "--vae-steps", "2"])
+    vae_info = json.loads((out / "vae" / "training.json").read_text())
+    assert vae_info["steps"] == 2 and vae_info["scaling_factor"] > 0
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == vae_info["scaling_factor"]
+    assert list(_checkpoint(out / "vae_checkpoint.pt")) == VAE_CHECKPOINT_KEYS
+    assert _csv(out / "vae_log.csv")[0] == ["step", "elapsed_s", "loss", "l1", "l2", "kl", "train_psnr", "lr"]
+
+    main([*common, "--stage", "decoder", "--decoder-steps", "2"])
+    decoder = _checkpoint(out / "decoder_checkpoint.pt")
+    assert list(decoder) == VAE_CHECKPOINT_KEYS and decoder["step"] == 2
+    assert json.loads((out / "vae" / "training.json").read_text())["decoder_steps"] == 2
+    assert _csv(out / "decoder_log.csv")[0] == ["step", "elapsed_s", "loss", "train_psnr"]
+
+    main([*common, "--stage", "unet", "--unet-steps", "2"])
+    assert _checkpoint(out / "unet_checkpoint.pt")["step"] == 2
+    main([*common, "--stage", "unet", "--unet-steps", "3"])  # resumes at step 2 and trains one more
+    resumed = _checkpoint(out / "unet_checkpoint.pt")
+    assert list(resumed) == UNET_CHECKPOINT_KEYS and resumed["step"] == 3
+    header, rows = _csv(out / "unet_log.csv")
+    assert header == ["step", "elapsed_s", "cpu_s", "loss", "lr"] and [int(r["step"]) for r in rows] == [1, 2, 3]
+
+    # An uninterrupted run on the same VAE reaches the same weights: the data and noise streams resume exactly.
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    shutil.copytree(out / "vae", straight / "vae")
+    main(["--out", str(straight), "--batch", "2", "--eval-minutes", "0", "--stage", "unet", "--unet-steps", "3"])
+    uninterrupted = _checkpoint(straight / "unet_checkpoint.pt")
+    for name in ("unet", "text_encoder"):
+        assert all(torch.equal(value, uninterrupted[name][key]) for key, value in resumed[name].items())
+    assert all(torch.equal(a, b) for a, b in zip(resumed["ema"], uninterrupted["ema"], strict=True))
+
+    # A deadline already passed stops the session after one step, with a checkpoint.
+    main([*common, "--stage", "unet", "--unet-steps", "10", "--max-minutes", "1e-9"])
+    assert _checkpoint(out / "unet_checkpoint.pt")["step"] == 4
+
+    main(["--out", str(out), "--export-only", "--export-dir", str(export_dir)])
+    assert {p.name for p in export_dir.iterdir()} == {"model_index.json", "training.json", "scheduler", "tokenizer",
+                                                      "text_encoder", "unet", "vae"}
+    assert (tmp_path / "model_card.md").is_file()
+    info = json.loads((export_dir / "training.json").read_text())
+    assert set(info) == {"unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",
+                         "hardware", "quick_eval", "exported"}
+    assert info["unet_steps"] == 4 and info["vae"]["decoder_steps"] == 2
+    weights = sorted(export_dir.glob("*/*.safetensors"))
+    assert [w.parent.name for w in weights] == ["text_encoder", "unet", "vae"]
+    for path in weights:
+        assert {t.dtype for t in load_file(path).values() if t.is_floating_point()} == {torch.float16}
+
+    components = load_components(export_dir, device="cpu", torch_dtype="float32")
+    assert components["unet"].dtype == torch.float32
+    assert components["vae"].config.scaling_factor == vae_info["scaling_factor"]
+    ema = _checkpoint(out / "unet_checkpoint.pt")["ema"]
+    assert torch.equal(next(components["unet"].parameters()), ema[0].half().float())  # the EMA weights, in fp16
+
+
+def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():
+    from diffusers import DDIMScheduler
+
+    from pfbdiff.shapes.training_setup import scheduler_config
+    from pfbdiff.shapes.unet_stage import snr_weights
+
+    scheduler = DDIMScheduler.from_config(scheduler_config())
+    alphas_cumprod = scheduler.alphas_cumprod
+    timesteps = torch.arange(len(alphas_cumprod))
+    weights = snr_weights(alphas_cumprod, timesteps, gamma=5.0)
+    assert alphas_cumprod[-1] == 0  # zero terminal SNR
+    assert weights[-1] == 1
+    assert torch.all(weights > 0) and torch.all(weights <= 1)
+    assert weights[0] < 0.01  # the nearly clean steps are capped
