@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from pfbdiff.attention import AttentionMasking, MaskedCrossAttention, TokenRegion, attention_masking_installed
-from pfbdiff.images import mask_to_tensor
+from pfbdiff.attention import (
+    AttentionMasking,
+    MaskedCrossAttention,
+    TokenRegion,
+    attention_masking_installed,
+)
 from pfbdiff.masks import EditMask
+from pfbdiff.tensors import mask_to_tensor
 from pfbdiff.tokens import token_positions
 
 

@@ -14,6 +14,7 @@ from pfbdiff.bench import baselines, metrics, report, shapes
 from pfbdiff.bench import cases as bench_cases
 from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
 from pfbdiff.presets import get_preset
+from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.oracles import object_kept
 from pfbdiff.shapes.world import sample_scene
 
@@ -136,7 +137,7 @@ def test_seam_and_coherence_see_what_they_should():
     images = render_case(make_case("object", 2), 64)
     src, mask = images.source, images.mask
     step = src.astype(float).copy()
-    ring = metrics.dilate(mask, 3) & ~mask
+    ring = dilate(mask, 3) & ~mask
     step[ring] += 40
     assert metrics.seam_score(step, src, mask)["seam_ring"] == pytest.approx(40.0)
     ideal_objects = metrics.objects_in_mask(images.ideal, mask)

@@ -1,4 +1,4 @@
-"""Tests for pfbdiff.images: loading images and masks and the round trips to model size."""
+"""Tests for pfbdiff.images and pfbdiff.tensors: loading images and masks, and the round trips to model size."""
 
 from __future__ import annotations
 
@@ -7,19 +7,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import assert_user_error, pixel
 from PIL import Image
 
 from pfbdiff import images
 from pfbdiff.errors import PFBDiffError
-from helpers import assert_user_error, pixel
-from pfbdiff.images import (
+from pfbdiff.images import describe_empty_or_full, load_image, load_mask, mask_coverage
+from pfbdiff.tensors import (
     convert_output,
-    describe_empty_or_full,
     fit_to_multiple,
     image_to_tensor,
-    load_image,
-    load_mask,
-    mask_coverage,
     mask_to_tensor,
     restore_size,
     tensor_to_pil,

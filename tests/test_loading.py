@@ -1,4 +1,5 @@
-"""Tests of pfbdiff.loading: folders, single files, hub ids, pickle refusal, dtype and device options."""
+"""Tests of model loading (pfbdiff.loading, .diffusers_folders, .hub, .devices): folders, single files, hub ids,
+pickle refusal, dtype and device options."""
 
 import json
 import shutil
@@ -6,12 +7,13 @@ import time
 
 import pytest
 import torch
+from ldm_checkpoint import components_to_ldm, write_ldm_pickle, write_ldm_safetensors
 from safetensors.torch import load_file
 
-from ldm_checkpoint import components_to_ldm, write_ldm_pickle, write_ldm_safetensors
-from pfbdiff import loading
+from pfbdiff import devices, hub
+from pfbdiff.devices import resolve_device, resolve_dtype
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.loading import MODEL_ALIASES, load_components, resolve_device, resolve_dtype
+from pfbdiff.loading import MODEL_ALIASES, load_components
 from pfbdiff.toy_models import tiny_sd_components
 
 NETWORKS = ("unet", "vae", "text_encoder")
@@ -164,7 +166,7 @@ def test_single_safetensors_with_config_reproduces_the_model(ldm_safetensors, ti
 
 
 def test_single_file_without_config_says_to_pass_one(ldm_safetensors, monkeypatch):
-    monkeypatch.setattr(loading, "_cached_snapshot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(hub, "cached_snapshot", lambda *args, **kwargs: None)
     with pytest.raises(PFBDiffError) as excinfo:
         load_components(ldm_safetensors, device="cpu")
     assert_one_line_error(excinfo, "--config")
@@ -228,8 +230,8 @@ def test_unreachable_hub_gives_the_same_error(monkeypatch):
         calls.append(local_files_only)
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(loading, "_snapshot_download", fake_snapshot_download)
-    monkeypatch.setattr(loading, "hub_is_offline", lambda: False)
+    monkeypatch.setattr(hub, "_snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "hub_is_offline", lambda: False)
     with pytest.raises(PFBDiffError) as excinfo:
         load_components("owner/name", device="cpu")
     assert calls == [True, False]  # the cache is asked first, the network only after
@@ -243,7 +245,7 @@ def test_cached_hub_id_loads_without_network(monkeypatch, tiny_model_dir):
         assert not any(p.endswith(".bin") for p in patterns)
         return tiny_model_dir
 
-    monkeypatch.setattr(loading, "_snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "_snapshot_download", fake_snapshot_download)
     components = load_components("owner/tiny", device="cpu")
     assert components["unet"].config.cross_attention_dim == 32
 
@@ -273,9 +275,9 @@ def test_unknown_dtype_is_refused(tiny_model_dir):
 
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == loading.best_device()
-    if not torch.cuda.is_available() and not loading._mps_available():
-        assert loading.best_device() == torch.device("cpu")
+    assert resolve_device("auto") == devices.best_device()
+    if not torch.cuda.is_available() and not devices._mps_available():
+        assert devices.best_device() == torch.device("cpu")
 
 
 @pytest.mark.parametrize("device", ["gpu", "tpu:0", "cuda:banana"])

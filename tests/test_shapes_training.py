@@ -1,7 +1,7 @@
 """Smoke test of the ShapesWorld training (``python -m pfbdiff.shapes.train``): every stage end to end, tiny.
 
 The VAE, decoder and U-Net stages run for a few steps of batch 2 in a temporary folder, are resumed, stopped
-by the ``--max-minutes`` deadline and exported; the test checks the files that a long run is resumed and
+by the ``--max-minutes`` deadline, quick-evaluated on a single caption and exported; the test checks the files that a long run is resumed and
 shipped from (checkpoint keys, CSV columns, ``training.json``, the exported folder) and the min-SNR weights.
 """
 
@@ -89,14 +89,21 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     main([*common, "--stage", "unet", "--unet-steps", "10", "--max-minutes", "1e-9"])
     assert _checkpoint(out / "unet_checkpoint.pt")["step"] == 4
 
+    # A quick evaluation on one caption (no two-object or train-split case) records the scores it has.
+    main([*common, "--stage", "unet", "--unet-steps", "5", "--eval-minutes", "1e-9", "--eval-captions", "1",
+          "--eval-steps", "1"])
+    header, rows = _csv(out / "unet_eval.csv")
+    assert [int(r["step"]) for r in rows] == [5] and {"single_full", "single_heldout_full"} <= set(header)
+    assert not {"two_full", "single_train_full"} & set(header)
+
     main(["--out", str(out), "--export-only", "--export-dir", str(export_dir)])
     assert {p.name for p in export_dir.iterdir()} == {"model_index.json", "training.json", "scheduler", "tokenizer",
                                                       "text_encoder", "unet", "vae"}
-    assert (tmp_path / "model_card.md").is_file()
+    assert "single-object fully right" in (tmp_path / "model_card.md").read_text()
     info = json.loads((export_dir / "training.json").read_text())
     assert set(info) == {"unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",
                          "hardware", "quick_eval", "exported"}
-    assert info["unet_steps"] == 4 and info["vae"]["decoder_steps"] == 2
+    assert info["unet_steps"] == 5 and info["vae"]["decoder_steps"] == 2 and info["quick_eval"]["step"] == "5"
     weights = sorted(export_dir.glob("*/*.safetensors"))
     assert [w.parent.name for w in weights] == ["text_encoder", "unet", "vae"]
     for path in weights:

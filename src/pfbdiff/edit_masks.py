@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import automask, compositing, regions
-from . import images as imgs
+from . import automask, compositing, regions, tensors
 from .errors import PFBDiffError
 from .masks import EditMask
 
@@ -84,7 +83,7 @@ def latent_mask(pipe, full_masks, box, inversion, config, latent_size) -> EditMa
     """Full-size masks → the crop box → model size → an :class:`EditMask` at latent size."""
     model_size = tuple(inversion.image.shape[-2:])[::-1]
     rows, cols = box.slices
-    pixels = torch.cat([imgs.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(pipe.unet.device)
+    pixels = torch.cat([tensors.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(pipe.unet.device)
     return EditMask.from_pixels(pixels.to(pipe.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
 
 

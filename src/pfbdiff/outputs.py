@@ -19,8 +19,8 @@ from typing import Any, Union
 from PIL import Image, PngImagePlugin
 
 from .errors import PFBDiffError
-from .images import check_readable_file, one_line, pil_to_rgb
-
+from .images import check_readable_file, one_line
+from .pixel_formats import pil_to_rgb
 
 #: PNG text chunk holding the JSON-encoded edit settings.
 METADATA_KEY = "pfbdiff"

@@ -21,16 +21,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from PIL import Image
 
-from . import automask, compositing, edit_masks, regions
+from . import automask, compositing, edit_masks, regions, tensors
 from . import images as imgs
 from .attention import AttentionMasking, TokenRegion, attention_masking_installed
 from .errors import PFBDiffError
 from .inversion import Inversion, ddim_invert
-from .loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop, recomputed_source_features
+from .loop import (
+    BlendPlan,
+    Prompts,
+    cached_source_features,
+    pfb_sampling_loop,
+    plain_sampling_loop,
+    recomputed_source_features,
+)
 from .masks import EditMask
 from .presets import PRESETS, EditConfig, get_preset
 from .sampling import DDIMGrid
@@ -125,7 +132,7 @@ class PFBDiffPipeline(DiffusionPipeline):
             raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
         plan = self._plan_region(sizes[0], mask_image, crop, crop_padding, grow, feather, feather_placement)
         model_size = plan.model_size
-        pixels = torch.cat([imgs.image_to_tensor(im.crop(tuple(plan.box.as_list())), model_size) for im in pil_images])
+        pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), model_size) for im in pil_images])
         source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
         embeddings = self.encode_prompt(source_prompts)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
@@ -338,7 +345,7 @@ class PFBDiffPipeline(DiffusionPipeline):
             latents = _randn(shape, generator, self.unet.device, self.unet.dtype)
         x = plain_sampling_loop(self.feature_unet, latents, grid, prompts, guidance_scale, batch_cfg=batch_cfg)
         out = self.decode_latents(x)
-        return PFBDiffOutput(images=imgs.convert_output(out, output_type), latents=x)
+        return PFBDiffOutput(images=tensors.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> edit_masks.EditMasks:
@@ -408,9 +415,9 @@ class PFBDiffPipeline(DiffusionPipeline):
             images = latents
         else:
             pil = []
-            for i, generated in enumerate(imgs.tensor_to_pil(decoded)):
+            for i, generated in enumerate(tensors.tensor_to_pil(decoded)):
                 image = i // repeats
-                generated = imgs.restore_size(generated, box.size)
+                generated = tensors.restore_size(generated, box.size)
                 if (alphas is None and box.covers(size)) or not inversion.source_images:
                     pil.append(generated)
                     continue
@@ -422,7 +429,7 @@ class PFBDiffPipeline(DiffusionPipeline):
                 width = max(4, finish.feather if finish is not None and finish.feather else 4)
                 pil.append(Image.fromarray(compositing.composite(source, np.asarray(generated), box, mask_box, alpha,
                                                                  colour, ring_width=width)))
-            images = pil if output_type == "pil" else imgs.convert_output(_pil_to_tensor(pil), output_type)
+            images = pil if output_type == "pil" else tensors.convert_output(_pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)
         masks = None

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import PFBDiffError
-from .images import round_to_multiple
+from .tensors import round_to_multiple
 
 #: Smallest context padding (pixels of the input image) of an automatic crop.
 MIN_PADDING = 32

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import images as imgs
+from .. import tensors
 from ..blending import blend_latents
 from ..loop import Prompts, guided_prediction, plain_sampling_loop
 from ..masks import EditMask
@@ -60,7 +60,7 @@ def _noise(shape, generator, like: torch.Tensor) -> torch.Tensor:
 
 def encode_source(pipe, image: np.ndarray) -> torch.Tensor:
     """VAE latent (posterior mean, scaled) of an H×W×3 uint8 image whose sides suit the VAE."""
-    pixels = imgs.image_to_tensor(Image.fromarray(np.asarray(image, np.uint8)))
+    pixels = tensors.image_to_tensor(Image.fromarray(np.asarray(image, np.uint8)))
     return pipe.encode_images(pixels).to(pipe.unet.dtype)
 
 
@@ -76,7 +76,7 @@ def target_prompts(pipe, prompt: str, guidance_scale: float) -> Prompts:
 
 
 def decode_uint8(pipe, latents: torch.Tensor) -> np.ndarray:
-    return np.asarray(imgs.tensor_to_pil(pipe.decode_latents(latents))[0])
+    return np.asarray(tensors.tensor_to_pil(pipe.decode_latents(latents))[0])
 
 
 def pipeline_edit(pipe, inversion, **edit_kwargs) -> BaselineResult:

@@ -29,10 +29,19 @@ from functools import cached_property
 import numpy as np
 
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.shapes.oracles import dilate
+from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.world import (
-    COLOURS, HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS, PATTERNS, SHAPES, Scene, caption, is_held_out_background,
-    is_held_out_object, render, sample_scene,
+    COLOURS,
+    HELD_OUT_BACKGROUNDS,
+    HELD_OUT_OBJECTS,
+    PATTERNS,
+    SHAPES,
+    Scene,
+    caption,
+    is_held_out_background,
+    is_held_out_object,
+    render,
+    sample_scene,
 )
 
 TASKS: tuple[str, ...] = ("object", "attribute", "background", "multi-object")

@@ -35,7 +35,8 @@ import math
 
 import numpy as np
 
-from pfbdiff.shapes.oracles import FOREGROUND_DISTANCE, analyse, background_of, dilate, erode, iou
+from pfbdiff.shapes.binary_masks import dilate, erode, iou
+from pfbdiff.shapes.oracles import FOREGROUND_DISTANCE, analyse, background_of
 
 PSNR_CAP = 100.0  # dB reported for identical pixels
 SSIM_SIGMA, SSIM_RADIUS, SSIM_K1, SSIM_K2, DATA_RANGE = 1.5, 5, 0.01, 0.03, 255.0

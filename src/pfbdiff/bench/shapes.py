@@ -24,7 +24,15 @@ from ..errors import PFBDiffError
 from ..presets import EditConfig, get_preset
 from . import baselines
 from .cases import TASKS, CaseImages, make_cases, render_case
-from .metrics import coherence, edit_success, objects_in_mask, psnr, seam_score, ssim, text_to_image_success
+from .metrics import (
+    coherence,
+    edit_success,
+    objects_in_mask,
+    psnr,
+    seam_score,
+    ssim,
+    text_to_image_success,
+)
 
 TASK_PRESET = {"object": "object", "attribute": "attribute", "background": "background", "multi-object": "multi-object"}
 PAPER_PRESET = {"object": "paper-object", "attribute": "paper-object", "background": "paper-background",
@@ -251,7 +259,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
                 out = method.run(pipe, images, steps, guidance, generator(), paste_back=paste_back)
             calls, rows, seconds = cost.calls, cost.rows, cost.seconds
             if out.mask is not None:
-                from pfbdiff.shapes.oracles import iou
+                from pfbdiff.shapes.binary_masks import iou
 
                 extra["auto_mask_iou"] = iou(out.mask, images.mask)
         metrics = score(images, out.image, out.raw)

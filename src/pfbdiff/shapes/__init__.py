@@ -1,21 +1,20 @@
 """ShapesWorld: procedural scenes of coloured shapes, their captions, and exact oracles that read them back.
 
 See :mod:`pfbdiff.shapes.world` (scenes, rendering, captions, held-out combinations) and
-:mod:`pfbdiff.shapes.oracles` (deterministic image analysis for scoring generated and edited images).
+:mod:`pfbdiff.shapes.oracles` (deterministic image analysis for scoring generated and edited images, built on
+:mod:`pfbdiff.shapes.colours` and :mod:`pfbdiff.shapes.binary_masks`).
 """
 
+from pfbdiff.shapes.binary_masks import classify_shape, iou, label_components
+from pfbdiff.shapes.colours import name_colour
 from pfbdiff.shapes.oracles import (
     DetectedObject,
     SceneAnalysis,
     analyse,
     background_is,
     background_of,
-    classify_shape,
     contains,
     find_objects,
-    iou,
-    label_components,
-    name_colour,
     object_kept,
 )
 from pfbdiff.shapes.world import (

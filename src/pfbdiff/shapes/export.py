@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from pfbdiff.shapes.training_loop import hardware, log, replace_folder
-from pfbdiff.shapes.training_setup import build_unet_stage, count_parameters, load_vae, unet_config, vae_config
+from pfbdiff.shapes.training_setup import (
+    build_unet_stage,
+    count_parameters,
+    load_vae,
+    unet_config,
+    vae_config,
+)
 from pfbdiff.shapes.world import HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS
 
 
@@ -148,9 +154,11 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
     ]
     quick = info.get("quick_eval")
     if quick:
+        # A quick check on very few captions may lack a group's score (an absent or empty CSV cell).
+        scores = [f"{label} fully right {float(quick[key]):.0%}"
+                  for key, label in (("single_full", "single-object"), ("two_full", "two-object")) if quick.get(key)]
         lines.append(f"* Quick check during training (step {quick['step']}, {quick['captions']} captions, "
-                     f"{quick['ddim_steps']} DDIM steps): single-object fully right {float(quick['single_full']):.0%}, "
-                     f"two-object fully right {float(quick['two_full']):.0%}.")
+                     f"{quick['ddim_steps']} DDIM steps): {', '.join(scores) or 'no scores'}.")
     evaluation = info.get("evaluation")
     if evaluation:
         lines.append(f"* `python -m pfbdiff.shapes.evaluate` ({evaluation['captions']} captions, half with held-out "

@@ -22,6 +22,9 @@ How it works, in short:
    box; the best fit names the shape, or ``None`` when nothing fits well.
 5. **Pattern.** Background pixels are placed along the colour-to-shade segment and split in two clusters.
    One cluster only: plain. Otherwise the image rows (or columns) are uniform for stripes and mixed for checks.
+
+Naming colours in CIELAB (steps 1 and 3) lives in :mod:`pfbdiff.shapes.colours`; the mask geometry (connected
+components, morphology, IoU and the shape fit of step 4) in :mod:`pfbdiff.shapes.binary_masks`.
 """
 
 from __future__ import annotations
@@ -31,20 +34,29 @@ from dataclasses import dataclass
 import numpy as np
 
 from pfbdiff.errors import PFBDiffError
+from pfbdiff.shapes.binary_masks import (
+    bounding_box,
+    classify_shape,
+    dilate,
+    erode,
+    iou,
+    label_components,
+)
+from pfbdiff.shapes.colours import (
+    as_rgb_float,
+    name_colour,
+    reference_votes,
+    vote_background,
+)
 from pfbdiff.shapes.world import COLOURS, PALETTE, SHADES
 
-# --- Tunable thresholds (RGB units are 0-255; dE is CIELAB distance) ---------------------------------------
+# --- Tunable thresholds (RGB units are 0-255) -------------------------------------------------------------
 
-# Max CIELAB distance for a pixel or object to be given a palette name; the closest two palette colours are
-# about 41 dE apart, so this only rejects colours that are near nothing.
-COLOUR_CUTOFF_DE = 35.0
 # A pixel is foreground when it is this far (RGB) from the background colour-to-shade segment. Noise of
 # sigma 8 exceeds it in ~1e-4 of pixels (then dropped as specks); every object colour is >= 62 away.
 FOREGROUND_DISTANCE = 32.0
 # Components smaller than this fraction of the image are noise, not objects (the smallest object is ~2.4 %).
 MIN_OBJECT_FRACTION = 0.005
-# Below this IoU with every ideal shape, a blob is not called a circle, square or triangle.
-MIN_SHAPE_FIT = 0.7
 # Pattern detection: the two clusters of background pixels along the colour-to-shade axis must be this far
 # apart in RGB (a colour and its shade are >= 92 apart; noise of sigma 8 splits into clusters ~13 apart) and
 # the smaller cluster must hold this share of pixels.
@@ -86,78 +98,13 @@ class SceneAnalysis:
     objects: list[DetectedObject]
 
 
-# --- Colour helpers ----------------------------------------------------------------------------------------
-
-
-def as_rgb_float(image) -> np.ndarray:
-    """H x W x 3 float array in 0-255 from a uint8 / float (0-1 or 0-255) array or a PIL image."""
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise PFBDiffError(f"expected an H x W x 3 RGB image, got an array of shape {array.shape}")
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return array.astype(np.float64)
-    array = array.astype(np.float64)
-    return array * 255.0 if array.max(initial=0.0) <= 1.0 else array
-
-
-# sRGB decoding (the costly power law) is tabulated once and interpolated: far below colour-naming accuracy.
-_SRGB_GRID = np.linspace(0.0, 255.0, 1021)
-_SRGB_LINEAR = np.where(_SRGB_GRID <= 0.04045 * 255, _SRGB_GRID / 255 / 12.92,
-                        ((_SRGB_GRID / 255 + 0.055) / 1.055) ** 2.4)
-_RGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
-
-
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0-255, any leading shape) to CIELAB (D65)."""
-    linear = np.interp(np.asarray(rgb, np.float64), _SRGB_GRID, _SRGB_LINEAR)
-    xyz = linear @ (_RGB_TO_XYZ.T / _D65_WHITE)
-    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
-
-
-# Reference colours for background voting: every palette colour and its shade. Index i < len(COLOURS) is
-# colour i; index len(COLOURS) + i is the shade of colour i.
-_REFERENCE_RGB = np.array([PALETTE[c] for c in COLOURS] + [SHADES[c] for c in COLOURS], np.float64)
-_REFERENCE_LAB = rgb_to_lab(_REFERENCE_RGB)
-_PALETTE_LAB = _REFERENCE_LAB[:len(COLOURS)]
-
-
-def _nearest(lab: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and distance to the nearest reference colour for each Lab row."""
-    squared = (lab * lab).sum(axis=1)[:, None] - 2 * lab @ references.T + (references * references).sum(axis=1)
-    index = squared.argmin(axis=1)
-    return index, np.sqrt(np.maximum(squared[np.arange(len(lab)), index], 0.0))
-
-
-def name_colour(rgb) -> str | None:
-    """Nearest palette colour name for one RGB colour, or ``None`` when nothing is within the cut-off."""
-    index, distance = _nearest(rgb_to_lab(np.asarray(rgb, np.float64).reshape(1, 3)), _PALETTE_LAB)
-    return COLOURS[index[0]] if distance[0] <= COLOUR_CUTOFF_DE else None
-
-
-def _reference_votes(pixels_rgb: np.ndarray) -> np.ndarray:
-    """Reference index per pixel (colour or shade), -1 beyond the cut-off."""
-    index, distance = _nearest(rgb_to_lab(pixels_rgb), _REFERENCE_LAB)
-    return np.where(distance <= COLOUR_CUTOFF_DE, index, -1)
-
-
-def _vote_background(votes: np.ndarray, min_share: float) -> str | None:
-    """Most voted base colour (shades count for their colour) if it holds ``min_share`` of all pixels."""
-    if votes.size == 0:
-        return None
-    base = votes[votes >= 0] % len(COLOURS)
-    counts = np.bincount(base, minlength=len(COLOURS))
-    best = int(counts.argmax())
-    return COLOURS[best] if counts[best] >= min_share * votes.size and counts[best] > 0 else None
-
-
 # --- Background model --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
 class _BackgroundModel:
+    """The background as the RGB segment from its colour to its shade, both as observed in the image."""
+
     colour: str | None
     base: np.ndarray  # RGB actually observed for the background colour
     shade: np.ndarray  # RGB actually observed for its darker shade
@@ -192,99 +139,14 @@ def _model_for_colour(pixels: np.ndarray, votes: np.ndarray, colour: str) -> _Ba
 
 def _background_model(pixels: np.ndarray, votes: np.ndarray) -> _BackgroundModel:
     """Background model from pixels (N x 3, with their votes) dominated by background: the most voted colour."""
-    colour = _vote_background(votes, min_share=0.0)
+    colour = vote_background(votes, min_share=0.0)
     if colour is None:  # unrecognisable image: treat its median colour as a plain background
         median = np.median(pixels, axis=0)
         return _BackgroundModel(None, median, median)
     return _model_for_colour(pixels, votes, colour)
 
 
-# --- Binary morphology and connected components (numpy only) ----------------------------------------------
-
-
-def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
-    """Grow a mask by ``radius`` pixels (square neighbourhood; done as a row pass then a column pass)."""
-    out = mask.copy()
-    for _ in range(radius):
-        rows = out.copy()
-        rows[1:] |= out[:-1]
-        rows[:-1] |= out[1:]
-        out = rows.copy()
-        out[:, 1:] |= rows[:, :-1]
-        out[:, :-1] |= rows[:, 1:]
-    return out
-
-
-def erode(mask: np.ndarray, radius: int = 1) -> np.ndarray:
-    """Shrink a mask by ``radius`` pixels (square neighbourhood)."""
-    return ~dilate(~mask, radius)
-
-
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of a bool mask: (labels with 0 = off and 1..n in raster order of first pixel, n).
-
-    Each pixel repeatedly takes the smallest pixel index among itself and its neighbours, with pointer
-    jumping (a label is the index of a pixel whose own label is smaller or equal) so that labels travel far
-    in few iterations.
-    """
-    h, w = mask.shape
-    sentinel = h * w
-    labels = np.where(mask, np.arange(h * w).reshape(h, w), sentinel)
-    on = np.flatnonzero(mask)
-    while True:
-        spread = labels.copy()
-        np.minimum(spread[1:], labels[:-1], out=spread[1:])
-        np.minimum(spread[:-1], labels[1:], out=spread[:-1])
-        np.minimum(spread[:, 1:], labels[:, :-1], out=spread[:, 1:])
-        np.minimum(spread[:, :-1], labels[:, 1:], out=spread[:, :-1])
-        spread[~mask] = sentinel
-        flat = spread.reshape(-1)
-        for _ in range(4):
-            flat[on] = flat[flat[on]]
-        if np.array_equal(spread, labels):
-            break
-        labels = spread
-    roots, dense = np.unique(labels[mask], return_inverse=True)
-    out = np.zeros((h, w), np.int32)
-    out[mask] = dense.reshape(-1) + 1
-    return out, len(roots)
-
-
-# --- Shapes ------------------------------------------------------------------------------------------------
-
-
-def _ideal_shapes(height: int, width: int) -> dict[str, list[np.ndarray]]:
-    """Ideal masks filling a height x width box, sampled at pixel centres; triangles in both orientations."""
-    u = ((np.arange(width) + 0.5) / width)[None, :]
-    v = ((np.arange(height) + 0.5) / height)[:, None]
-    return {
-        "circle": [(u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25],
-        "square": [np.ones((height, width), bool)],
-        "triangle": [np.abs(u - 0.5) <= v / 2, np.abs(u - 0.5) <= (1 - v) / 2],
-    }
-
-
-def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
-    """Best-fitting shape of a bool mask and its IoU with the ideal shape in the mask's bounding box."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return None, 0.0
-    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    best, best_fit = None, 0.0
-    for name, templates in _ideal_shapes(*crop.shape).items():
-        for template in templates:
-            fit = iou(crop, template)
-            if fit > best_fit:
-                best, best_fit = name, fit
-    return (best if best_fit >= MIN_SHAPE_FIT else None), best_fit
-
-
 # --- Objects -----------------------------------------------------------------------------------------------
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    ys, xs = np.nonzero(mask)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _coverage(rgb: np.ndarray, colour_rgb: np.ndarray, model: _BackgroundModel) -> np.ndarray:
@@ -331,7 +193,7 @@ def _find_objects(rgb: np.ndarray, model: _BackgroundModel) -> list[DetectedObje
     found = []
     for k in kept:
         # Work in a window one pixel larger than the component (the refined mask may grow by one pixel).
-        x0, y0, x1, y1 = _bbox(labels == k)
+        x0, y0, x1, y1 = bounding_box(labels == k)
         window = (slice(max(y0 - 1, 0), min(y1 + 1, height)), slice(max(x0 - 1, 0), min(x1 + 1, width)))
         crop = labels[window]
         others = np.isin(crop, [j for j in kept if j != k])
@@ -341,7 +203,7 @@ def _find_objects(rgb: np.ndarray, model: _BackgroundModel) -> list[DetectedObje
         mask = np.zeros(labels.shape, bool)
         mask[window] = crop_mask
         shape, fit = classify_shape(crop_mask)
-        found.append(DetectedObject(colour=colour, shape=shape, mask=mask, bbox=_bbox(mask),
+        found.append(DetectedObject(colour=colour, shape=shape, mask=mask, bbox=bounding_box(mask),
                                     area=int(crop_mask.sum()), shape_fit=fit))
     return found
 
@@ -398,7 +260,7 @@ def _classify_pattern(rgb: np.ndarray, region: np.ndarray, model: _BackgroundMod
 def analyse(image) -> SceneAnalysis:
     """Background colour, pattern and objects of an image in one pass."""
     rgb = as_rgb_float(image)
-    votes = _reference_votes(rgb.reshape(-1, 3)).reshape(rgb.shape[:2])
+    votes = reference_votes(rgb.reshape(-1, 3)).reshape(rgb.shape[:2])
     model = _background_model(rgb.reshape(-1, 3), votes.reshape(-1))
     objects = _find_objects(rgb, model)
     occupied = np.zeros(rgb.shape[:2], bool)
@@ -409,7 +271,7 @@ def analyse(image) -> SceneAnalysis:
     if background.sum() < 16:  # objects everywhere: fall back to the whole image
         background = np.ones_like(background)
     pixels, background_votes = rgb[background], votes[background]
-    colour = _vote_background(background_votes, min_share=0.0)
+    colour = vote_background(background_votes, min_share=0.0)
     if colour is not None and colour != model.colour:
         model = _model_for_colour(pixels, background_votes, colour)
     return SceneAnalysis(colour, _classify_pattern(rgb, background, model), objects)
@@ -419,7 +281,7 @@ def find_objects(image) -> list[DetectedObject]:
     """Objects in an image, in raster order of their top-left-most pixel."""
     rgb = as_rgb_float(image)
     pixels = rgb.reshape(-1, 3)
-    return _find_objects(rgb, _background_model(pixels, _reference_votes(pixels)))
+    return _find_objects(rgb, _background_model(pixels, reference_votes(pixels)))
 
 
 def background_of(image, region: np.ndarray | None = None) -> tuple[str | None, str | None]:
@@ -436,8 +298,8 @@ def background_of(image, region: np.ndarray | None = None) -> tuple[str | None, 
     rgb = as_rgb_float(image)
     region = _check_region(region, rgb)
     pixels = rgb[region]
-    votes = _reference_votes(pixels)
-    colour = _vote_background(votes, min_share=REGION_MIN_SHARE)
+    votes = reference_votes(pixels)
+    colour = vote_background(votes, min_share=REGION_MIN_SHARE)
     if colour is None:
         return None, None
     return colour, _classify_pattern(rgb, region, _model_for_colour(pixels, votes, colour))
@@ -454,13 +316,6 @@ def background_is(image, colour: str, pattern: str | None = None, region: np.nda
     """True when the background (in ``region``, if given) has this colour and, unless None, this pattern."""
     found_colour, found_pattern = background_of(image, region)
     return found_colour == colour and (pattern is None or found_pattern == pattern)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (0.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def contains(image, colour: str, shape: str | None, region: np.ndarray, min_inside: float = 0.5) -> bool:

@@ -17,7 +17,14 @@ import torch
 
 from pfbdiff.shapes.evaluate import generation_accuracy
 from pfbdiff.shapes.export import ema_components, export_model
-from pfbdiff.shapes.training_loop import Checkpointer, StopFlag, append_csv, log, lr_at, optimizer_step
+from pfbdiff.shapes.training_loop import (
+    Checkpointer,
+    StopFlag,
+    append_csv,
+    log,
+    lr_at,
+    optimizer_step,
+)
 from pfbdiff.shapes.training_setup import (
     EMPTY_CAPTION,
     build_unet_stage,
@@ -147,8 +154,9 @@ def quick_eval(args, out: Path, ema: EMA, step: int, elapsed: float) -> dict:
     components = ema_components(out, args.seed, ema.shadow)
     result = generation_accuracy(components, args.eval_captions, steps=args.eval_steps, guidance=args.guidance)
     row = {"step": step, "elapsed_s": round(elapsed, 1), "captions": args.eval_captions, "ddim_steps": args.eval_steps}
-    for key in QUICK_EVAL_KEYS:
-        row[key] = round(result[key], 3)
+    # A few captions leave some groups empty (under 3 there is no train-split single-object caption, under 2
+    # no two-object one), and the summary then has no score for them: record the scores there are.
+    row.update({key: round(result[key], 3) for key in QUICK_EVAL_KEYS if key in result})
     row["eval_seconds"] = round(time.time() - tick, 1)
     append_csv(out / "unet_eval.csv", row)
     log(f"quick eval at step {step}: {row}")
