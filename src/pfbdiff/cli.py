@@ -360,7 +360,7 @@ def demo(
         with console.status("inverting once, then two edits"):
             edits = demo_module.run_demo(pipe, steps=steps, seed=seed)
         written = demo_module.write_demo(edits, out, {"model": name, "steps": steps, "seed": seed,
-                                                      "source_prompt": demo_module.caption(demo_module.SOURCE)})
+                                                      "source_prompt": demo_module.SOURCE_CAPTION})
     for edit in edits:
         console.print(edit.summary, highlight=False)
     console.print(f"[green]wrote[/] {', '.join(p.name for p in written)} in {out}  ({pipe.unet_calls} U-Net calls)",

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from .bench.cases import Case, CaseImages, render_case
 from .bench.metrics import edit_success
-from .bench.shapes import TASK_PRESET, edit_arguments, model_image_size
+from .bench.shapes import DEFAULT_GUIDANCE, TASK_PRESET, edit_arguments, model_image_size
 from .errors import PFBDiffError
 from .outputs import read_png_metadata, save_png
 from .shapes.world import caption, is_held_out_background, is_held_out_object, make_scene
@@ -29,7 +29,7 @@ from .shapes.world import caption, is_held_out_background, is_held_out_object, m
 SOURCE = make_scene(("yellow", "plain"), [("red", "circle", 0.5, 0.5, 0.42)])
 OBJECT_TARGET = make_scene(("yellow", "plain"), [("blue", "square", 0.5, 0.5, 0.42)])
 BACKGROUND_TARGET = make_scene(("green", "striped"), [("red", "circle", 0.5, 0.5, 0.42)])
-DEMO_GUIDANCE = 4.0  # the bundled model's evaluation guidance
+SOURCE_CAPTION = caption(SOURCE)
 VIEW_SCALE = 4  # the side-by-side picture is enlarged (nearest neighbour) so 64 px edits can be seen
 FILES = ("source.png", "object-mask.png", "object-edit.png", "background-mask.png", "background-edit.png", "demo.png")
 
@@ -85,12 +85,12 @@ def run_demo(pipe, *, steps: int = 50, seed: int = 0) -> list[DemoEdit]:
     """Invert the demo picture once and run both edits from that inversion."""
     size = model_image_size(pipe)
     rendered = [render_case(case, size) for case in demo_cases()]
-    inversion = pipe.invert(Image.fromarray(rendered[0].source), caption(SOURCE), steps)
+    inversion = pipe.invert(Image.fromarray(rendered[0].source), SOURCE_CAPTION, steps)
     edits = []
     for images in rendered:
         case = images.case
         out = pipe.edit(inversion, prompt=case.target_caption, preset=TASK_PRESET[case.task],
-                        guidance_scale=DEMO_GUIDANCE, generator=torch.Generator().manual_seed(seed),
+                        guidance_scale=DEFAULT_GUIDANCE, generator=torch.Generator().manual_seed(seed),
                         **edit_arguments(images))
         result = np.asarray(out.images[0].convert("RGB"))
         edits.append(DemoEdit(images, result, edit_success(images, result)))
@@ -102,20 +102,20 @@ def write_demo(edits: list[DemoEdit], out: Path, metadata: dict) -> list[Path]:
     check_demo_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     object_edit, background_edit = edits
-    record = {**metadata, "demo": True}
-    pictures = {
-        "source.png": object_edit.images.source,
-        "object-mask.png": _mask_picture(object_edit.images.mask),
-        "object-edit.png": object_edit.result,
-        "background-mask.png": _mask_picture(background_edit.images.mask),
-        "background-edit.png": background_edit.result,
-        "demo.png": side_by_side(edits),
-    }
+    pictures = [  # (file, pixels, the edit it belongs to)
+        ("source.png", object_edit.images.source, None),
+        ("object-mask.png", _mask_picture(object_edit.images.mask), object_edit),
+        ("object-edit.png", object_edit.result, object_edit),
+        ("background-mask.png", _mask_picture(background_edit.images.mask), background_edit),
+        ("background-edit.png", background_edit.result, background_edit),
+        ("demo.png", side_by_side(edits), None),
+    ]
     written = []
-    for name, array in pictures.items():
-        prompt = {"object": object_edit, "background": background_edit}.get(name.split("-")[0])
-        extra = {"prompt": prompt.images.case.target_caption, "oracle": prompt.verdict} if prompt else {}
-        written.append(save_png(Image.fromarray(array), out / name, {**record, **extra, "file": name}))
+    for name, array, edit in pictures:
+        record = {**metadata, "demo": True, "file": name}
+        if edit is not None:
+            record.update(prompt=edit.images.case.target_caption, oracle=edit.verdict)
+        written.append(save_png(Image.fromarray(array), out / name, record))
     return written
 
 
@@ -126,9 +126,12 @@ def _mask_picture(mask: np.ndarray) -> np.ndarray:
 def side_by_side(edits: list[DemoEdit]) -> np.ndarray:
     """source | object mask | object edit | background mask | background edit, enlarged and labelled."""
     object_edit, background_edit = edits
+    new_background = background_edit.images.case.target
     panels = [("source", object_edit.images.source),
-              ("mask", _mask_picture(object_edit.images.mask)), ("a blue square", object_edit.result),
-              ("mask", _mask_picture(background_edit.images.mask)), ("striped green bg", background_edit.result)]
+              ("mask", _mask_picture(object_edit.images.mask)),
+              (f"a {object_edit.images.case.new_phrases[0]}", object_edit.result),
+              ("mask", _mask_picture(background_edit.images.mask)),
+              (f"{new_background.pattern} {new_background.background} bg", background_edit.result)]
     size = object_edit.images.size * VIEW_SCALE
     label_height, gap = 16, 4
     canvas = Image.new("RGB", (len(panels) * (size + gap) - gap, size + label_height), "white")

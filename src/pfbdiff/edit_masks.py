@@ -106,10 +106,11 @@ def _estimated_masks(pipe, inversion, prompts, box, auto) -> list[np.ndarray]:
         pipe.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
         [box.size] * inversion.batch_size, draws=auto["draws"], threshold=auto["threshold"], seed=auto["seed"],
     )
-    width, height = inversion.original_sizes[0]
-    full = []
-    for estimate in estimates:
-        canvas = np.zeros((height, width), np.float32)
-        canvas[box.slices] = estimate
-        full.append(canvas)
-    return full
+    return [on_canvas(estimate, box, inversion.original_sizes[0]) for estimate in estimates]
+
+
+def on_canvas(part: np.ndarray, box: regions.CropBox, size) -> np.ndarray:
+    """``part`` (a mask of the box) placed on an all-zero mask of the whole image, ``size`` = (width, height)."""
+    canvas = np.zeros((size[1], size[0]), np.float32)
+    canvas[box.slices] = part
+    return canvas

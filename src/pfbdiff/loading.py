@@ -51,8 +51,12 @@ def _tiny_model() -> Path:
     return tiny_model_path()
 
 
+def _shapes_model_shipped() -> bool:
+    return (BUNDLED_SHAPES_MODEL / "model_index.json").is_file()
+
+
 def _shapes_model() -> Path:
-    if not (BUNDLED_SHAPES_MODEL / "model_index.json").is_file():
+    if not _shapes_model_shipped():
         raise PFBDiffError(f"the bundled shapes model is not in this install ({BUNDLED_SHAPES_MODEL}); "
                            f"{SHAPES_TRAINING_HINT}, or pass --model with another model")
     return BUNDLED_SHAPES_MODEL
@@ -216,7 +220,7 @@ def default_model() -> tuple[str, str | None]:
     ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
     ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
     """
-    if (BUNDLED_SHAPES_MODEL / "model_index.json").is_file():
+    if _shapes_model_shipped():
         return "shapes", None
     return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
                     "that show the pipeline works, not meaningful pictures; pass --model for a real one")

@@ -434,7 +434,7 @@ class PFBDiffPipeline(DiffusionPipeline):
             return (images,)
         masks = None
         if alphas is not None:
-            masks = [_to_grey(_on_canvas(alphas[i // repeats], box, size)) for i in range(len(alphas) * repeats)]
+            masks = [_to_grey(edit_masks.on_canvas(alphas[i // repeats], box, size)) for i in range(len(alphas) * repeats)]
         auto_masks = None
         if mask_set is not None and mask_set.auto is not None:
             auto_masks = [_to_grey(m) for m in mask_set.auto]
@@ -460,12 +460,6 @@ class _Finish:
     feather: int | None = None
     feather_placement: str = compositing.DEFAULT_PLACEMENT
     colour_match: str = "local"
-
-
-def _on_canvas(part: np.ndarray, box: regions.CropBox, size) -> np.ndarray:
-    canvas = np.zeros((size[1], size[0]), np.float32)
-    canvas[box.slices] = part
-    return canvas
 
 
 def _to_grey(mask: np.ndarray) -> Image.Image:

@@ -127,24 +127,9 @@ class RenderResult:
 # --- Validation --------------------------------------------------------------------------------------------
 
 
-def _check_colour(colour: str) -> None:
-    if colour not in PALETTE:
-        raise PFBDiffError(f"unknown colour {colour!r}; use one of {', '.join(COLOURS)}")
-
-
-def _check_shape(shape: str) -> None:
-    if shape not in SHAPES:
-        raise PFBDiffError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
-
-
-def _check_pattern(pattern: str) -> None:
-    if pattern not in PATTERNS:
-        raise PFBDiffError(f"unknown pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise PFBDiffError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+def _check_choice(kind: str, value: str, options: Sequence[str]) -> None:
+    if value not in options:
+        raise PFBDiffError(f"unknown {kind} {value!r}; use one of {', '.join(options)}")
 
 
 def _boxes_apart(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
@@ -160,14 +145,14 @@ def _inside_image(box: tuple[float, ...]) -> bool:
 
 def validate_scene(scene: Scene) -> None:
     """Raise :class:`PFBDiffError` unless the scene obeys the world's rules (names, count, colours, layout)."""
-    _check_colour(scene.background)
-    _check_pattern(scene.pattern)
+    _check_choice("colour", scene.background, COLOURS)
+    _check_choice("pattern", scene.pattern, PATTERNS)
     # Zero objects is allowed (a reference image for "remove the object" edits) but has no caption.
     if len(scene.objects) > MAX_OBJECTS:
         raise PFBDiffError(f"a scene has at most {MAX_OBJECTS} objects, got {len(scene.objects)}")
     for obj in scene.objects:
-        _check_colour(obj.colour)
-        _check_shape(obj.shape)
+        _check_choice("colour", obj.colour, COLOURS)
+        _check_choice("shape", obj.shape, SHAPES)
         if obj.colour == scene.background:
             raise PFBDiffError(f"a {obj.colour} object would be invisible on a {scene.background} background")
         if obj.size <= 0 or not _inside_image(obj.box):
@@ -273,20 +258,20 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, *, spli
     of ``(colour, shape)`` pairs where ``None`` means random (its length sets the object count). Positions and
     sizes are always random. Forcing something the split forbids raises :class:`PFBDiffError`.
     """
-    _check_split(split)
+    _check_choice("split", split, SPLITS)
     if background is not None:
-        _check_colour(background)
+        _check_choice("colour", background, COLOURS)
     if pattern is not None:
-        _check_pattern(pattern)
+        _check_choice("pattern", pattern, PATTERNS)
     if objects is not None:
         if n_objects is not None and n_objects != len(objects):
             raise PFBDiffError(f"n_objects={n_objects} disagrees with {len(objects)} forced objects")
         n_objects = len(objects)
         for colour, shape in objects:
             if colour is not None:
-                _check_colour(colour)
+                _check_choice("colour", colour, COLOURS)
             if shape is not None:
-                _check_shape(shape)
+                _check_choice("shape", shape, SHAPES)
     if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
         raise PFBDiffError(f"n_objects must be 1 to {MAX_OBJECTS}, got {n_objects}")
 
