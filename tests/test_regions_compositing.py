@@ -149,6 +149,20 @@ def test_colour_match_removes_a_colour_shift_measured_around_the_mask(mode):
     assert np.array_equal(compositing.match_colours(generated, source, ring, "none"), generated)
 
 
+@pytest.mark.parametrize("mode", ["mean", "local"])
+def test_colour_match_ignores_ring_pixels_the_edit_changed(mode):
+    """A background replacement changes the ring around the kept object: that is content, not a colour shift."""
+    source = np.full((64, 64, 3), (230.0, 200.0, 40.0), np.float32)  # old yellow background ...
+    source[24:40, 24:40] = (200.0, 30.0, 30.0)  # ... around a red object
+    mask = 1 - _mask((64, 64), (16, 16, 48, 48))  # a coarse box around the object is kept
+    generated = np.full((64, 64, 3), (40.0, 80.0, 220.0), np.float32)  # new blue background, halo included
+    generated[24:40, 24:40] = source[24:40, 24:40] + 6.0  # the object, decoded 6 levels too bright
+    ring = compositing.reference_ring(mask, mask, 4)
+    assert compositing.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((40.0, 80.0, 220.0))
+    generated[16:24, 16:48] = source[16:24, 16:48] + 6.0  # part of the halo reproduced, with the shift
+    assert compositing.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((34.0, 74.0, 214.0), abs=0.01)
+
+
 # ------------------------------------------------------------------------------------------ auto-mask maths
 
 

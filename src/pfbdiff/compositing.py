@@ -48,6 +48,10 @@ FEATHER_SHARE = 0.08
 FEATHER_MIN, FEATHER_MAX = 2, 48
 #: Colour-match modes: a smooth local offset field, one offset per channel, or none.
 COLOUR_MATCH_MODES = ("local", "mean", "none")
+# A VAE shifts colours by a few levels (under 25 of 255 on the bundled model and SD); a ring pixel whose
+# generation differs from the source by more (RGB distance) shows content the edit changed, such as a new
+# background meeting the kept object, not a shift to correct, and is left out of the colour match.
+COLOUR_SHIFT_LIMIT = 40.0
 
 
 # ------------------------------------------------------------------------------------------ mask operations
@@ -229,7 +233,8 @@ def match_colours(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, m
     ``"mean"``: one offset per channel, the mean of S − G over the ring. ``"local"``: the offset field
     D = S − G known on the ring is spread by normalised convolution (Gaussian of width ``sigma``, default a
     quarter of the ring's extent) and added to G: near each part of the edge, the correction is what that
-    part of the edge needs. ``"none"``: unchanged. Returns float H×W×3.
+    part of the edge needs. ``"none"``: unchanged. Ring pixels farther than ``COLOUR_SHIFT_LIMIT`` from the
+    source are not measured; with none left, G is returned unchanged. Returns float H×W×3.
     """
     if mode not in COLOUR_MATCH_MODES:
         raise PFBDiffError(f"colour match must be one of {', '.join(COLOUR_MATCH_MODES)}, got {mode!r}")
@@ -237,6 +242,9 @@ def match_colours(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, m
     if mode == "none" or not ring.any():
         return generated
     difference = np.asarray(source, dtype=np.float32) - generated
+    ring = ring & (np.linalg.norm(difference, axis=-1) <= COLOUR_SHIFT_LIMIT)
+    if not ring.any():
+        return generated
     if mode == "mean":
         return generated + difference[ring].mean(axis=0)
     if sigma is None:
