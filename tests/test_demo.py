@@ -9,6 +9,7 @@ from pfbdiff.bench.cases import render_case
 from pfbdiff.bench.metrics import edit_success
 from pfbdiff.cli import app
 from pfbdiff.outputs import read_png_metadata
+from pfbdiff.shapes.binary_masks import erode
 
 runner = CliRunner()
 
@@ -31,6 +32,8 @@ def test_demo_edits_share_one_inversion(tiny_pipe):
     assert tiny_pipe.unet_calls - before == 3 + 2 * 3  # inversion once, then two edits of 3 steps
     for edit in edits:
         outside = ~edit.images.mask
+        if edit.images.case.task == "background":  # the old background around the objects joins the edit (halo.py)
+            outside = erode(edit.images.labels > 0, 1)
         assert np.array_equal(edit.result[outside], edit.images.source[outside])  # paste-back: untouched pixels kept
         assert set(edit.verdict) >= {"success", "target_present", "old_gone", "others_kept", "background_ok"}
 

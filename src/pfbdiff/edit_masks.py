@@ -2,7 +2,8 @@
 
 The paper edits "under a mask": the same region decides where latents and feature maps are blended and where
 the confined words may be attended to. Here the user's mask (or one mask per word for multi-object edits, or
-a DiffEdit-style estimate from the two prompts, ``automask.py``) is grown by ``grow`` pixels, checked against
+a DiffEdit-style estimate from the two prompts, ``automask.py``) is grown by ``grow`` pixels, snapped to the
+subject's outline when ``halo`` is set (``halo.py``), checked against
 the part of the image that was inverted, and turned into
 
 * full-size masks, one per input image, for the paste-back (``compositing.py``), and
@@ -20,6 +21,7 @@ import torch
 
 from . import automask, compositing, regions, tensors
 from .errors import PFBDiffError
+from .halo import absorb_halo
 from .masks import EditMask
 
 
@@ -61,6 +63,9 @@ def build(pipe, inversion, user, per_word, config, latent_size, prompts, auto) -
         full, bound = estimated, user
     else:
         full, bound = [compositing.grow_mask(m, config.grow) for m in user], None
+    if config.halo and inversion.source_images:
+        full = [_within(box, absorb_halo(m, np.asarray(image.convert("RGB")), config.halo), m)
+                for m, image in zip(full, inversion.source_images)]
     _check_inside_box(box, size, full + [m for masks in word_full.values() for m in masks])
     if union_of_words:
         regions_list = list(word_regions.values())
@@ -85,6 +90,14 @@ def latent_mask(pipe, full_masks, box, inversion, config, latent_size) -> EditMa
     rows, cols = box.slices
     pixels = torch.cat([tensors.mask_to_tensor(m[rows, cols], model_size) for m in full_masks]).to(pipe.unet.device)
     return EditMask.from_pixels(pixels.to(pipe.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
+
+
+def _within(box, grown: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """``grown`` inside the inverted ``box``, ``original`` outside it (a halo never reaches past the box)."""
+    out = np.array(original, dtype=np.float32, copy=True)
+    rows, cols = box.slices
+    out[rows, cols] = grown[rows, cols]
+    return out
 
 
 def _check_inside_box(box, size, masks) -> None:

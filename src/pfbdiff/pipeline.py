@@ -225,7 +225,8 @@ class PFBDiffPipeline(DiffusionPipeline):
 
         Putting the result back (``compositing.py``): with ``paste_back`` (default) every pixel outside the
         feathered mask is the input's own, bit for bit; ``feather`` px (default: from the mask's size, 0 for
-        a soft mask) soften the edge, placed ``"inside"`` (default) / ``"center"`` / ``"outside"`` it;
+        a soft mask, 0 when ``halo`` snapped it to the subject) soften the edge, placed ``"inside"`` (default) /
+        ``"center"`` / ``"outside"`` it;
         ``colour_match`` (``"local"``, ``"mean"``, ``"none"``) matches the generation's colours to the input
         around the edge. ``auto_mask`` estimates the region from the prompts (``automask.py``), clipped to
         ``mask_image`` when one is given; it is returned as ``auto_masks``. Latent outputs are unaffected.
@@ -291,6 +292,8 @@ class PFBDiffPipeline(DiffusionPipeline):
                 self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
                 masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
             )
+        if feather is None and config.halo:
+            feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
         finish = _Finish(paste_back, feather, feather_placement, colour_match)
         return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict, mask_set, finish)
 
@@ -327,7 +330,7 @@ class PFBDiffPipeline(DiffusionPipeline):
             image, source_prompt, num_inference_steps, strength=config.strength,
             record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
             callback=rest.pop("inversion_callback", None), mask_image=region, crop=crop, crop_padding=crop_padding,
-            grow=config.grow, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
+            grow=config.grow + config.halo, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
         )
         return self.edit(inversion, mask_image, prompt, preset=config, **rest)
 

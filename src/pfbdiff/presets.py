@@ -45,6 +45,7 @@ class EditConfig:
     start: str = "inverted"  # "inverted" (DDIM-inverted source latent) or "noise" (seeded Gaussian)
     strength: float = 1.0  # ratio K / N of the steps that are inverted and re-generated, in (0, 1]
     grow: int = 0  # grow (+) or shrink (−) the edit mask by this many pixels of the input image
+    halo: int = 0  # grow the mask up to this many pixels into kept pixels that continue its colours (halo.py)
     # -- compute
     cache_source: bool = True  # take source features from the inversion instead of re-running the source
     batch_cfg: bool = True  # unconditional and conditional rows in one U-Net call
@@ -56,6 +57,8 @@ class EditConfig:
         return dataclasses.replace(self, **changes).validated()
 
     def validated(self) -> "EditConfig":
+        if self.halo < 0:
+            raise PFBDiffError(f"halo must be a number of pixels >= 0, got {self.halo}; e.g. --set halo=8")
         if not 0.0 < self.strength <= 1.0:
             raise PFBDiffError(f"strength must be in (0, 1], got {self.strength}; e.g. --strength 0.8")
         if self.start not in ("inverted", "noise"):
@@ -88,7 +91,7 @@ _PAPER_QUIRKS = dict(
 PRESETS: dict[str, EditConfig] = {
     "object": EditConfig(),
     "attribute": EditConfig(strength=0.8),
-    "background": EditConfig(t_combine=200, latent_blend=0.8, auto_words="subject-outside"),
+    "background": EditConfig(t_combine=200, latent_blend=0.8, auto_words="subject-outside", halo=8),
     "multi-object": EditConfig(auto_words=None),
     "paper-object": EditConfig(
         blend_blocks=_PAPER_OBJECT_BLOCKS, attention_blocks=_PAPER_OBJECT_ATTENTION, inside=(1, 2), **_PAPER_QUIRKS
@@ -106,7 +109,8 @@ PRESETS: dict[str, EditConfig] = {
 PRESET_HELP = {
     "object": "replace an object inside the mask (new words of the prompt confined to the mask)",
     "attribute": "change an attribute (colour, material) of what is inside the mask; starts 80 % noisy",
-    "background": "replace the background (mask = background); the subject's words stay on the kept object",
+    "background": "replace the background (mask = background); the subject's words stay on the kept object, "
+                  "and the old background left around it joins the mask",
     "multi-object": "several objects at once, each word with its own mask",
     "paper-object": "the official code's COCO object-replacement settings, quirks included",
     "paper-background": "the official code's COCO background settings, quirks included",

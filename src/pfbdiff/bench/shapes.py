@@ -3,7 +3,8 @@
 ``pfbdiff bench shapes`` (see :mod:`pfbdiff.cli`) or :func:`run_shapesbench`. Cases come from
 :mod:`.cases`, metrics from :mod:`.metrics`, baselines from :mod:`.baselines`, tables / JSON / image grid from
 :mod:`.report`. Every method sees the same cases, the same model, the same number of DDIM steps, the same
-guidance scale and the same noise seed per case. The inversion-based methods (``pfb*`` and
+guidance scale and the same noise seed per case; on background cases every method's mask is snapped to the
+objects as the ``background`` preset snaps it (:func:`baseline_images`). The inversion-based methods (``pfb*`` and
 ``bld-inverted``) share one DDIM inversion per case; its U-Net calls and time are charged to each of them
 (the share of the inverted steps each one uses), so the costs read as if each method ran alone. Next to the
 edits, the model's own text-to-image accuracy on the same target captions is measured, so a weak model is
@@ -12,6 +13,7 @@ not mistaken for a weak method.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import PFBDiffError
+from ..halo import absorb_halo
 from ..presets import EditConfig, get_preset
 from . import baselines
 from .cases import TASKS, CaseImages, make_cases, render_case
@@ -187,6 +190,16 @@ def edit_arguments(images: CaseImages) -> dict:
     return dict(mask_image=mask, inside=case.new_phrases, outside=())
 
 
+def baseline_images(images: CaseImages) -> CaseImages:
+    """The case as the baselines see it. On background cases their mask is snapped to the objects the way the
+    ``background`` preset snaps PFB-Diff's (``halo.py``), so that every method edits the same region and the
+    table compares methods, not masks. The metrics are always taken against the case's own mask."""
+    if images.case.task != "background":
+        return images
+    snapped = absorb_halo(images.mask, images.source, get_preset(TASK_PRESET["background"]).halo) > 0.5
+    return dataclasses.replace(images, mask=snapped, regions=(snapped,))
+
+
 def score(images: CaseImages, image: np.ndarray, raw: np.ndarray | None = None) -> dict:
     """Every per-case metric of one result (``raw``: the output before paste-back, for fidelity)."""
     from pfbdiff.shapes.oracles import analyse
@@ -256,7 +269,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
             seconds = cost.seconds + inv_cost.seconds * share
         else:
             with _Meter(pipe) as cost:
-                out = method.run(pipe, images, steps, guidance, generator(), paste_back=paste_back)
+                out = method.run(pipe, baseline_images(images), steps, guidance, generator(), paste_back=paste_back)
             calls, rows, seconds = cost.calls, cost.rows, cost.seconds
             if out.mask is not None:
                 from pfbdiff.shapes.binary_masks import iou

@@ -1,0 +1,69 @@
+"""Background replacement with a coarse mask: the old background left around the subject joins the edit."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pfbdiff.bench.cases import make_cases, render_case
+from pfbdiff.halo import absorb_halo
+from pfbdiff.shapes.binary_masks import erode
+
+
+def _two_tone(pattern: str) -> np.ndarray:
+    """A 24×32 background: plain, or horizontal stripes two rows high of two very different colours."""
+    image = np.zeros((24, 32, 3), np.uint8)
+    image[...] = (230, 200, 40)
+    if pattern == "striped":
+        image[(np.arange(24) // 2) % 2 == 1] = (40, 60, 200)
+    return image
+
+
+@pytest.mark.parametrize("pattern", ["plain", "striped"])
+def test_halo_grows_along_the_masked_surface_at_most_reach_pixels(pattern):
+    image = _two_tone(pattern)
+    mask = np.zeros((24, 32), np.float32)
+    mask[:, :10] = 1.0
+    grown = absorb_halo(mask, image, reach=3)
+    expected = np.zeros_like(mask)
+    expected[:, :13] = 1.0
+    assert np.array_equal(grown, expected)
+
+
+def test_halo_stops_at_the_subject_outline():
+    case = next(c for c in make_cases("background", 6) if len(c.source.objects) == 2)
+    images = render_case(case, 64)
+    objects = images.labels > 0
+    halo = ~images.mask & ~objects
+    assert halo.sum() > 100  # the coarse mask leaves a real band of old background
+    grown = absorb_halo(images.mask.astype(np.float32), images.source, reach=8) > 0.5
+    assert not grown[erode(objects, 1)].any()  # only the objects' anti-aliased outline may join
+    assert grown[halo].mean() > 0.8  # the rest: a corridor longer than the reach, at the image border
+    assert (grown >= images.mask).all()
+
+
+def test_halo_keeps_soft_mask_values_and_does_nothing_at_reach_zero():
+    image = _two_tone("plain")
+    mask = np.zeros((24, 32), np.float32)
+    mask[:, :10] = 0.6
+    assert np.array_equal(absorb_halo(mask, image, reach=0), mask)
+    grown = absorb_halo(mask, image, reach=2)
+    assert np.array_equal(grown[:, :10], mask[:, :10]) and (grown[:, 10:12] == 1.0).all() and (grown[:, 12:] == 0).all()
+
+
+def test_background_preset_regenerates_the_halo_and_pastes_the_subject_back_exactly(tiny_pipe):
+    case = next(c for c in make_cases("background", 6) if len(c.source.objects) == 2)
+    images = render_case(case, 64)
+    objects = images.labels > 0
+    halo = ~images.mask & ~objects
+    inversion = tiny_pipe.invert(Image.fromarray(images.source), case.source_caption, 4)
+    result = {}
+    for reach in (0, 8):
+        out = tiny_pipe.edit(inversion, images.mask.astype(np.float32), case.target_caption, preset="background",
+                             halo=reach, guidance_scale=1.0)
+        result[reach] = (np.asarray(out.images[0]), np.asarray(out.masks[0]) / 255.0)
+    for picture, alpha in result.values():
+        assert np.array_equal(picture[objects & (alpha == 0)], images.source[objects & (alpha == 0)])
+    assert (result[0][1][halo] == 0).all()  # without the halo the band is outside the mask: kept as it was
+    assert np.array_equal(result[0][0][halo], images.source[halo])
+    assert result[8][1][halo].mean() > 0.8 and not result[8][1][erode(objects, 1)].any()
+    assert np.abs(result[8][0][halo].astype(int) - images.source[halo]).mean() > 10
