@@ -13,8 +13,8 @@ import signal
 import pytest
 import torch
 
-UNET_CHECKPOINT_KEYS = ["unet", "text_encoder", "optimizer", "ema", "step", "elapsed", "cpu_seconds", "next_eval",
-                        "next_export"]
+UNET_CHECKPOINT_KEYS = ["unet", "text_encoder", "optimizer", "ema", "step", "warmup_from", "elapsed", "cpu_seconds",
+                        "next_eval", "next_export"]
 VAE_CHECKPOINT_KEYS = ["vae", "optimizer", "step", "elapsed"]
 
 
@@ -115,6 +115,20 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     ema = _checkpoint(out / "unet_checkpoint.pt")["ema"]
     assert torch.equal(next(components["unet"].parameters()), ema[0].half().float())  # the EMA weights, in fp16
 
+    # Training can go on from the exported model: its weights (trained and EMA), step and clock carry over, the
+    # fresh optimizer warms up again, and the object-weighted loss trains.
+    continued = tmp_path / "continued"
+    go_on = ["--out", str(continued), "--batch", "2", "--eval-minutes", "0", "--log-every", "1", "--stage", "unet",
+             "--init-from", str(export_dir), "--object-weight", "2"]
+    main([*go_on, "--unet-steps", "5"])  # the export's own step: nothing to train yet
+    start = _checkpoint(continued / "unet_checkpoint.pt")
+    assert start["step"] == 5 and start["warmup_from"] == 5 and start["elapsed"] == info["unet_seconds"]
+    assert torch.equal(start["ema"][0], ema[0].half().float())
+    assert torch.equal(next(iter(start["unet"].values())), ema[0].half().float())
+    main([*go_on, "--unet-steps", "6"])
+    assert _checkpoint(continued / "unet_checkpoint.pt")["step"] == 6
+    assert _csv(continued / "unet_log.csv")[1][0]["lr"] == "2.50e-06"  # 5e-4, first of 200 warm-up steps
+
 
 def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():
     from diffusers import DDIMScheduler
@@ -130,3 +144,14 @@ def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():
     assert weights[-1] == 1
     assert torch.all(weights > 0) and torch.all(weights <= 1)
     assert weights[0] < 0.01  # the nearly clean steps are capped
+
+
+def test_object_loss_weights_count_the_object_share_of_each_latent_pixel():
+    from pfbdiff.shapes.unet_stage import object_loss_weights
+
+    objects = torch.zeros(1, 1, 64, 64)
+    objects[..., 8:12, 8:12] = 1  # one latent pixel (4 x 4 image pixels) fully on an object
+    objects[..., 20:22, 20:24] = 1  # half of another
+    weights = object_loss_weights(objects, 16, object_weight=3.0)
+    assert weights.shape == (1, 1, 16, 16)
+    assert weights[0, 0, 2, 2] == 4.0 and weights[0, 0, 5, 5] == 2.5 and (weights == 1.0).sum() == 16 * 16 - 2

@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--decay-until", type=int, default=None,
+                        help="cosine learning-rate decay to 10 %% at this U-Net step (default: constant)")
+    parser.add_argument("--object-weight", type=float, default=0.0,
+                        help="extra loss weight on latent pixels covered by objects (0: plain mean)")
+    parser.add_argument("--init-from", default=None,
+                        help="start the U-Net stage from this exported model when --out has no checkpoint yet")
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     parser.add_argument("--uncond-rate", type=float, default=0.1)
@@ -96,10 +102,10 @@ def main(argv=None) -> None:
     stop = StopFlag()
     if args.stage in ("vae", "all"):
         train_vae(args, stop)
-    trained_vae = out / "vae" / "config.json"  # written only when the VAE stage finishes
+    trained_vae = out / "vae" / "config.json"  # written only when the VAE stage finishes (or by --init-from)
     if args.stage in ("decoder", "all") and args.decoder_steps and not stop.stop and trained_vae.exists():
         train_decoder(args, stop)
-    if args.stage in ("unet", "all") and not stop.stop and trained_vae.exists():
+    if args.stage in ("unet", "all") and not stop.stop and (trained_vae.exists() or args.init_from):
         train_unet(args, stop)
 
 

@@ -132,13 +132,18 @@ def load_vae(out: Path):
 # ------------------------------------------------------------------------------------------------ data
 
 
-def training_batch(seed: int, stage: str, step: int, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-    """Rendered train-split scenes (N x 3 x 64 x 64 in [-1, 1]) and their captions, fixed by (seed, stage, step)."""
+def training_batch(seed: int, stage: str, step: int, batch_size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Rendered train-split scenes of one step, fixed by (seed, stage, step).
+
+    Returns the images (N x 3 x 64 x 64 in [-1, 1]), their captions and their object masks (N x 1 x 64 x 64,
+    1 on object pixels), which the U-Net stage pools into per-latent-pixel loss weights.
+    """
     rng = np.random.default_rng([seed, STAGE_CODES[stage], step])
     scenes = [sample_scene(rng, split="train") for _ in range(batch_size)]
-    images = np.stack([render(scene).image for scene in scenes])
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return tensor, [caption(scene) for scene in scenes]
+    renders = [render(scene) for scene in scenes]
+    images = torch.from_numpy(np.stack([r.image for r in renders])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    objects = torch.from_numpy(np.stack([r.labels > 0 for r in renders])).float().unsqueeze(1)
+    return images, [caption(scene) for scene in scenes], objects
 
 
 def sample_latents(posterior, generator: torch.Generator) -> torch.Tensor:

@@ -3,12 +3,16 @@
 :func:`train_unet` trains the ``UNet2DConditionModel`` and the ``CLIPTextModel`` from scratch together on the
 frozen VAE's latents: v-prediction on the zero-terminal-SNR DDIM schedule, min-SNR-gamma loss weights
 (:func:`snr_weights`), AdamW with warm-up, EMA weights (:class:`EMA`) and empty captions at ``--uncond-rate``
-for classifier-free guidance. It resumes from ``<out>/unet_checkpoint.pt``, logs an oracle score of the EMA
-model to ``<out>/unet_eval.csv`` (:func:`quick_eval`) and exports it with ``--export-dir``.
+for classifier-free guidance; ``--object-weight`` weights the loss on latent pixels covered by objects, which
+are small and carry the shape. It resumes from ``<out>/unet_checkpoint.pt``, or with ``--init-from`` starts
+from an exported model (:func:`checkpoint_from_export`); it logs an oracle score of the EMA model to
+``<out>/unet_eval.csv`` (:func:`quick_eval`) and exports it with ``--export-dir``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from pfbdiff.shapes.training_loop import (
     Checkpointer,
     StopFlag,
     append_csv,
+    atomic_save,
     log,
     lr_at,
     optimizer_step,
@@ -67,9 +72,43 @@ def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: fl
     return snr_v.clamp(max=gamma) / snr_v
 
 
+def object_loss_weights(objects: torch.Tensor, latent_size: int, object_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights ``1 + object_weight * (fraction of the pixel's image area on an object)``."""
+    coverage = torch.nn.functional.adaptive_avg_pool2d(objects, latent_size)
+    return 1 + object_weight * coverage
+
+
+def checkpoint_from_export(model_dir: Path, out: Path, seed: int) -> None:
+    """Turn an exported model into the run folder ``out``: its VAE, and a U-Net checkpoint holding its weights.
+
+    The exported (EMA) weights become both the training weights and the EMA; the step count and training clock
+    carry on from the export's ``training.json``; the optimizer starts afresh, so the checkpoint records
+    ``warmup_from`` and the learning rate warms up again from there.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    info = json.loads((model_dir / "training.json").read_text())
+    shutil.copytree(model_dir / "vae", out / "vae")
+    (out / "vae" / "training.json").write_text(json.dumps(info["vae"], indent=2) + "\n")
+    _, text_encoder, unet, _ = build_unet_stage(out, seed)
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model_dir / "unet").float().state_dict())
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict())
+    params = [p for m in (unet, text_encoder) for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params)
+    step = info["unet_steps"]
+    atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "ema": [p.detach().clone() for p in params], "step": step,
+                 "elapsed": info["unet_seconds"], "cpu_seconds": info.get("unet_cpu_seconds") or 0.0,
+                 "warmup_from": step}, out / "unet_checkpoint.pt")
+    log(f"UNet: starting from the exported model {model_dir} (step {step})")
+
+
 def train_unet(args, stop: StopFlag) -> None:
     """Train until ``--unet-steps`` (or forever), checkpointing, evaluating and exporting on their schedules."""
     out = Path(args.out)
+    if args.init_from and not (out / "unet_checkpoint.pt").exists():
+        checkpoint_from_export(Path(args.init_from), out, args.seed)
     vae = load_vae(out)
     tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, args.seed)
     modules = [unet, text_encoder]
@@ -77,11 +116,12 @@ def train_unet(args, stop: StopFlag) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA(modules, args.ema_decay)
     # Evaluations and exports are scheduled in training seconds (``clock.elapsed``), so they survive resumes.
-    step, next_eval, next_export = 0, args.eval_minutes * 60, args.export_minutes * 60
+    step, warmup_from, next_eval, next_export = 0, 0, args.eval_minutes * 60, args.export_minutes * 60
 
     def state() -> dict:
         return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step, "elapsed": clock.elapsed,
+                "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step, "warmup_from": warmup_from,
+                "elapsed": clock.elapsed,
                 "cpu_seconds": clock.cpu_seconds, "next_eval": next_eval, "next_export": next_export}
 
     clock = Checkpointer(out / "unet_checkpoint.pt", args, stop, state, console_seconds=120)
@@ -93,7 +133,7 @@ def train_unet(args, stop: StopFlag) -> None:
         with torch.no_grad():
             for shadow, value in zip(ema.shadow, resumed["ema"], strict=True):
                 shadow.copy_(value)
-        step = resumed["step"]
+        step, warmup_from = resumed["step"], resumed.get("warmup_from", 0)
         next_eval, next_export = resumed.get("next_eval", next_eval), resumed.get("next_export", next_export)
     else:
         log(f"UNet: {count_parameters(unet) / 1e6:.3f}M parameters, text encoder "
@@ -106,7 +146,7 @@ def train_unet(args, stop: StopFlag) -> None:
     losses: list[float] = []  # step losses since the last log row
     while (args.unet_steps is None or step < args.unet_steps) and not stop.stop:
         with clock.timed():
-            images, captions = training_batch(args.seed, "unet", step, args.batch)
+            images, captions, objects = training_batch(args.seed, "unet", step, args.batch)
             rng = np.random.default_rng([args.seed, 99, step])
             captions = [EMPTY_CAPTION if rng.random() < args.uncond_rate else c for c in captions]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000_000 + step)
@@ -120,9 +160,12 @@ def train_unet(args, stop: StopFlag) -> None:
             target = scheduler.get_velocity(latents, noise, timesteps)
             context = text_encoder(ids)[0]
             prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
-            per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+            weights = object_loss_weights(objects, latents.shape[-1], args.object_weight)
+            per_sample = (weights * (prediction - target) ** 2).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3))
+                                                                                     * latents.shape[1])
             loss = (snr_weights(alphas_cumprod, timesteps, args.snr_gamma) * per_sample).mean()
-            optimizer_step(optimizer, loss, params, lr_at(step, args.lr, args.warmup))
+            optimizer_step(optimizer, loss, params, lr_at(step - warmup_from, args.lr, args.warmup,
+                                                           args.decay_until and args.decay_until - warmup_from))
             step += 1
             ema.update(step)
         losses.append(loss.item())

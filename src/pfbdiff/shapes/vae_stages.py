@@ -27,7 +27,13 @@ from pfbdiff.shapes.training_loop import (
     optimizer_step,
     replace_folder,
 )
-from pfbdiff.shapes.training_setup import count_parameters, load_vae, sample_latents, training_batch, vae_config
+from pfbdiff.shapes.training_setup import (
+    count_parameters,
+    load_vae,
+    sample_latents,
+    training_batch,
+    vae_config,
+)
 
 # Images measured by finish_vae: MEASURE_BATCHES batches of MEASURE_BATCH for the latent std, PSNR_IMAGES for
 # the reconstruction PSNR (also after decoder fine-tuning). Module constants so that tests can shrink them.
@@ -88,7 +94,7 @@ def train_vae(args, stop: StopFlag) -> None:
     window: list[float] = []  # training PSNRs since the last log row
     while step < args.vae_steps and not stop.stop:
         with clock.timed():
-            images, _ = training_batch(args.seed, "vae", step, args.vae_batch)
+            images, _, _ = training_batch(args.seed, "vae", step, args.vae_batch)
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             posterior = vae.encode(images).latent_dist
             latents = sample_latents(posterior, generator)
@@ -125,7 +131,7 @@ def finish_vae(vae, final_dir: Path, args, elapsed: float, step: int) -> None:
     vae.eval()
     latents = []
     for index in range(MEASURE_BATCHES):
-        images, _ = training_batch(args.seed + 1, "vae", index, MEASURE_BATCH)
+        images, _, _ = training_batch(args.seed + 1, "vae", index, MEASURE_BATCH)
         latents.append(vae.encode(images).latent_dist.mean)
     latents = torch.cat(latents)
     std = latents.std().item()
@@ -172,7 +178,7 @@ def train_decoder(args, stop: StopFlag) -> None:
     vae.decoder.train()
     while step < args.decoder_steps and not stop.stop:
         with clock.timed():
-            images, _ = training_batch(args.seed, "decoder", step, args.vae_batch)
+            images, _, _ = training_batch(args.seed, "decoder", step, args.vae_batch)
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 900_000_000 + step)
             with torch.no_grad():
                 latents = sample_latents(vae.encode(images).latent_dist, generator)
