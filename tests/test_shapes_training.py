@@ -102,7 +102,8 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     assert "single-object fully right" in (tmp_path / "model_card.md").read_text()
     info = json.loads((export_dir / "training.json").read_text())
     assert set(info) == {"unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",
-                         "hardware", "quick_eval", "exported"}
+                         "hardware", "quick_eval", "unet_phases", "exported"}
+    assert [phase["steps"] for phase in info["unet_phases"]] == [[0, 5]]
     assert info["unet_steps"] == 5 and info["vae"]["decoder_steps"] == 2 and info["quick_eval"]["step"] == "5"
     weights = sorted(export_dir.glob("*/*.safetensors"))
     assert [w.parent.name for w in weights] == ["text_encoder", "unet", "vae"]
@@ -128,6 +129,10 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     main([*go_on, "--unet-steps", "6"])
     assert _checkpoint(continued / "unet_checkpoint.pt")["step"] == 6
     assert _csv(continued / "unet_log.csv")[1][0]["lr"] == "2.50e-06"  # 5e-4, first of 200 warm-up steps
+    main(["--out", str(continued), "--export-only", "--export-dir", str(export_dir)])
+    phases = json.loads((export_dir / "training.json").read_text())["unet_phases"]
+    assert [(phase["steps"], phase["object_weight"]) for phase in phases] == [([0, 5], 0.0), ([5, 6], 2.0)]
+    assert "steps 5-6: batch 2; learning rate 0.0005" in (tmp_path / "model_card.md").read_text()
 
 
 def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():

@@ -73,6 +73,7 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
         "parameters": {name: count_parameters(components[name]) for name in ("unet", "text_encoder", "vae")},
         "hardware": hardware(),
         "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
+        "unet_phases": unet_phases(out, state),
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     previous = export_dir / "training.json"
@@ -85,6 +86,32 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     write_model_card(export_dir)
     log(f"exported EMA model at step {state['step']} to {export_dir} ({folder_size(export_dir) / 1e6:.1f} MB)")
     return export_dir
+
+
+def unet_phases(out: Path, state: dict) -> list[dict]:
+    """The U-Net training's phases: those of the model a run started from (``--init-from``), then this run's
+    settings (from ``<out>/args_unet.json``) over its steps."""
+    earlier = out / "unet_phases.json"
+    phases = json.loads(earlier.read_text()) if earlier.exists() else []
+    args_file = out / "args_unet.json"
+    if args_file.exists():
+        args = json.loads(args_file.read_text())
+        phases.append({"steps": [state.get("warmup_from", 0), state["step"]], "batch": args["batch"],
+                       "lr": args["lr"], "warmup": args["warmup"], "decay_until": args.get("decay_until"),
+                       "object_weight": args.get("object_weight", 0.0)})
+    return phases
+
+
+def _phase_text(phase: dict) -> str:
+    first, last = phase["steps"]
+    parts = [f"steps {first}-{last}: batch {phase['batch']}"]
+    if "lr" in phase:
+        schedule = (f"cosine decay to 10 % at step {phase['decay_until']}" if phase.get("decay_until")
+                    else "then constant")
+        parts.append(f"learning rate {phase['lr']:g} ({phase['warmup']} warm-up steps, {schedule})")
+    if phase.get("object_weight"):
+        parts.append(f"loss weight 1 + {phase['object_weight']:g} x the object share of each latent pixel")
+    return "; ".join(parts)
 
 
 def _last_row(path: Path, max_step: int | None = None) -> dict | None:
@@ -145,6 +172,7 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
         f"* U-Net + text encoder (jointly, from scratch): {info['unet_steps']} steps of batch "
         f"{info['unet_batch_size']} ({info['unet_seconds'] / 60:.1f} min); v-prediction, min-SNR-5 weights "
         "(for v: min(snr + 1, 5) / (snr + 1)), AdamW with warm-up, 10 % empty captions, EMA weights exported.",
+        *[f"  * {_phase_text(phase)}." for phase in info.get("unet_phases", [])],
         f"* Hardware: {info['hardware']}. Script: `python -m pfbdiff.shapes.train` (see its docstring).",
         "",
         "## Scores",

@@ -89,6 +89,8 @@ def checkpoint_from_export(model_dir: Path, out: Path, seed: int) -> None:
     from transformers import CLIPTextModel
 
     info = json.loads((model_dir / "training.json").read_text())
+    phases = info.get("unet_phases") or [{"steps": [0, info["unet_steps"]], "batch": info["unet_batch_size"]}]
+    (out / "unet_phases.json").write_text(json.dumps(phases, indent=2) + "\n")
     shutil.copytree(model_dir / "vae", out / "vae")
     (out / "vae" / "training.json").write_text(json.dumps(info["vae"], indent=2) + "\n")
     _, text_encoder, unet, _ = build_unet_stage(out, seed)
