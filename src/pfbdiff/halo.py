@@ -56,8 +56,9 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int,
         grown |= added
     # An anti-aliased or blurred edge pixel mixes the two sides and is like no kept neighbour: it joins as well,
     # or a thin outline of the old background would stay around the subject.
-    kept_alike = _neighbours_in(~grown, steps)
-    grown |= ~grown & ~kept_alike & _neighbours_in(grown, None)
+    # Mixed pixels run along the edge side by side, so they are compared with the kept pixels behind them only.
+    edge = ~grown & _neighbours_in(grown, None)
+    grown |= edge & ~_neighbours_in(~grown & ~edge, steps)
     return np.maximum(mask, grown.astype(np.float32) * ~inside)
 
 
