@@ -1,25 +1,23 @@
-"""The bundled ShapesWorld model (``src/pfbdiff/shapes/model``): it loads as Stable Diffusion components and,
-once trained well enough, draws a held-out caption that the oracles read back correctly.
+"""The bundled ShapesWorld model (``src/pfbdiff/shapes/model``): it loads as Stable Diffusion components and
+draws captions with held-out combinations that the oracles read back correctly.
 
-These tests skip (with the reason) while the model folder has not been shipped yet, and the generation test
-skips while the recorded evaluation of the shipped weights is below the quality bar.
+These tests skip (with the reason) while the model folder has not been shipped yet.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "pfbdiff" / "shapes" / "model"
-from pfbdiff.shapes.export import QUALITY_BAR
-
-# The generation test runs once the full evaluation recorded in training.json reaches the single-object bar.
-SINGLE_OBJECT_BAR = QUALITY_BAR["single_full"]
-
-# A held-out combination (purple circles never appear in training) with a fixed noise seed.
-HELD_OUT_CAPTION = "a purple circle on a plain yellow background"
-SEED = 1234
+# Held-out combinations (none of these objects appears in training), each with a fixed noise seed.
+HELD_OUT_CAPTIONS = [f"{article} {obj} on a {background} background"
+                     for article, obj in (("a", "purple circle"), ("a", "green triangle"), ("an", "orange square"))
+                     for background in ("plain yellow", "striped blue", "checkered red")]
+SEEDS = range(1234, 1234 + len(HELD_OUT_CAPTIONS))
 DDIM_STEPS = 20
+# The shipped model gets 74 % of held-out single-object captions fully right (training.json, 50 steps); at
+# least 5 of these 9 must pass (6 do on this CPU), a margin of about two captions below that rate.
+MIN_PASSING = 5
 
 
 def _shipped() -> bool:
@@ -55,8 +53,8 @@ def test_shipped_model_loads_with_sd_component_types(shapes_components):
     assert c["scheduler"].config.rescale_betas_zero_snr
     assert c["tokenizer"].model_max_length == 77
     # Every ShapesWorld word is a single token.
-    ids = c["tokenizer"](HELD_OUT_CAPTION, add_special_tokens=False).input_ids
-    assert len(ids) == len(HELD_OUT_CAPTION.split())
+    ids = c["tokenizer"](HELD_OUT_CAPTIONS[0], add_special_tokens=False).input_ids
+    assert len(ids) == len(HELD_OUT_CAPTIONS[0].split())
 
 
 @needs_model
@@ -79,20 +77,12 @@ def test_shipped_model_is_small():
 
 
 @needs_model
-def test_held_out_caption_generation_passes_the_oracle(shapes_components):
-    info_path = MODEL_DIR / "training.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    score = info.get("evaluation", {}).get("single_full")
-    if score is None or score < SINGLE_OBJECT_BAR:
-        pytest.skip(f"the shipped model's recorded single-object accuracy ({score}) is below {SINGLE_OBJECT_BAR}; "
-                    "run `python -m pfbdiff.shapes.evaluate --card` after training")
-
+def test_held_out_captions_are_drawn_as_the_oracles_read_them(shapes_components):
     from pfbdiff.shapes.evaluate import generate, score_image
-    from pfbdiff.shapes.world import parse_caption, is_held_out_object
+    from pfbdiff.shapes.world import is_held_out_object, parse_caption
 
-    objects, _ = parse_caption(HELD_OUT_CAPTION)
-    assert is_held_out_object(*objects[0])
-    image = generate(shapes_components, [HELD_OUT_CAPTION], [SEED], steps=DDIM_STEPS)[0]
-    assert image.shape == (64, 64, 3)
-    score = score_image(image, HELD_OUT_CAPTION)
-    assert score["full"], score
+    assert all(is_held_out_object(*parse_caption(text)[0][0]) for text in HELD_OUT_CAPTIONS)
+    images = generate(shapes_components, HELD_OUT_CAPTIONS, list(SEEDS), steps=DDIM_STEPS)
+    assert images[0].shape == (64, 64, 3)
+    verdicts = {text: score_image(image, text)["full"] for text, image in zip(HELD_OUT_CAPTIONS, images)}
+    assert sum(verdicts.values()) >= MIN_PASSING, verdicts

@@ -218,11 +218,16 @@ def quality_bar_section(vae_psnr: float, evaluation: dict | None) -> list[str]:
         verdict = "met" if value >= bar else "**not met**"
         lines.append(f"* {name}: {form.format(value)} (bar {form.format(bar)}): {verdict}.")
     if evaluation["single_full"] < QUALITY_BAR["single_full"] or evaluation["two_full"] < QUALITY_BAR["two_full"]:
-        lines += ["", f"Background colour and pattern come out right ({evaluation['all_background']:.0%} / "
-                  f"{evaluation['all_pattern']:.0%}), object colours in {evaluation['all_colours']:.0%} and object "
-                  f"shapes in only {evaluation['all_shapes']:.0%} of the objects: the U-Net has not yet learnt shapes. "
-                  "More U-Net steps with the same script (it resumes from its checkpoint) are the way to the bar: "
-                  "an estimated 10,000-20,000 steps of batch 48, within an hour or two on one GPU, about a day on "
-                  "two CPU cores; a learning-rate decay at the end and a loss weight on object pixels should help "
-                  "the shapes most."]
+        measured = [f"background colour {evaluation['all_background']:.0%}, pattern {evaluation['all_pattern']:.0%}"]
+        if "single_colours" in evaluation:  # a tiny evaluation may have no single- or no two-object caption
+            measured.append(f"single objects: colour {evaluation['single_colours']:.0%}, shape "
+                            f"{evaluation['single_shapes']:.0%}")
+        if "two_count" in evaluation:
+            measured.append(f"two-object captions: two objects drawn in {evaluation['two_count']:.0%}, both right "
+                            f"in {evaluation['two_objects']:.0%}")
+        lines += ["", f"Where it falls short ({'; '.join(measured)}): shapes, and drawing two objects. "
+                  "The way to the bar is more U-Net steps of the same recipe, continued from this folder "
+                  "(`--init-from`, with `--object-weight` and a `--decay-until` at the new end): an estimated "
+                  "10,000-20,000 further steps of batch 48, an hour or two on one GPU, about a day on two CPU "
+                  "cores. If two objects still fall short, the U-Net's capacity (one layer per block) is next."]
     return lines
