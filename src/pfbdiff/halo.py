@@ -54,9 +54,9 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int,
         if not added.any():
             break
         grown |= added
-    # An anti-aliased or blurred edge pixel mixes the two sides and is like no kept neighbour: it joins as well,
-    # or a thin outline of the old background would stay around the subject.
-    # Mixed pixels run along the edge side by side, so they are compared with the kept pixels behind them only.
+    # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
+    # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
+    # behind it only, and joins when it is like none of them.
     edge = ~grown & _neighbours_in(grown, None)
     grown |= edge & ~_neighbours_in(~grown & ~edge, steps)
     return np.maximum(mask, grown.astype(np.float32) * ~inside)
