@@ -255,7 +255,7 @@ def _edit_line(pipe, entry: BatchLine, source, model: str, inversions: dict, ste
         empty = describe_empty_or_full(mask)
         if empty and "black" in empty:
             raise PFBDiffError(empty)
-    plan = pipe._plan_region(source.size, mask, request.crop, request.crop_padding, config.grow + config.halo, request.feather,
+    plan = pipe._plan_region(source.size, mask, request.crop, request.crop_padding, config.mask_reach, request.feather,
                              DEFAULT_PLACEMENT)
     key = (tuple(plan.box.as_list()), tuple(plan.model_size))
     calls = pipe.unet_calls
@@ -263,7 +263,7 @@ def _edit_line(pipe, entry: BatchLine, source, model: str, inversions: dict, ste
     if not shared:
         inversions[key] = pipe.invert(
             source, request.source_prompt, request.steps, strength=config.strength, mask_image=mask,
-            crop=request.crop, crop_padding=request.crop_padding, grow=config.grow + config.halo, feather=request.feather,
+            crop=request.crop, crop_padding=request.crop_padding, grow=config.mask_reach, feather=request.feather,
         )
     result = pipe.edit(
         inversions[key], mask, request.prompt, preset=config, inside=tuple(request.inside) or None,

@@ -64,8 +64,7 @@ def build(pipe, inversion, user, per_word, config, latent_size, prompts, auto) -
     else:
         full, bound = [compositing.grow_mask(m, config.grow) for m in user], None
     if config.halo and inversion.source_images:
-        full = [_within(box, absorb_halo(m, np.asarray(image.convert("RGB")), config.halo), m)
-                for m, image in zip(full, inversion.source_images)]
+        full = [_halo_in_box(box, m, image, config.halo) for m, image in zip(full, inversion.source_images)]
     _check_inside_box(box, size, full + [m for masks in word_full.values() for m in masks])
     if union_of_words:
         regions_list = list(word_regions.values())
@@ -92,11 +91,11 @@ def latent_mask(pipe, full_masks, box, inversion, config, latent_size) -> EditMa
     return EditMask.from_pixels(pixels.to(pipe.unet.dtype), latent_size, config.latent_mask, config.mask_resize)
 
 
-def _within(box, grown: np.ndarray, original: np.ndarray) -> np.ndarray:
-    """``grown`` inside the inverted ``box``, ``original`` outside it (a halo never reaches past the box)."""
-    out = np.array(original, dtype=np.float32, copy=True)
+def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> np.ndarray:
+    """``mask`` snapped to the subject (``halo.py``) inside the inverted ``box``, where a halo can be edited."""
     rows, cols = box.slices
-    out[rows, cols] = grown[rows, cols]
+    out = np.array(mask, dtype=np.float32, copy=True)
+    out[rows, cols] = absorb_halo(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], reach)
     return out
 
 

@@ -330,7 +330,7 @@ class PFBDiffPipeline(DiffusionPipeline):
             image, source_prompt, num_inference_steps, strength=config.strength,
             record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
             callback=rest.pop("inversion_callback", None), mask_image=region, crop=crop, crop_padding=crop_padding,
-            grow=config.grow + config.halo, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
+            grow=config.mask_reach, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
         )
         return self.edit(inversion, mask_image, prompt, preset=config, **rest)
 

@@ -50,6 +50,12 @@ class EditConfig:
     cache_source: bool = True  # take source features from the inversion instead of re-running the source
     batch_cfg: bool = True  # unconditional and conditional rows in one U-Net call
 
+    @property
+    def mask_reach(self) -> int:
+        """Pixels beyond the user's mask that the edit mask may reach (``grow`` + ``halo``): the inverted
+        crop must cover them."""
+        return self.grow + self.halo
+
     def replace(self, **changes) -> "EditConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:

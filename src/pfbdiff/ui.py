@@ -132,7 +132,7 @@ class EditSession:
             k = max(1, int(steps * config.strength))
             # The edited box is the whole photo, or for a photo larger than the model's native size a crop
             # around the mask: an inversion serves every edit of the same photo, prompt, steps, strength and box.
-            plan = self.pipe._plan_region(source.size, mask_array, "auto", None, config.grow + config.halo, feather,
+            plan = self.pipe._plan_region(source.size, mask_array, "auto", None, config.mask_reach, feather,
                                           DEFAULT_PLACEMENT)
             key = (_pixels_digest(source), source_prompt or "", steps, config.strength,
                    tuple(plan.box.as_list()), tuple(plan.model_size))
@@ -143,7 +143,7 @@ class EditSession:
             else:
                 inversion = self.pipe.invert(
                     source, source_prompt or "", steps, strength=config.strength, mask_image=mask_array,
-                    grow=config.grow + config.halo, feather=feather,
+                    grow=config.mask_reach, feather=feather,
                     callback=lambda i: progress and progress("inverting the photo", i + 1, k),
                 )
                 self.cache[key] = inversion

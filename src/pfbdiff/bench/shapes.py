@@ -244,6 +244,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
         return torch.Generator().manual_seed(case.seed)
 
     results, pictures, done = {}, {}, {}
+    baseline_view = baseline_images(images)
     inversion = None
     if any(METHODS[m].config for m in methods):
         with _Meter(pipe) as inv_cost:
@@ -269,7 +270,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
             seconds = cost.seconds + inv_cost.seconds * share
         else:
             with _Meter(pipe) as cost:
-                out = method.run(pipe, baseline_images(images), steps, guidance, generator(), paste_back=paste_back)
+                out = method.run(pipe, baseline_view, steps, guidance, generator(), paste_back=paste_back)
             calls, rows, seconds = cost.calls, cost.rows, cost.seconds
             if out.mask is not None:
                 from pfbdiff.shapes.binary_masks import iou
