@@ -428,6 +428,8 @@ def batch(
             manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
             allow_pickle=allow_pickle, config=config, console=console, load=_load,
         )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            batch_module.end_launched_process(code)
     raise typer.Exit(code)
 
 
