@@ -13,6 +13,7 @@ from pfbdiff import loading
 from pfbdiff.bench import baselines, metrics, report, shapes
 from pfbdiff.bench import cases as bench_cases
 from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
+from pfbdiff.errors import PFBDiffError
 from pfbdiff.presets import get_preset
 from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.oracles import object_kept
@@ -258,6 +259,38 @@ def test_quick_shapesbench_writes_json_markdown_and_grid(tiny_pipe, tmp_path):
     assert grid.size == (6 * (TINY_SIZE + 2) + 2, 12 + len(TASKS) * (TINY_SIZE + 2) + 2)
 
 
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k not in ("seconds", "elapsed_s", "started", "parts")}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def test_a_run_split_by_task_merges_into_the_whole_run(tiny_pipe, tmp_path):
+    settings = dict(cases=2, steps=2, methods=("pfb", "sdedit-0.5"), grid_cases=1, model_name="tiny")
+    whole = shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "whole", **settings)
+    shapes.run_shapesbench(tiny_pipe, tasks=TASKS[:1], out_dir=tmp_path / "a", **settings)
+    shapes.run_shapesbench(tiny_pipe, tasks=TASKS[1:], out_dir=tmp_path / "b", **settings)
+    merged = report.merge_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert merged["config"]["parts"] == 2 and merged["config"]["tasks"] == list(TASKS)
+    written = json.loads((tmp_path / "merged" / "shapesbench.json").read_text())
+    assert _without_times(written) == _without_times(json.loads((tmp_path / "whole" / "shapesbench.json").read_text()))
+    assert _without_times(merged["summary"]) == _without_times(whole["summary"])
+    stacked = np.asarray(Image.open(tmp_path / "merged" / "shapesbench_grid.png"))
+    assert np.array_equal(stacked, np.asarray(Image.open(tmp_path / "whole" / "shapesbench_grid.png")))
+    assert "2 parts side by side" in (tmp_path / "merged" / "shapesbench.md").read_text()
+
+    with pytest.raises(PFBDiffError, match="one of the parts"):
+        report.merge_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "a")
+    with pytest.raises(PFBDiffError, match="more than one part"):
+        report.merge_folders([tmp_path / "a", tmp_path / "whole"], tmp_path / "bad")
+    shapes.run_shapesbench(tiny_pipe, **{**settings, "steps": 1}, tasks=TASKS[1:2], out_dir=tmp_path / "c")
+    with pytest.raises(PFBDiffError, match="differ in steps"):
+        report.merge_folders([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     from pfbdiff.cli import app
 
@@ -273,6 +306,12 @@ def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
 
     bad = runner.invoke(app, ["bench", "shapes", "--model", "tiny", "--methods", "pfb,nope"])
     assert bad.exit_code == 2 and "unknown method nope" in bad.output
+    merged = runner.invoke(app, ["bench", "shapes-merge", str(out), "--out", str(out)])
+    assert merged.exit_code == 2 and "one of the parts" in merged.output and "Traceback" not in merged.output
+    merged = runner.invoke(app, ["bench", "shapes-merge", str(out), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0 and "| pfb |" in merged.output
+    missing_part = runner.invoke(app, ["bench", "shapes-merge", str(tmp_path / "nothing")])
+    assert missing_part.exit_code == 2 and "shapesbench.json is missing" in missing_part.output
     monkeypatch.setattr(loading, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     missing = runner.invoke(app, ["bench", "shapes", "--quick"])
     assert missing.exit_code == 2 and "--model" in missing.output and "Traceback" not in missing.output

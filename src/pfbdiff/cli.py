@@ -340,6 +340,20 @@ def bench_shapes(
     console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)
 
 
+@bench_app.command("shapes-merge")
+def bench_shapes_merge(
+    parts: list[Path] = typer.Argument(..., help="Result folders of `pfbdiff bench shapes` runs on different --tasks."),
+    out: Path = typer.Option(Path("results/shapesbench"), "--out", "-o", help="Folder for the merged shapesbench.json, shapesbench.md and shapesbench_grid.png."),
+):
+    """Merge ShapesBench parts run side by side (same settings, different --tasks) into one report."""
+    from .bench.report import merge_folders, success_section
+
+    with user_errors():
+        result = merge_folders(parts, out)
+    print(success_section(result))
+    console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pfbdiff-demo"), "--out", "-o", help="Folder for the demo's PNGs (created if missing)."),

@@ -5,7 +5,7 @@ JSON layout (``shapesbench.json``)::
     {
       "benchmark": "shapesbench", "version": 1,
       "config": {"model", "steps", "guidance", "cases_per_task", "tasks", "methods", "image_size", "paste_back",
-                 "pfbdiff_version", "torch_threads", "started", "elapsed_s"},
+                 "pfbdiff_version", "torch_threads", "started", "elapsed_s", ["parts"]},
       "methods": {name: {"kind": "pfb" | "baseline", "description", "settings", ["words"]}},
       "metrics": {name: {"kind": "proportion" | "mean", "better": "higher" | "lower", "description"}},
       "summary": {task: {"n": cases,
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import PFBDiffError
 from .metrics import PROPORTIONS, summarise
 
 METRICS: dict[str, tuple[str, str, str]] = {  # name: (kind, better, description)
@@ -115,16 +116,83 @@ def _clean(value):
     return value
 
 
+def output_paths(out_dir) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {"json": out / "shapesbench.json", "markdown": out / "shapesbench.md", "grid": out / "shapesbench_grid.png"}
+
+
 def write(result: dict, out_dir, grid_rows, methods) -> dict[str, Path]:
     """Write ``shapesbench.json``, ``shapesbench.md`` and ``shapesbench_grid.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "shapesbench.json", "markdown": out / "shapesbench.md", "grid": out / "shapesbench_grid.png"}
+    return _write(result, out_dir, image_grid(grid_rows, methods) if grid_rows else None)
+
+
+def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
+    paths = output_paths(out_dir)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps(_clean(result), indent=1) + "\n")
     paths["markdown"].write_text(format_markdown(result))
-    if grid_rows:
-        image_grid(grid_rows, methods).save(paths["grid"])
+    if grid is not None:
+        grid.save(paths["grid"])
     return paths
+
+
+# --------------------------------------------------------------------------------------------- parts
+
+
+MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "methods", "image_size", "paste_back")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of the same bench on different tasks: a full run split into parts that run side by
+    side (``--tasks``), on one machine or several. Summaries are recomputed from the cases; the wall time is the
+    longest part's."""
+    if not results:
+        raise PFBDiffError("nothing to merge: give the result folders of two or more parts")
+    first = results[0]["config"]
+    for other in results[1:]:
+        differ = [key for key in MERGE_KEYS if other["config"].get(key) != first.get(key)]
+        if differ:
+            raise PFBDiffError(f"the parts differ in {', '.join(differ)}; run every part with the same settings")
+    tasks = [task for result in results for task in result["config"]["tasks"]]
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if repeated:
+        raise PFBDiffError(f"task {', '.join(repeated)} is in more than one part; give each part its own --tasks")
+    merged = {**results[0], "config": {**first, "tasks": tasks, "parts": len(results)},
+              "cases": [case for result in results for case in result["cases"]]}
+    return finalise(merged, max(result["config"]["elapsed_s"] for result in results))
+
+
+def stack_grids(grids: list[Image.Image], label_height: int = 12, gap: int = 2) -> Image.Image:
+    """The parts' image grids one below the other, with the column names once."""
+    if len({grid.width for grid in grids}) > 1:
+        raise PFBDiffError("the parts' grids differ in width (different methods); run every part with the same --methods")
+    bodies = [grid.crop((0, label_height + gap, grid.width, grid.height)) for grid in grids[1:]]
+    canvas = Image.new("RGB", (grids[0].width, grids[0].height + sum(b.height for b in bodies)), (255, 255, 255))
+    canvas.paste(grids[0], (0, 0))
+    top = grids[0].height
+    for body in bodies:
+        canvas.paste(body, (0, top))
+        top += body.height
+    return canvas
+
+
+def merge_folders(part_dirs, out_dir) -> dict:
+    """``merge`` of the parts' ``shapesbench.json`` files and ``stack_grids`` of their grids, written to
+    ``out_dir`` (which must not be one of the parts)."""
+    out = Path(out_dir).resolve()
+    results, grids = [], []
+    for part in part_dirs:
+        paths = output_paths(part)
+        if Path(part).resolve() == out:
+            raise PFBDiffError(f"--out {out_dir} is one of the parts; give a new folder so no part is overwritten")
+        if not paths["json"].is_file():
+            raise PFBDiffError(f"{paths['json']} is missing: is {part} a finished `pfbdiff bench shapes` folder?")
+        results.append(json.loads(paths["json"].read_text()))
+        if paths["grid"].is_file():
+            grids.append(Image.open(paths["grid"]).convert("RGB"))
+    merged = merge(results)
+    _write(merged, out, stack_grids(grids) if grids else None)
+    return merged
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -139,6 +207,12 @@ def _fmt(agg: dict | None, scale: float, digits: int, interval: bool = True) -> 
     return f"{mean} [{agg['lo'] * scale:.{digits}f}, {agg['hi'] * scale:.{digits}f}]"
 
 
+def _parallelism(config: dict) -> str:
+    threads = f"{config['torch_threads']} torch thread{'s' if config['torch_threads'] != 1 else ''}"
+    parts = config.get("parts", 1)
+    return f"{parts} parts side by side, {threads} each" if parts > 1 else threads
+
+
 def format_markdown(result: dict) -> str:
     config, summary = result["config"], result["summary"]
     tasks = [t for t in config["tasks"] if t in summary]
@@ -146,7 +220,7 @@ def format_markdown(result: dict) -> str:
         "# ShapesBench", "",
         f"Model `{config['model']}`, {config['steps']} DDIM steps, guidance {config['guidance']}, "
         f"{config['image_size']} px, {config['cases_per_task']} cases per task, {config['elapsed_s']:.0f} s "
-        f"({config['torch_threads']} torch threads), started {config['started']}.", "",
+        f"({_parallelism(config)}), started {config['started']}.", "",
         "## Edit success (% of cases, 95 % Wilson interval)", "",
         "The first row is the model's own text-to-image accuracy on the same target captions (is the new object, "
         "or the new background, in a fresh sample at all?): an edit method can hardly beat it by much, so read "
