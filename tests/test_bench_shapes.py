@@ -291,6 +291,30 @@ def test_a_run_split_by_task_merges_into_the_whole_run(tiny_pipe, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_an_interrupted_run_goes_on_where_it_stopped(tiny_pipe, tmp_path, monkeypatch):
+    settings = dict(tasks=TASKS[:2], cases=3, steps=2, methods=("pfb",), grid_cases=1, model_name="tiny")
+    whole = shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "whole", **settings)
+    stopped = json.loads((tmp_path / "whole" / "shapesbench.json").read_text())
+    stopped["cases"] = stopped["cases"][:4]  # stopped during the second task
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "shapesbench.json").write_text(json.dumps(stopped))
+    ran = []
+    run_case = shapes.run_case
+    monkeypatch.setattr(shapes, "run_case", lambda pipe, images, *a, **k: ran.append(images.case.id) or run_case(pipe, images, *a, **k))
+    resumed = shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "run", **settings)
+    grid_cases = [f"{task}-0000" for task in TASKS[:2]]  # run again for the grid's pictures
+    assert ran == [grid_cases[0], grid_cases[1], f"{TASKS[1]}-0001", f"{TASKS[1]}-0002"]
+    assert _without_times(resumed) == _without_times(json.loads(json.dumps(report._clean(whole))))
+    assert resumed["config"]["started"] == stopped["config"]["started"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "run" / "shapesbench_grid.png")),
+                          np.asarray(Image.open(tmp_path / "whole" / "shapesbench_grid.png")))
+
+    before = (tmp_path / "run" / "shapesbench.json").read_text()
+    with pytest.raises(PFBDiffError, match="other steps; give another --out"):
+        shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "run", **{**settings, "steps": 1})
+    assert (tmp_path / "run" / "shapesbench.json").read_text() == before
+
+
 def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     from pfbdiff.cli import app
 

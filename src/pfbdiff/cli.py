@@ -317,7 +317,11 @@ def bench_shapes(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16."),
 ):
-    """ShapesBench: PFB-Diff, ablations and baselines on rendered ShapesWorld edits, scored by exact oracles."""
+    """ShapesBench: PFB-Diff, ablations and baselines on rendered ShapesWorld edits, scored by exact oracles.
+
+    The results are saved after every case: run the same command again to go on after an interruption. Split a
+    long run with --tasks (side by side, or on several machines) and join the parts with `bench shapes-merge`.
+    """
     from .bench import shapes as shapesbench
     from .bench.report import success_section
 

@@ -142,6 +142,23 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "methods", "image_size", "paste_back")
 
 
+def earlier_cases(out_dir, fresh: dict) -> tuple[dict[str, dict], float]:
+    """The finished cases (by id) and the elapsed time of a run of the same bench already in ``out_dir``, so an
+    interrupted run goes on where it stopped (``fresh`` takes its start time); a run with other settings there
+    is an error, not overwritten."""
+    path = output_paths(out_dir)["json"]
+    if not path.is_file():
+        return {}, 0.0
+    earlier = json.loads(path.read_text())
+    config = earlier.get("config", {})
+    differ = [key for key in (*MERGE_KEYS, "tasks") if config.get(key) != fresh["config"][key]]
+    if differ:
+        raise PFBDiffError(f"{out_dir} holds a ShapesBench run with other {', '.join(differ)}; give another --out, "
+                           "or delete that folder to start again")
+    fresh["config"]["started"] = config.get("started", fresh["config"]["started"])
+    return {case["id"]: case for case in earlier.get("cases", [])}, float(config.get("elapsed_s") or 0.0)
+
+
 def merge(results: list[dict]) -> dict:
     """One result from runs of the same bench on different tasks: a full run split into parts that run side by
     side (``--tasks``), on one machine or several. Summaries are recomputed from the cases; the wall time is the

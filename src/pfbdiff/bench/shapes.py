@@ -298,7 +298,11 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
                     guidance: float = DEFAULT_GUIDANCE, out_dir=None, grid_cases: int = 4, model_name: str = "",
                     paste_back: bool = True, on_case: Callable | None = None) -> dict:
     """Run ShapesBench; returns the JSON-ready result and, with ``out_dir``, writes the JSON, the markdown
-    report and the image grid there (see :mod:`.report`). ``on_case(done, total, case_id)`` reports progress."""
+    report and the image grid there (see :mod:`.report`). ``on_case(done, total, case_id)`` reports progress.
+
+    The JSON is rewritten after every case, and a run with the same settings already in ``out_dir`` is taken up
+    where it stopped: its finished cases are kept, except the grid's, which are run again for their pictures
+    (the cases are seeded, so they come out the same)."""
     from . import report
 
     tasks = select(tasks, TASKS, "task")
@@ -312,22 +316,28 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
         paste_back=paste_back,
         method_info={m: method_settings(METHODS[m], pipe) for m in methods},
     )
+    earlier, earlier_seconds = report.earlier_cases(out_dir, result) if out_dir is not None else ({}, 0.0)
     grid_rows = []
     total, done = cases * len(tasks), 0
     for task in tasks:
         for case in make_cases(task, cases):
-            images = render_case(case, size)
             keep = case.index < grid_cases
-            outcome = run_case(pipe, images, methods, steps=steps, guidance=guidance, keep_images=keep,
-                               paste_back=paste_back)
-            result["cases"].append({**case.to_json(), "results": outcome["results"],
-                                    "text_to_image": outcome["text_to_image"]})
-            if keep:
-                grid_rows.append((case.id, images, outcome["images"]))
+            if case.id in earlier and not keep:
+                result["cases"].append(earlier[case.id])
+            else:
+                images = render_case(case, size)
+                outcome = run_case(pipe, images, methods, steps=steps, guidance=guidance, keep_images=keep,
+                                   paste_back=paste_back)
+                result["cases"].append({**case.to_json(), "results": outcome["results"],
+                                        "text_to_image": outcome["text_to_image"]})
+                if keep:
+                    grid_rows.append((case.id, images, outcome["images"]))
+                if out_dir is not None:
+                    report.write(report.finalise(result, earlier_seconds + time.time() - started), out_dir, [], methods)
             done += 1
             if on_case is not None:
                 on_case(done, total, case.id)
-        report.finalise(result, time.time() - started)
+        report.finalise(result, earlier_seconds + time.time() - started)
         if out_dir is not None:
             report.write(result, out_dir, grid_rows, methods)
     return result
