@@ -9,8 +9,10 @@ from pfbdiff.attention import (
     MaskedCrossAttention,
     TokenRegion,
     attention_masking_installed,
+    confined_words,
 )
 from pfbdiff.masks import EditMask
+from pfbdiff.presets import get_preset
 from pfbdiff.tensors import mask_to_tensor
 from pfbdiff.tokens import token_positions
 
@@ -122,3 +124,12 @@ def test_multi_object_each_word_attends_only_inside_its_own_mask(tiny_pipe, phot
             outside = ~region.binary_at(size).reshape(-1)
             assert outside.any()
             assert torch.all(probs[1][:, outside][..., positions] == 0)
+
+
+def test_presets_choose_the_confined_words_unless_the_user_names_them():
+    source = "a red circle on a plain yellow background"
+    assert confined_words(get_preset("object"), source, "a blue square on a plain yellow background", {}) == (["blue", "square"], [])
+    assert confined_words(get_preset("background"), source, "a red circle on a striped green background", {}) == ([], ["red", "circle"])
+    given = get_preset("object", inside=("square",))
+    assert confined_words(given, source, "a blue square on a plain yellow background", {}) == (["square"], [])
+    assert confined_words(get_preset("multi-object"), source, "a blue square", {"blue square": None}) == ([], [])

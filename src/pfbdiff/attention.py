@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .masks import EditMask
+from .tokens import new_words, positions_of, subject_words
 
 
 @dataclass
@@ -142,3 +143,38 @@ def attention_masking_installed(feature_unet, controller: AttentionMasking):
     finally:
         for module, processor in saved:
             module.set_processor(processor)
+
+
+def confined_words(config, source_prompt: str, prompt: str, word_regions) -> tuple[list, list]:
+    """(inside, outside) words of one prompt: the ones given (``config.inside`` / ``config.outside``), else the
+    preset's automatic choice (``auto_words``: the new words inside, or the kept subject's words outside)."""
+    inside, outside = list(config.inside), list(config.outside)
+    if not (inside or outside or word_regions) and config.auto_words == "new-inside":
+        inside = new_words(source_prompt, prompt)
+    elif not (inside or outside or word_regions) and config.auto_words == "subject-outside":
+        outside = subject_words(source_prompt, prompt)
+    return inside, outside
+
+
+def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict,
+                  repeats: int) -> list[TokenRegion]:
+    """The token → allowed-region map of an edit: inside words in ``mask``, outside words in its complement,
+    each word of a multi-object edit in its own region; ``repeats`` edits of each image."""
+    if not config.attention_masking:
+        return []
+    words = [confined_words(config, source, prompt, word_regions) for source, prompt in zip(source_prompts, prompts)]
+    regions = []
+    for group, region in ((0, mask), (1, mask.complement())):
+        positions = [positions_of(tokenizer, prompt, w[group]) for prompt, w in zip(prompts, words)]
+        if any(positions):
+            regions.append(TokenRegion(_per_edit(positions, repeats), region))
+    for word, region in word_regions.items():
+        positions = [positions_of(tokenizer, prompt, [word]) for prompt in prompts]
+        regions.append(TokenRegion(_per_edit(positions, repeats),
+                                   EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode)))
+    return regions
+
+
+def _per_edit(positions: list[tuple[int, ...]], repeats: int) -> tuple[tuple[int, ...], ...]:
+    """Per-image token positions repeated for each edit of the image."""
+    return tuple(p for p in positions for _ in range(repeats))

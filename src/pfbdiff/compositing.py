@@ -32,6 +32,7 @@ How much each step lowers the seam is measured with ShapesBench's seam metric
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -298,3 +299,33 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
         matched = match_colours(matched, original, ring, colour_match)
     out[rows, cols] = paste_back(original, matched, alpha_box)
     return out
+
+
+@dataclass(frozen=True)
+class PasteBack:
+    """How an edit is put back into its input: the ``paste_back``, ``feather``, ``feather_placement`` and
+    ``colour_match`` arguments of ``PFBDiffPipeline.edit``, checked when made."""
+
+    enabled: bool = True
+    feather: int | None = None  # None: from the mask (``auto_feather``)
+    placement: str = DEFAULT_PLACEMENT
+    colour_match: str = "local"
+
+    def __post_init__(self):
+        check_placement(self.placement)
+        if self.feather is not None and self.feather < 0:
+            raise PFBDiffError(f"feather must be 0 or more pixels, got {self.feather}")
+        if self.colour_match not in COLOUR_MATCH_MODES:
+            raise PFBDiffError(f"colour_match must be one of {', '.join(COLOUR_MATCH_MODES)}, got {self.colour_match!r}")
+
+    @property
+    def ring_width(self) -> int:
+        """Width of the band outside the mask where the colours are matched."""
+        return max(4, self.feather or 4)
+
+    def alpha(self, full_mask: np.ndarray, box: CropBox, bound: np.ndarray | None = None) -> np.ndarray:
+        """The alpha inside the box: the feathered (grown) mask, limited by the user's ``bound`` if any."""
+        rows, cols = box.slices
+        width = auto_feather(full_mask) if self.feather is None else int(self.feather)
+        alpha = feather_alpha(full_mask[rows, cols], width, self.placement)
+        return alpha if bound is None else np.minimum(alpha, bound[rows, cols])

@@ -27,7 +27,7 @@ from PIL import Image
 
 from . import automask, compositing, edit_masks, regions, tensors
 from . import images as imgs
-from .attention import AttentionMasking, TokenRegion, attention_masking_installed
+from .attention import AttentionMasking, attention_masking_installed, token_regions
 from .errors import PFBDiffError
 from .inversion import Inversion, ddim_invert
 from .loop import (
@@ -41,7 +41,7 @@ from .loop import (
 from .masks import EditMask
 from .presets import PRESETS, EditConfig, get_preset
 from .sampling import DDIMGrid
-from .tokens import new_words, positions_of, subject_words
+from .tokens import positions_of
 from .unet_features import FeatureUNet
 
 
@@ -247,17 +247,16 @@ class PFBDiffPipeline(DiffusionPipeline):
         prompts_list = _broadcast(prompt, images_in, "prompt")
         target_prompts = [p for p in prompts_list for _ in range(num_images_per_prompt)]
 
-        compositing.check_placement(feather_placement)
-        if feather is not None and feather < 0:
-            raise PFBDiffError(f"feather must be 0 or more pixels, got {feather}")
-        if colour_match not in compositing.COLOUR_MATCH_MODES:
-            raise PFBDiffError(f"colour_match must be one of {', '.join(compositing.COLOUR_MATCH_MODES)}, got {colour_match!r}")
+        if feather is None and config.halo:
+            feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
+        finish = compositing.PasteBack(paste_back, feather, feather_placement, colour_match)
         latent_size = tuple(inversion.latents[0].shape[-2:])
         auto = dict(threshold=auto_mask_threshold, draws=auto_mask_draws, seed=auto_mask_seed) if auto_mask else None
         mask_set = self._masks(inversion, mask_image, word_masks, config, latent_size, prompts_list, auto)
         mask, word_regions = mask_set.edit, mask_set.words
         mask = EditMask(mask.latent.repeat_interleave(num_images_per_prompt, 0), mask.resize_mode)
-        regions = self._token_regions(config, inversion, prompts_list, mask, word_regions, num_images_per_prompt)
+        regions = token_regions(self.tokenizer, config, inversion.source_prompt, prompts_list, mask, word_regions,
+                                num_images_per_prompt)
 
         prompts = Prompts(
             source=inversion.source_embeddings.repeat_interleave(num_images_per_prompt, 0),
@@ -292,9 +291,6 @@ class PFBDiffPipeline(DiffusionPipeline):
                 self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
                 masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
             )
-        if feather is None and config.halo:
-            feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
-        finish = _Finish(paste_back, feather, feather_placement, colour_match)
         return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict, mask_set, finish)
 
     def __call__(
@@ -361,33 +357,6 @@ class PFBDiffPipeline(DiffusionPipeline):
         per_word = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
         return edit_masks.build(self, inversion, user, per_word, config, latent_size, prompts, auto)
 
-    def _token_regions(self, config, inversion, prompts, mask, word_regions, repeats):
-        """The token → allowed-region map: confined words of each prompt and the region each may appear in."""
-        if not config.attention_masking:
-            return []
-        words_per_image = [self._confined_words(config, source, prompt, word_regions)
-                           for source, prompt in zip(inversion.source_prompt, prompts)]
-        regions = []
-        for group, region in ((0, mask), (1, mask.complement())):
-            positions = [positions_of(self.tokenizer, p, w[group]) for p, w in zip(prompts, words_per_image)]
-            if any(positions):
-                regions.append(TokenRegion(_per_edit(positions, repeats), region))
-        for word, region in word_regions.items():
-            positions = [positions_of(self.tokenizer, prompt, [word]) for prompt in prompts]
-            regions.append(TokenRegion(_per_edit(positions, repeats),
-                                       EditMask(region.latent.repeat_interleave(repeats, 0), region.resize_mode)))
-        return regions
-
-    @staticmethod
-    def _confined_words(config, source_prompt, prompt, word_regions) -> tuple[list, list]:
-        """(inside, outside) words for one prompt: the given ones, else the preset's automatic choice."""
-        inside, outside = list(config.inside), list(config.outside)
-        if not (inside or outside or word_regions) and config.auto_words == "new-inside":
-            inside = new_words(source_prompt, prompt)
-        elif not (inside or outside or word_regions) and config.auto_words == "subject-outside":
-            outside = subject_words(source_prompt, prompt)
-        return inside, outside
-
     def _source_features(self, inversion, plan, config, repeats):
         needed = plan.source_blocks
         if config.cache_source and needed <= inversion.recorded_blocks:
@@ -405,14 +374,14 @@ class PFBDiffPipeline(DiffusionPipeline):
             return inverted.clone()
         return _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
 
-    def _finish(self, latents, inversion, repeats, output_type, return_dict, mask_set=None, finish=None):
+    def _finish(self, latents, inversion, repeats, output_type, return_dict, mask_set, finish: compositing.PasteBack):
         """Decode, scale the edited box back to the input's pixels and paste it into the input (``compositing``)."""
         decoded = self.decode_latents(latents)
         box = edit_masks.inverted_box(inversion)
         size = inversion.original_sizes[0]
         alphas = None
-        if mask_set is not None and finish is not None and finish.paste_back and inversion.source_images:
-            alphas = [self._alpha(m, bound, box, finish) for m, bound in
+        if finish.enabled and inversion.source_images:
+            alphas = [finish.alpha(m, box, bound) for m, bound in
                       zip(mask_set.full, mask_set.bound or [None] * len(mask_set.full))]
         if output_type == "latent":
             images = latents
@@ -425,13 +394,10 @@ class PFBDiffPipeline(DiffusionPipeline):
                     pil.append(generated)
                     continue
                 source = np.asarray(inversion.source_images[image])
-                rows, cols = box.slices
                 alpha = alphas[image] if alphas is not None else None
-                mask_box = mask_set.full[image][rows, cols] if mask_set is not None else None
-                colour = finish.colour_match if finish is not None else "none"
-                width = max(4, finish.feather if finish is not None and finish.feather else 4)
-                pil.append(Image.fromarray(compositing.composite(source, np.asarray(generated), box, mask_box, alpha,
-                                                                 colour, ring_width=width)))
+                pil.append(Image.fromarray(compositing.composite(
+                    source, np.asarray(generated), box, mask_set.full[image][box.slices], alpha, finish.colour_match,
+                    ring_width=finish.ring_width)))
             images = pil if output_type == "pil" else tensors.convert_output(_pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)
@@ -439,39 +405,13 @@ class PFBDiffPipeline(DiffusionPipeline):
         if alphas is not None:
             masks = [_to_grey(edit_masks.on_canvas(alphas[i // repeats], box, size)) for i in range(len(alphas) * repeats)]
         auto_masks = None
-        if mask_set is not None and mask_set.auto is not None:
+        if mask_set.auto is not None:
             auto_masks = [_to_grey(m) for m in mask_set.auto]
         return PFBDiffOutput(images=images, latents=latents, masks=masks, auto_masks=auto_masks, crop_box=box.as_list())
-
-    @staticmethod
-    def _alpha(full_mask, bound, box, finish) -> np.ndarray:
-        """The paste-back alpha inside the box: the feathered (grown) mask, limited by the user's bound."""
-        rows, cols = box.slices
-        part = full_mask[rows, cols]
-        width = compositing.auto_feather(full_mask) if finish.feather is None else int(finish.feather)
-        alpha = compositing.feather_alpha(part, width, finish.feather_placement)
-        if bound is not None:
-            alpha = np.minimum(alpha, bound[rows, cols])
-        return alpha
-
-
-@dataclass
-class _Finish:
-    """How the result is put back into the input (``compositing.py``)."""
-
-    paste_back: bool = True
-    feather: int | None = None
-    feather_placement: str = compositing.DEFAULT_PLACEMENT
-    colour_match: str = "local"
 
 
 def _to_grey(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8), mode="L")
-
-
-def _per_edit(positions: list[tuple[int, ...]], repeats: int) -> tuple[tuple[int, ...], ...]:
-    """Per-image token positions repeated for each edit of the image."""
-    return tuple(p for p in positions for _ in range(repeats))
 
 
 def _as_list(value) -> list:
