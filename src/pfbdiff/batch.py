@@ -288,6 +288,11 @@ def _reason(error: Exception) -> str:
 # ------------------------------------------------------------------------------------------------ processes
 
 
+def launched_by_accelerate() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` / ``torchrun``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def process_state(device: str | None):
     """accelerate's PartialState: which process this is, of how many, and its device.
 
@@ -298,8 +303,7 @@ def process_state(device: str | None):
     from accelerate import PartialState
 
     cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=cpu, **({"timeout": timedelta(days=7)} if distributed else {}))
+    return PartialState(cpu=cpu, **({"timeout": timedelta(days=7)} if launched_by_accelerate() else {}))
 
 
 def gather_summaries(state, summary: BatchSummary) -> BatchSummary:

@@ -432,7 +432,7 @@ def batch(
     with user_errors():
         if num_processes < 1:
             raise PFBDiffError(f"--num-processes must be at least 1, got {num_processes}")
-        if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if num_processes > 1 and not batch_module.launched_by_accelerate():
             read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
             args = [str(manifest), "--out", str(out), "--steps", str(steps), "--guidance", str(guidance)]
             for flag, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
@@ -446,7 +446,7 @@ def batch(
             manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
             allow_pickle=allow_pickle, config=config, console=console, load=_load,
         )
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if batch_module.launched_by_accelerate():
             batch_module.end_launched_process(code)
     raise typer.Exit(code)
 

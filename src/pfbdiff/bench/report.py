@@ -54,6 +54,7 @@ METRICS: dict[str, tuple[str, str, str]] = {  # name: (kind, better, description
     "seconds": ("mean", "lower", "wall time of the method (inversion share included)"),
     "auto_mask_iou": ("mean", "higher", "DiffEdit only: IoU of its automatic mask with the user mask"),
 }
+GRID_GAP, GRID_LABEL_HEIGHT = 2, 12  # px between tiles; px of the column-name row above them
 TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success %", 100, 0),
                  ("target_present", "target %", 100, 0),
                  ("old_gone", "old gone %", 100, 0), ("others_kept", "kept %", 100, 0),
@@ -142,16 +143,20 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "methods", "image_size", "paste_back")
 
 
-def earlier_cases(out_dir, fresh: dict) -> tuple[dict[str, dict], float]:
-    """The finished cases (by id) and the elapsed time of a run of the same bench already in ``out_dir``, so an
-    interrupted run goes on where it stopped (``fresh`` takes its start time); a run with other settings there
-    is an error, not overwritten."""
+def _differing_settings(config: dict, other: dict, keys) -> list[str]:
+    return [key for key in keys if config.get(key) != other.get(key)]
+
+
+def take_up_earlier_run(out_dir, fresh: dict) -> tuple[dict[str, dict], float]:
+    """Continue a run of the same bench already in ``out_dir``: ``fresh`` takes its start time, and its finished
+    cases (by id) and elapsed seconds are returned, so an interrupted run goes on where it stopped. A run with
+    other settings there is an error, not overwritten."""
     path = output_paths(out_dir)["json"]
     if not path.is_file():
         return {}, 0.0
     earlier = json.loads(path.read_text())
     config = earlier.get("config", {})
-    differ = [key for key in (*MERGE_KEYS, "tasks") if config.get(key) != fresh["config"][key]]
+    differ = _differing_settings(config, fresh["config"], (*MERGE_KEYS, "tasks"))
     if differ:
         raise PFBDiffError(f"{out_dir} holds a ShapesBench run with other {', '.join(differ)}; give another --out, "
                            "or delete that folder to start again")
@@ -167,7 +172,7 @@ def merge(results: list[dict]) -> dict:
         raise PFBDiffError("nothing to merge: give the result folders of two or more parts")
     first = results[0]["config"]
     for other in results[1:]:
-        differ = [key for key in MERGE_KEYS if other["config"].get(key) != first.get(key)]
+        differ = _differing_settings(other["config"], first, MERGE_KEYS)
         if differ:
             raise PFBDiffError(f"the parts differ in {', '.join(differ)}; run every part with the same settings")
     tasks = [task for result in results for task in result["config"]["tasks"]]
@@ -179,8 +184,8 @@ def merge(results: list[dict]) -> dict:
     return finalise(merged, max(result["config"]["elapsed_s"] for result in results))
 
 
-def stack_grids(grids: list[Image.Image], label_height: int = 12, gap: int = 2) -> Image.Image:
-    """The parts' image grids one below the other, with the column names once."""
+def stack_grids(grids: list[Image.Image], label_height: int = GRID_LABEL_HEIGHT, gap: int = GRID_GAP) -> Image.Image:
+    """The parts' image grids (drawn by :func:`image_grid`) one below the other, with the column names once."""
     if len({grid.width for grid in grids}) > 1:
         raise PFBDiffError("the parts' grids differ in width (different methods); run every part with the same --methods")
     bodies = [grid.crop((0, label_height + gap, grid.width, grid.height)) for grid in grids[1:]]
@@ -285,7 +290,7 @@ def success_section(result: dict) -> str:
 # --------------------------------------------------------------------------------------------- grid
 
 
-def image_grid(rows, methods, gap: int = 2, label_height: int = 12) -> Image.Image:
+def image_grid(rows, methods, gap: int = GRID_GAP, label_height: int = GRID_LABEL_HEIGHT) -> Image.Image:
     """Rows = cases; columns: source | mask | ideal | each method | t2i, with a header of column names."""
     columns = ["source", "mask", "ideal", *methods, "t2i"]
     size = rows[0][1].size

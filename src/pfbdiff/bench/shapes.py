@@ -316,7 +316,7 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
         paste_back=paste_back,
         method_info={m: method_settings(METHODS[m], pipe) for m in methods},
     )
-    earlier, earlier_seconds = report.earlier_cases(out_dir, result) if out_dir is not None else ({}, 0.0)
+    earlier, earlier_seconds = report.take_up_earlier_run(out_dir, result) if out_dir is not None else ({}, 0.0)
     grid_rows = []
     total, done = cases * len(tasks), 0
     for task in tasks:
