@@ -75,11 +75,13 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     header, rows = _csv(out / "unet_log.csv")
     assert header == ["step", "elapsed_s", "cpu_s", "loss", "lr"] and [int(r["step"]) for r in rows] == [1, 2, 3]
 
-    # An uninterrupted run on the same VAE reaches the same weights: the data and noise streams resume exactly.
+    # An uninterrupted run on the same VAE reaches the same weights: the data and noise streams resume exactly,
+    # and worker processes rendering the batches ahead hand them over in step order.
     straight = tmp_path / "straight"
     straight.mkdir()
     shutil.copytree(out / "vae", straight / "vae")
-    main(["--out", str(straight), "--batch", "2", "--eval-minutes", "0", "--stage", "unet", "--unet-steps", "3"])
+    main(["--out", str(straight), "--batch", "2", "--eval-minutes", "0", "--stage", "unet", "--unet-steps", "3",
+          "--workers", "2"])
     uninterrupted = _checkpoint(straight / "unet_checkpoint.pt")
     for name in ("unet", "text_encoder"):
         assert all(torch.equal(value, uninterrupted[name][key]) for key, value in resumed[name].items())

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pfbdiff.shapes.oracles import analyse
+from pfbdiff.shapes.training_loop import hardware
 from pfbdiff.shapes.world import caption, parse_caption, render, sample_scene
 
 # Seeds of evaluation scenes and of their initial noise. Training draws its scenes from
@@ -226,10 +227,10 @@ def evaluate(model: str | Path | dict = DEFAULT_MODEL, count: int = 200, *, step
     return result
 
 
-def _load(model: str | Path) -> dict:
+def _load(model: str | Path, device: str = "cpu") -> dict:
     from pfbdiff.loading import load_components
 
-    return load_components(model, device="cpu", torch_dtype="float32")
+    return load_components(model, device=device, torch_dtype="float32")
 
 
 def format_summary(result: dict) -> str:
@@ -257,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--psnr-images", type=int, default=256, help="rendered scenes for VAE PSNR (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...; the initial noise is drawn on "
+                                                        "the CPU, so devices differ only by their arithmetic")
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--save-grid", help="write a PNG grid of the first 32 generations here")
     parser.add_argument("--card", action="store_true",
@@ -264,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    components = _load(args.model)
+    components = _load(args.model, args.device)
     if args.save_grid:
         cases = evaluation_captions(min(32, args.captions))
         images = generate(components, [c["caption"] for c in cases], [c["seed"] for c in cases],
@@ -273,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = evaluate(components, args.captions, steps=args.steps, guidance=args.guidance,
                       guidance_rescale=args.guidance_rescale, psnr_count=args.psnr_images,
                       batch_size=args.batch_size)
+    result["hardware"] = hardware(args.device)
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -64,6 +64,7 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
         save_file(tensors, weights, metadata={"format": "pt"})
     state = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)
     vae_info = json.loads((out / "vae" / "training.json").read_text())
+    phases = unet_phases(out, state)
     info = {
         "unet_steps": state["step"],
         "unet_batch_size": args.batch if args is not None else None,
@@ -71,9 +72,9 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
         "unet_cpu_seconds": round(state.get("cpu_seconds", 0.0), 1) or None,
         "vae": vae_info,
         "parameters": {name: count_parameters(components[name]) for name in ("unet", "text_encoder", "vae")},
-        "hardware": hardware(),
+        "hardware": " + ".join(dict.fromkeys(p["hardware"] for p in phases if p.get("hardware"))) or hardware(),
         "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
-        "unet_phases": unet_phases(out, state),
+        "unet_phases": phases,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     previous = export_dir / "training.json"
@@ -98,7 +99,7 @@ def unet_phases(out: Path, state: dict) -> list[dict]:
         args = json.loads(args_file.read_text())
         phases.append({"steps": [state.get("warmup_from", 0), state["step"]], "batch": args["batch"],
                        "lr": args["lr"], "warmup": args["warmup"], "decay_until": args.get("decay_until"),
-                       "object_weight": args.get("object_weight", 0.0)})
+                       "object_weight": args.get("object_weight", 0.0), "hardware": args.get("hardware")})
     return phases
 
 
@@ -111,6 +112,8 @@ def _phase_text(phase: dict) -> str:
         parts.append(f"learning rate {phase['lr']:g} ({phase['warmup']} warm-up steps, {schedule})")
     if phase.get("object_weight"):
         parts.append(f"loss weight 1 + {phase['object_weight']:g} x the object share of each latent pixel")
+    if phase.get("hardware"):
+        parts.append(f"on {phase['hardware']}")
     return "; ".join(parts)
 
 
@@ -194,7 +197,8 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
                      f"fully right {evaluation['single_full']:.1%} (held-out {evaluation['single_heldout_full']:.1%}), "
                      f"two-object fully right {evaluation['two_full']:.1%} (held-out "
                      f"{evaluation['two_heldout_full']:.1%}); background colour {evaluation['all_background']:.1%}, "
-                     f"pattern {evaluation['all_pattern']:.1%}.")
+                     f"pattern {evaluation['all_pattern']:.1%}"
+                     + (f"; run on {evaluation['hardware']}." if evaluation.get("hardware") else "."))
     else:
         lines.append("* Full evaluation: not yet run on these weights (`python -m pfbdiff.shapes.evaluate --card`).")
     lines += ["", *quality_bar_section(vae["psnr_mean"], evaluation), "", f"Exported {info['exported']}.", ""]

@@ -29,6 +29,9 @@ Usage::
     # train the shipped model on (how its last 3,001 steps were made, from step 1396 to 4397):
     python -m pfbdiff.shapes.train --out runs/more --stage unet --init-from src/pfbdiff/shapes/model \
         --threads 2 --lr 6e-4 --object-weight 3 --decay-until 4400 --max-minutes 85
+    # on a GPU, with 12 processes rendering the batches:
+    python -m pfbdiff.shapes.train --out runs/gpu --stage unet --init-from src/pfbdiff/shapes/model \
+        --device cuda --workers 12 --batch 128 --lr 6e-4 --object-weight 3 --decay-until 11400 --max-minutes 5.5
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pathlib import Path
 import torch
 
 from pfbdiff.shapes.export import export_model
-from pfbdiff.shapes.training_loop import StopFlag
+from pfbdiff.shapes.training_loop import StopFlag, hardware
 from pfbdiff.shapes.unet_stage import train_unet
 from pfbdiff.shapes.vae_stages import train_decoder, train_vae
 
@@ -56,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="accepted for clarity: an existing checkpoint in --out is always resumed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="where the U-Net stage trains (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes rendering the U-Net stage's batches ahead of the training (0: none)")
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -96,7 +102,8 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "export" if args.export_only else args.stage
-    (out / f"args_{name}.json").write_text(json.dumps({**vars(args), "argv": sys.argv}, indent=2) + "\n")
+    record = {**vars(args), "argv": sys.argv, "hardware": hardware(args.device)}
+    (out / f"args_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     if args.export_only:
         if not args.export_dir:
             raise SystemExit("--export-only needs --export-dir")

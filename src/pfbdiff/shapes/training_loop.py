@@ -155,8 +155,10 @@ def append_csv(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def hardware() -> str:
-    """The CPU and torch thread count, as recorded in ``training.json``."""
+def hardware(device: str = "cpu") -> str:
+    """What trains on ``device``, as recorded in ``training.json``: the GPU's name, or the CPU and thread count."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch CPU thread(s)"
 
 

@@ -146,6 +146,30 @@ def training_batch(seed: int, stage: str, step: int, batch_size: int) -> tuple[t
     return images, [caption(scene) for scene in scenes], objects
 
 
+class TrainingBatches(torch.utils.data.Dataset):
+    """Item ``i``: the :func:`training_batch` of step ``first_step + i``, for a ``DataLoader`` whose worker
+    processes render the coming steps while the current one trains (the items come back in step order)."""
+
+    def __init__(self, seed: int, stage: str, first_step: int, batch_size: int) -> None:
+        self.seed, self.stage, self.first_step, self.batch_size = seed, stage, first_step, batch_size
+
+    def __len__(self) -> int:
+        return 2 ** 40  # a stream: the training stops it
+
+    def __getitem__(self, index: int):
+        return training_batch(self.seed, self.stage, self.first_step + index, self.batch_size)
+
+
+def batch_stream(seed: int, stage: str, first_step: int, batch_size: int, workers: int):
+    """The training batches from ``first_step`` on, rendered by ``workers`` processes (0: in this one)."""
+    loader = torch.utils.data.DataLoader(TrainingBatches(seed, stage, first_step, batch_size), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    return iter(loader)
+
+
 def sample_latents(posterior, generator: torch.Generator) -> torch.Tensor:
-    """A draw from the VAE posterior with the noise of ``generator`` (CPU), so that resumed runs repeat it."""
-    return posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    """A draw from the VAE posterior with the noise of ``generator`` (drawn on the CPU, so that resumed runs
+    repeat it on any device)."""
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
+    return posterior.mean + posterior.std * noise

@@ -35,8 +35,8 @@ from pfbdiff.shapes.training_setup import (
     build_unet_stage,
     count_parameters,
     load_vae,
+    batch_stream,
     sample_latents,
-    training_batch,
 )
 
 # Columns of unet_eval.csv taken from the generation_accuracy summary.
@@ -90,6 +90,7 @@ def checkpoint_from_export(model_dir: Path, out: Path, seed: int) -> None:
 
     info = json.loads((model_dir / "training.json").read_text())
     phases = info.get("unet_phases") or [{"steps": [0, info["unet_steps"]], "batch": info["unet_batch_size"]}]
+    phases = [{"hardware": info["hardware"], **phase} for phase in phases]  # exports before phases named theirs
     (out / "unet_phases.json").write_text(json.dumps(phases, indent=2) + "\n")
     shutil.copytree(model_dir / "vae", out / "vae")
     (out / "vae" / "training.json").write_text(json.dumps(info["vae"], indent=2) + "\n")
@@ -111,8 +112,13 @@ def train_unet(args, stop: StopFlag) -> None:
     out = Path(args.out)
     if args.init_from and not (out / "unet_checkpoint.pt").exists():
         checkpoint_from_export(Path(args.init_from), out, args.seed)
-    vae = load_vae(out)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    vae = load_vae(out).to(device)
     tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, args.seed)
+    unet.to(device)
+    text_encoder.to(device)
     modules = [unet, text_encoder]
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -144,20 +150,24 @@ def train_unet(args, stop: StopFlag) -> None:
     unet.train()
     text_encoder.train()
     scaling = vae.config.scaling_factor
-    alphas_cumprod = scheduler.alphas_cumprod
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     losses: list[float] = []  # step losses since the last log row
+    batches = batch_stream(args.seed, "unet", step, args.batch, args.workers)
     while (args.unet_steps is None or step < args.unet_steps) and not stop.stop:
         with clock.timed():
-            images, captions, objects = training_batch(args.seed, "unet", step, args.batch)
+            images, captions, objects = next(batches)
+            images, objects = images.to(device), objects.to(device)
             rng = np.random.default_rng([args.seed, 99, step])
             captions = [EMPTY_CAPTION if rng.random() < args.uncond_rate else c for c in captions]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000_000 + step)
             with torch.no_grad():
                 latents = sample_latents(vae.encode(images).latent_dist, generator) * scaling
                 ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+                                truncation=True, return_tensors="pt").input_ids.to(device)
+            # Noise and timesteps are drawn on the CPU so that the data stream is the same on every device.
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
+                                      generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             target = scheduler.get_velocity(latents, noise, timesteps)
             context = text_encoder(ids)[0]
