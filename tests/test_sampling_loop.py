@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfbdiff.blending import latent_blend_is_open
+from pfbdiff.blending import latent_blend_is_open, noised_reference
 from pfbdiff.loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop
 from pfbdiff.masks import EditMask
 from pfbdiff.sampling import DDIMGrid
@@ -103,3 +103,35 @@ def test_latent_gate_indexes_the_full_grid_even_with_strength_below_one():
 def test_blend_plan_defaults():
     plan = BlendPlan()
     assert plan.source_blocks == frozenset() and plan.latent_blend == 0.5
+
+
+def test_noised_reference_is_the_clean_latent_forward_noised_to_the_level_each_step_lands_on():
+    grid = DDIMGrid.from_scheduler_config(sd_scheduler_config(), 10)
+    clean = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    draws = iter(torch.randn(3, 1, 4, 6, 6, generator=torch.Generator().manual_seed(2)))
+    reference = noised_reference(clean, grid, lambda: next(draws))
+    expected_noise = torch.randn(3, 1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    for draw, n in enumerate((9, 8, 0)):  # a fresh draw at every step
+        a = grid.alpha_prev(n)
+        assert torch.equal(reference(n), a**0.5 * clean + (1 - a) ** 0.5 * expected_noise[draw])
+
+
+def test_noised_reference_keeps_the_seeded_forward_noised_source_outside_the_mask(tiny_pipe, photo, box_mask):
+    steps = 4
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=steps)
+    out = tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, latent_reference="noised", output_type="latent",
+                         generator=torch.Generator().manual_seed(7)).images
+    # The edit starts from the inverted latent (no draw), then draws one reference noise per step, last at n = 0.
+    noises = torch.randn(steps, *inv.latents[0].shape, generator=torch.Generator().manual_seed(7))
+    a = inv.grid.alpha_prev(0)
+    last_reference = a**0.5 * inv.latents[0] + (1 - a) ** 0.5 * noises[-1]
+    keep = (tiny_pipe._masks(inv, box_mask, None, pipe_config(), (12, 16), None, None).edit.latent == 0).expand_as(out)
+    assert keep.any() and torch.equal(out[keep], last_reference[keep])
+    assert not torch.equal(out[keep], inv.latents[0][keep])
+
+
+def test_latent_reference_must_be_inverted_or_noised(tiny_pipe, photo, box_mask):
+    from pfbdiff.errors import PFBDiffError
+
+    with pytest.raises(PFBDiffError, match="latent_reference must be 'inverted' or 'noised'"):
+        pipe_config().replace(latent_reference="fresh")

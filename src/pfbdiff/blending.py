@@ -6,15 +6,20 @@ block's resolution. Doing this at every chosen level, deep to shallow, is what m
 "progressive": each level starts from already-blended input. The source features come from the inversion
 (recorded when the source image was inverted) so the source branch never has to run again.
 
-**Latent blending.** In the first steps of the edit, the latent outside the mask is reset to the inverted
-source latent: ``x ← M ⊙ x + (1 − M) ⊙ z_src``.
+**Latent blending.** In the first steps of the edit, the latent outside the mask is reset to a reference
+latent of the source: ``x ← M ⊙ x + (1 − M) ⊙ z_src``. The paper's reference is the DDIM-inverted source
+latent (:func:`inverted_reference`); Blended Latent Diffusion's is the clean source latent forward-noised with
+fresh noise (:func:`noised_reference`), which an option lets PFB-Diff use instead.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .masks import EditMask
+from .sampling import DDIMGrid, ddim_move
 
 
 def blend(target: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -57,3 +62,27 @@ def latent_blend_is_open(n: int, num_steps: int, s: float) -> bool:
 def blend_latents(x: torch.Tensor, source_latent: torch.Tensor, mask: EditMask) -> torch.Tensor:
     """``M ⊙ x + (1 − M) ⊙ z_src`` with the latent-resolution mask."""
     return blend(x, source_latent, mask.latent.to(x.dtype))
+
+
+def inverted_reference(source_latents: list[torch.Tensor], one_level_noisier: bool = False) -> Callable:
+    """The paper's latent-blend reference of step n: the inverted source latent Z[n − 1], or with the reference
+    code's quirk 2 Z[n], one level noisier than the level the step lands on."""
+
+    def at_step(n: int) -> torch.Tensor:
+        return source_latents[n if one_level_noisier else max(n - 1, 0)]
+
+    return at_step
+
+
+def noised_reference(clean: torch.Tensor, grid: DDIMGrid, noise: Callable[[], torch.Tensor]) -> Callable:
+    """Blended Latent Diffusion's reference of step n: ``√ᾱ z0 + √(1 − ᾱ) ε`` with ᾱ the level the step lands
+    on and ε a fresh draw of ``noise()`` at every step.
+
+    Unlike the inverted latents, these references do not carry the inversion's reconstruction error, and their
+    noise is independent of the edit's own latent.
+    """
+
+    def at_step(n: int) -> torch.Tensor:
+        return ddim_move(clean, noise(), grid.alpha_prev(n))
+
+    return at_step

@@ -7,7 +7,8 @@ For n = K−1 down to 0 (t = τ[n]):
    t > t_combine, both blend F_src into the chosen blocks and apply the attention mask;
 3. classifier-free guidance;
 4. the DDIM update from τ[n] to τ[n−1];
-5. while n / N > s, latent blending outside the mask with the inverted source latent.
+5. while n / N > s, latent blending outside the mask with a source reference latent (by default the inverted
+   source latent Z[n−1]).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from .attention import AttentionMasking
-from .blending import FeatureBlender, blend_latents, latent_blend_is_open
+from .blending import FeatureBlender, blend_latents, inverted_reference, latent_blend_is_open
 from .inversion import FeatureRecorder
 from .masks import EditMask
 from .sampling import DDIMGrid, classifier_free_guidance, ddim_step
@@ -103,9 +104,15 @@ def pfb_sampling_loop(
     masking: AttentionMasking | None = None,
     batch_cfg: bool = True,
     on_step: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+    latent_reference: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run the K = len(source_latents) − 1 edit steps from ``x`` and return the final latent."""
+    """Run the K = len(source_latents) − 1 edit steps from ``x`` and return the final latent.
+
+    ``latent_reference(n)`` is what the latent blend of step n keeps outside the mask (default: the inverted
+    source latents, see :func:`~pfbdiff.blending.inverted_reference`).
+    """
     num_steps = len(source_latents) - 1
+    reference = latent_reference or inverted_reference(source_latents, plan.reference_latent_index)
     for n in reversed(range(num_steps)):
         t = grid.timesteps[n]
         blending = t > plan.t_combine
@@ -120,8 +127,7 @@ def pfb_sampling_loop(
                                 masking=masking)
         x = ddim_step(out, x, grid.alpha(t), grid.alpha_prev(n), grid.prediction_type)
         if latent_blend_is_open(n, grid.num_steps, plan.latent_blend):
-            source_level = n if plan.reference_latent_index else max(n - 1, 0)
-            x = blend_latents(x, source_latents[source_level], mask)
+            x = blend_latents(x, reference(n), mask)
         if on_step is not None:
             x = on_step(n, t, x)
     if masking is not None:

@@ -28,6 +28,7 @@ from PIL import Image
 from . import automask, compositing, edit_masks, regions, tensors
 from . import images as imgs
 from .attention import AttentionMasking, attention_masking_installed, token_regions
+from .blending import noised_reference
 from .errors import PFBDiffError
 from .inversion import Inversion, ddim_invert
 from .loop import (
@@ -271,6 +272,14 @@ class PFBDiffPipeline(DiffusionPipeline):
         source_latents = [z.repeat_interleave(num_images_per_prompt, 0) for z in inversion.latents[: num_steps + 1]]
         source_features = self._source_features(inversion, plan, config, num_images_per_prompt)
         x = self._start_latent(config, source_latents[-1], generator)
+        latent_reference = None
+        if config.latent_reference == "noised":
+            clean = source_latents[0]
+
+            def fresh_noise():
+                return _randn(tuple(clean.shape), generator, clean.device, clean.dtype)
+
+            latent_reference = noised_reference(clean, grid, fresh_noise)
 
         attention_blocks = config.attention_blocks
         if attention_blocks is None:
@@ -289,7 +298,7 @@ class PFBDiffPipeline(DiffusionPipeline):
 
             x = pfb_sampling_loop(
                 self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
-                masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
+                masking=masking, batch_cfg=config.batch_cfg, on_step=on_step, latent_reference=latent_reference,
             )
         return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict, mask_set, finish)
 

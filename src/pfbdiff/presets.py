@@ -40,6 +40,9 @@ class EditConfig:
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
     reference_latent_index: bool = False  # quirk 2: blend with Z[n] (one level noisier) instead of Z[n-1]
+    # "inverted" (the paper: the DDIM-inverted source latent) or "noised" (Blended Latent Diffusion's: the clean
+    # source latent forward-noised with fresh seeded noise to the level each step lands on)
+    latent_reference: str = "inverted"
     latent_mask: str = "soft"  # "soft" (area-resized) or "binary" (reference: Lanczos, threshold 0.5)
     # -- start and schedule (spec §2)
     start: str = "inverted"  # "inverted" (DDIM-inverted source latent) or "noise" (seeded Gaussian)
@@ -69,6 +72,8 @@ class EditConfig:
             raise PFBDiffError(f"strength must be in (0, 1], got {self.strength}; e.g. --strength 0.8")
         if self.start not in ("inverted", "noise"):
             raise PFBDiffError(f"start must be 'inverted' or 'noise', got {self.start!r}")
+        if self.latent_reference not in ("inverted", "noised"):
+            raise PFBDiffError(f"latent_reference must be 'inverted' or 'noised', got {self.latent_reference!r}")
         if self.mask_resize not in RESIZE_MODES:
             raise PFBDiffError(f"mask_resize must be 'area' or 'bicubic', got {self.mask_resize!r}")
         if self.latent_mask not in LATENT_MASK_MODES:
