@@ -133,3 +133,14 @@ def test_presets_choose_the_confined_words_unless_the_user_names_them():
     given = get_preset("object", inside=("square",))
     assert confined_words(given, source, "a blue square on a plain yellow background", {}) == (["square"], [])
     assert confined_words(get_preset("multi-object"), source, "a blue square", {"blue square": None}) == ([], [])
+
+
+@pytest.mark.parametrize("preset", ["object", "attribute", "background", "multi-object"])
+def test_presets_mask_cross_attention_at_every_level_the_full_resolution_one_included(tiny_pipe, preset):
+    from pfbdiff import get_preset
+
+    unet = tiny_pipe.feature_unet
+    every_cross_attention = tuple(b.index for b in unet.blocks if b.attention_level is not None)
+    top = tuple(b.index for b in unet.blocks if b.attention_level == 0)
+    masked = unet.attention_blocks_at_levels(get_preset(preset).attention_levels)
+    assert top and masked == every_cross_attention

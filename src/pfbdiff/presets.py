@@ -30,7 +30,9 @@ class EditConfig:
     mask_resize: str = "area"  # "area" (clamped, soft) or "bicubic" (reference: unclamped)
     # -- attention masking (spec §5)
     attention_masking: bool = True
-    attention_levels: tuple[int, ...] = (1, 2, 3)  # levels at which cross-attention is masked
+    # levels at which cross-attention is masked: every level. The official code skips the full-resolution one;
+    # on ShapesBench's held-out cases masking it too doubled multi-object and background successes (README).
+    attention_levels: tuple[int, ...] = (0, 1, 2, 3)
     attention_blocks: tuple[int, ...] | None = None  # explicit block numbers L; overrides attention_levels
     mask_uncond: bool = False  # quirk 4: also mask the unconditional pass
     inside: tuple = ()  # words (or raw token positions) allowed only inside the edit mask

@@ -124,6 +124,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            config=_variant(blend_blocks=None, blend_levels=(-1,))),
     Method("pfb-deep-mid", "ablation: feature blending at the two deepest levels (blend_levels=(-2, -1))",
            config=_variant(blend_blocks=None, blend_levels=(-2, -1))),
+    Method("pfb-attn-no-top", "ablation: cross-attention masked at every level but the full-resolution one (the "
+           "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3))),
     Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
            "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
            config=_variant(**baselines.LATENT_BLENDING)),
