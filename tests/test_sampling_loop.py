@@ -130,7 +130,7 @@ def test_noised_reference_keeps_the_seeded_forward_noised_source_outside_the_mas
     assert not torch.equal(out[keep], inv.latents[0][keep])
 
 
-def test_latent_reference_must_be_inverted_or_noised(tiny_pipe, photo, box_mask):
+def test_latent_reference_must_be_inverted_or_noised():
     from pfbdiff.errors import PFBDiffError
 
     with pytest.raises(PFBDiffError, match="latent_reference must be 'inverted' or 'noised'"):

@@ -31,7 +31,8 @@ class EditConfig:
     # -- attention masking (spec §5)
     attention_masking: bool = True
     # levels at which cross-attention is masked: every level. The official code skips the full-resolution one;
-    # on ShapesBench's held-out cases masking it too doubled multi-object and background successes (README).
+    # on ShapesBench's held-out cases masking it too raised multi-object successes from 19 to 33 % and background
+    # ones from 29 to 53 % (README).
     attention_levels: tuple[int, ...] = (0, 1, 2, 3)
     attention_blocks: tuple[int, ...] | None = None  # explicit block numbers L; overrides attention_levels
     mask_uncond: bool = False  # quirk 4: also mask the unconditional pass

@@ -29,9 +29,11 @@ Usage::
     # train the shipped model on (how its last 3,001 steps were made, from step 1396 to 4397):
     python -m pfbdiff.shapes.train --out runs/more --stage unet --init-from src/pfbdiff/shapes/model \
         --threads 2 --lr 6e-4 --object-weight 3 --decay-until 4400 --max-minutes 85
-    # on a GPU, with 12 processes rendering the batches:
-    python -m pfbdiff.shapes.train --out runs/gpu --stage unet --init-from src/pfbdiff/shapes/model \
-        --device cuda --workers 12 --batch 128 --lr 6e-4 --object-weight 3 --decay-until 11400 --max-minutes 5.5
+    # its GPU steps 4397-10966 on an H200, in two runs, each continuing from the previous export
+    # (the first with --decay-until 13400 --max-minutes 6.5 --workers 12, stopped at step 8714):
+    python -m pfbdiff.shapes.train --out runs/gpu2 --stage unet --init-from src/pfbdiff/shapes/model \
+        --device cuda --workers 14 --batch 128 --lr 6e-4 --object-weight 3 --decay-until 10800 --max-minutes 3 \
+        --eval-minutes 0 --export-dir src/pfbdiff/shapes/model
 """
 
 from __future__ import annotations

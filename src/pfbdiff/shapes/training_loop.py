@@ -156,7 +156,8 @@ def append_csv(path: Path, row: dict) -> None:
 
 
 def hardware(device: str = "cpu") -> str:
-    """What trains on ``device``, as recorded in ``training.json``: the GPU's name, or the CPU and thread count."""
+    """The hardware behind ``device`` (for a training phase or an evaluation in ``training.json``): the GPU's
+    name, or the CPU and torch thread count."""
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch CPU thread(s)"

@@ -163,8 +163,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 def batch_stream(seed: int, stage: str, first_step: int, batch_size: int, workers: int):
     """The training batches from ``first_step`` on, rendered by ``workers`` processes (0: in this one)."""
     loader = torch.utils.data.DataLoader(TrainingBatches(seed, stage, first_step, batch_size), batch_size=None,
-                                         num_workers=workers, prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
     return iter(loader)
 
 
