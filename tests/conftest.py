@@ -3,8 +3,8 @@
 Fixtures:
 
 * ``tiny_model_dir``: a diffusers Stable Diffusion folder (safetensors) of the random tiny model from
-  :func:`pfbdiff.toy_models.save_tiny_model`, written once per session.
-* ``tiny_components``: that folder loaded on the CPU in fp32 with :func:`pfbdiff.loading.load_components`.
+  :func:`pfbdiff.models.toy_models.save_tiny_model`, written once per session.
+* ``tiny_components``: that folder loaded on the CPU in fp32 with :func:`pfbdiff.models.loading.load_components`.
   It is shared by the whole session: do not modify the modules in place (copy them first).
 """
 
@@ -22,14 +22,14 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_cou
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from pfbdiff.toy_models import save_tiny_model
+    from pfbdiff.models.toy_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_components(tiny_model_dir):
-    from pfbdiff.loading import load_components
+    from pfbdiff.models.loading import load_components
 
     return load_components(tiny_model_dir, device="cpu", torch_dtype="float32")
 

@@ -1,20 +1,20 @@
-"""Attention masking (spec §5, §11 property 7): masked words get exactly zero attention outside their region."""
+"""Attention masking (docs/method.md §5, §10 property 7): masked words get exactly zero attention outside their region."""
 
 import numpy as np
 import pytest
 import torch
 
-from pfbdiff.attention import (
+from pfbdiff.engine.attention import (
     AttentionMasking,
     MaskedCrossAttention,
     TokenRegion,
     attention_masking_installed,
     confined_words,
 )
-from pfbdiff.masks import EditMask
-from pfbdiff.presets import get_preset
-from pfbdiff.tensors import mask_to_tensor
-from pfbdiff.tokens import token_positions
+from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.presets import get_preset
+from pfbdiff.engine.tokens import token_positions
+from pfbdiff.io.tensors import mask_to_tensor
 
 
 def _left_half(size=(16, 16)):

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff.batch import Reporter, inversion_groups, remove_stale_temporaries, run_shard, shard
-from pfbdiff.cli import app
+from pfbdiff.apps.batch import Reporter, inversion_groups, remove_stale_temporaries, run_shard, shard
+from pfbdiff.apps.cli import app
+from pfbdiff.apps.manifest import BatchLine, read_manifest
+from pfbdiff.apps.request import replay
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.manifest import BatchLine, read_manifest
-from pfbdiff.outputs import read_png_metadata
-from pfbdiff.provenance import replay
+from pfbdiff.io.outputs import read_png_metadata
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_shared_source_lines_reuse_one_inversion(folder, tmp_path, tiny_pipe):
     assert [r["unet_calls"] for r in records] == [2 * k, k, k, 2 * k]
     # each output is exactly what a single `pfbdiff edit` of the line makes: its record replays it
     for name, record in zip("bc", records[1:3]):
-        again, _ = replay(record, pipe=tiny_pipe)
+        again = replay(record, pipe=tiny_pipe).result
         assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(tmp_path / "out" / f"{name}.png")))
 
 

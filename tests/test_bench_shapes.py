@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff import loading
 from pfbdiff.bench import baselines, metrics, report, shapes
 from pfbdiff.bench import cases as bench_cases
 from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
+from pfbdiff.engine.presets import get_preset
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.presets import get_preset
+from pfbdiff.models import loading
 from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.oracles import object_kept
 from pfbdiff.shapes.world import sample_scene
@@ -316,7 +316,7 @@ def test_an_interrupted_run_goes_on_where_it_stopped(tiny_pipe, tmp_path, monkey
 
 
 def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
-    from pfbdiff.cli import app
+    from pfbdiff.apps.cli import app
 
     runner = CliRunner()
     out = tmp_path / "sb"

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff.cli import app
-from pfbdiff.outputs import read_png_metadata
+from pfbdiff.apps.cli import app
+from pfbdiff.io.outputs import read_png_metadata
 
 runner = CliRunner()
 
@@ -66,7 +66,8 @@ BAD_INPUTS = {
     "output equal to the mask": (lambda d: {"-o": str(d / "mask.png")}, "refusing to overwrite the mask"),
     "word not in the prompt": (lambda d: {"--inside": "cat"}, "'cat' does not occur in the prompt"),
     "missing model": (lambda d: {"--model": str(d / "no-model")}, "not found"),
-    "unknown setting": (lambda d: {"--set": "t_combin=200"}, "--set takes KEY=VALUE"),
+    "unknown setting": (lambda d: {"--set": "t_combin=200"}, "unknown setting 't_combin'"),
+    "setting without a value": (lambda d: {"--set": "t_combine"}, "--set takes KEY=VALUE"),
     "unreadable setting": (lambda d: {"--set": "t_combine=soon"}, "cannot read 'soon'"),
 }
 

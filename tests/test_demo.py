@@ -4,11 +4,11 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff import demo
+from pfbdiff.apps import demo
+from pfbdiff.apps.cli import app
 from pfbdiff.bench.cases import render_case
 from pfbdiff.bench.metrics import edit_success
-from pfbdiff.cli import app
-from pfbdiff.outputs import read_png_metadata
+from pfbdiff.io.outputs import read_png_metadata
 from pfbdiff.shapes.binary_masks import erode
 
 runner = CliRunner()
@@ -66,7 +66,7 @@ def test_demo_refuses_to_replace_a_file_it_did_not_write(tmp_path, tiny_model_di
 
 
 def test_demo_without_the_bundled_model_names_the_fix(tmp_path, monkeypatch):
-    from pfbdiff import loading
+    from pfbdiff.models import loading
 
     monkeypatch.setattr(loading, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     done = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])

@@ -1,10 +1,10 @@
-"""Progressive feature blending (spec §4.4, §11 properties 5 and 13) and mask resizing."""
+"""Progressive feature blending (docs/method.md §4, §10 properties 5 and 13) and mask resizing."""
 
 import torch
 
-from pfbdiff.blending import FeatureBlender, blend
-from pfbdiff.masks import EditMask, resize_mask
-from pfbdiff.presets import get_preset
+from pfbdiff.engine.blending import FeatureBlender
+from pfbdiff.engine.edit_mask import EditMask, resize_mask
+from pfbdiff.engine.presets import get_preset
 
 
 def _half_mask(size=16):
@@ -39,9 +39,8 @@ def test_reference_middle_quirk_mixes_block_12_with_source_middle_output(tiny_pi
     assert tiny_pipe.blend_plan(get_preset("object")).source_of == {}
 
 
-def test_paper_blend_points_are_the_coco_blocks(tiny_pipe):
-    assert tiny_pipe.blend_plan(get_preset("paper-object")).blend_points == {8, 9, 10, 11, 12, 14, 15, 16, 17, 18}
-    assert tiny_pipe.blend_plan(get_preset("paper-background")).blend_points == set(range(7, 19)) - {13}
+def test_the_two_lowest_resolution_levels_are_the_encoder_tail_middle_and_decoder_head_blocks(tiny_pipe):
+    # blend_levels=(-2, -1) on the SD layout: blocks 7-12 (encoder), 13 (middle), 14-18 (decoder)
     assert tiny_pipe.blend_plan(get_preset("object")).blend_points == set(range(7, 19))
 
 
@@ -60,7 +59,3 @@ def test_area_resize_keeps_soft_values_and_region_area():
     box = torch.zeros(1, 1, 64, 64)
     box[..., :16, :32] = 1
     assert resize_mask(box, (8, 8), "area").mean() == box.mean()
-
-
-def test_blend_formula():
-    assert blend(torch.tensor(2.0), torch.tensor(4.0), torch.tensor(0.25)).item() == 3.5

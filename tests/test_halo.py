@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pfbdiff.bench.cases import make_cases, render_case
-from pfbdiff.halo import absorb_halo
+from pfbdiff.photo.halo import absorb_halo
 from pfbdiff.shapes.binary_masks import erode
 
 

@@ -1,4 +1,4 @@
-"""Tests for pfbdiff.images and pfbdiff.tensors: loading images and masks, and the round trips to model size."""
+"""Tests for pfbdiff.io.images and pfbdiff.io.tensors: loading images and masks, and the round trips to model size."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from helpers import assert_user_error, pixel
 from PIL import Image
 
-from pfbdiff import images
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.images import describe_empty_or_full, load_image, load_mask, mask_coverage
-from pfbdiff.tensors import (
+from pfbdiff.io import images
+from pfbdiff.io.images import load_image, load_mask, mask_coverage, mask_extent
+from pfbdiff.io.tensors import (
     convert_output,
     fit_to_multiple,
     image_to_tensor,
@@ -344,12 +344,12 @@ def test_mask_of_another_aspect_ratio_is_refused():
 
 
 def test_empty_and_full_masks_are_described():
-    assert "all black" in describe_empty_or_full(np.zeros((4, 4)))
-    assert "nothing to edit" in describe_empty_or_full(np.full((4, 4), 0.4))
-    assert "all white" in describe_empty_or_full(np.ones((4, 4)))
+    assert mask_extent(np.zeros((4, 4))) == "empty"
+    assert mask_extent(np.full((4, 4), 0.4)) == "empty"  # nothing reaches the 0.5 threshold
+    assert mask_extent(np.ones((4, 4))) == "full"
     partial = np.zeros((4, 4))
     partial[0] = 1.0
-    assert describe_empty_or_full(partial) is None
+    assert mask_extent(partial) == "partial"
     assert mask_coverage(partial) == pytest.approx(0.25)
     assert mask_coverage(torch.ones(2, 2)) == 1.0
 

@@ -1,15 +1,15 @@
-"""DDIM inversion (spec §2) and the source-feature cache (spec §8, §11 properties 8, 9, 12)."""
+"""DDIM inversion (docs/method.md §2) and the source-feature cache (§2, §10 properties 8, 9, 12)."""
 
 import pytest
 import torch
 
+from pfbdiff.engine.loop import recomputed_source_features
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.loop import recomputed_source_features
 
 
 def test_inversion_keeps_all_k_plus_one_latents_and_features_per_step(tiny_pipe, photo):
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=10, strength=0.5)
-    assert inv.num_steps == 5 and len(inv.latents) == 6 and len(inv.features) == 5
+    assert inv.inverted_steps == 5 and len(inv.latents) == 6 and len(inv.features) == 5
     assert inv.latents[0].shape == (1, 4, 12, 16)  # 128×96 image, factor-8 VAE, aspect kept
     assert set(inv.features[0]) == set(inv.recorded_blocks) >= set(range(7, 19))
 

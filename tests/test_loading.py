@@ -1,5 +1,6 @@
-"""Tests of model loading (pfbdiff.loading, .diffusers_folders, .hub, .devices): folders, single files, hub ids,
-pickle refusal, dtype and device options."""
+"""Tests of model loading (pfbdiff.models.loading, .diffusers_folders, .hub, .devices): folders, single files, hub ids,
+pickle refusal, dtype and device options, the diffusers arguments passed on (variant, use_safetensors, revision,
+cache_dir, local_files_only) and load_pipeline."""
 
 import json
 import shutil
@@ -10,11 +11,12 @@ import torch
 from ldm_checkpoint import components_to_ldm, write_ldm_pickle, write_ldm_safetensors
 from safetensors.torch import load_file
 
-from pfbdiff import devices, hub
-from pfbdiff.devices import resolve_device, resolve_dtype
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.loading import MODEL_ALIASES, load_components
-from pfbdiff.toy_models import tiny_sd_components
+from pfbdiff.models import devices, hub, loading
+from pfbdiff.models.devices import resolve_device, resolve_dtype
+from pfbdiff.models.loading import MODEL_ALIASES, load_components
+from pfbdiff.models.toy_models import tiny_sd_components
+from pfbdiff.pipeline import load_pipeline
 
 NETWORKS = ("unet", "vae", "text_encoder")
 
@@ -38,6 +40,19 @@ def pickle_only_dir(tiny_model_dir, tmp_path_factory):
         pickle_name = "pytorch_model.bin" if weights.name == "model.safetensors" else "diffusion_pytorch_model.bin"
         torch.save(load_file(weights), weights.with_name(pickle_name))
         weights.unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp16_variant_dir(reference, tmp_path_factory):
+    """The tiny model saved as diffusers does with ``variant="fp16"`` (fp32 weights under ``*.fp16.*`` names)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        **reference, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    folder = tmp_path_factory.mktemp("variant") / "model"
+    pipeline.save_pretrained(folder, safe_serialization=True, variant="fp16")
     return folder
 
 
@@ -226,7 +241,7 @@ def test_uncached_hub_id_fails_fast_when_offline(monkeypatch):
 def test_unreachable_hub_gives_the_same_error(monkeypatch):
     calls = []
 
-    def fake_snapshot_download(repo_id, patterns, local_files_only):
+    def fake_snapshot_download(repo_id, patterns, local_files_only, **where):
         calls.append(local_files_only)
         raise OSError("Network is unreachable")
 
@@ -239,7 +254,7 @@ def test_unreachable_hub_gives_the_same_error(monkeypatch):
 
 
 def test_cached_hub_id_loads_without_network(monkeypatch, tiny_model_dir):
-    def fake_snapshot_download(repo_id, patterns, local_files_only):
+    def fake_snapshot_download(repo_id, patterns, local_files_only, **where):
         assert local_files_only, "the network must not be tried when the model is cached"
         assert "unet/diffusion_pytorch_model.safetensors" in patterns
         assert not any(p.endswith(".bin") for p in patterns)
@@ -248,6 +263,114 @@ def test_cached_hub_id_loads_without_network(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(hub, "_snapshot_download", fake_snapshot_download)
     components = load_components("owner/tiny", device="cpu")
     assert components["unet"].config.cross_attention_dim == 32
+
+
+def test_local_files_only_never_downloads(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for variable in ("HF_HOME", "HF_HUB_CACHE"):
+        monkeypatch.setenv(variable, str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import, so patch it too
+    monkeypatch.setattr(hub, "hub_is_offline", lambda: False)  # only local_files_only may keep the network away
+    calls = []
+    real_snapshot_download = hub._snapshot_download
+
+    def recording_snapshot_download(repo_id, patterns, local_files_only, **where):
+        calls.append(local_files_only)
+        return real_snapshot_download(repo_id, patterns, local_files_only, **where)
+
+    monkeypatch.setattr(hub, "_snapshot_download", recording_snapshot_download)
+    with pytest.raises(PFBDiffError) as excinfo:
+        load_components("pfbdiff-tests/no-such-model-7c1e", device="cpu", local_files_only=True)
+    assert calls == [True]
+    assert_one_line_error(
+        excinfo, "'pfbdiff-tests/no-such-model-7c1e'", "not in the local Hugging Face cache", "local_files_only"
+    )
+
+
+def test_revision_and_cache_dir_reach_snapshot_download(monkeypatch, tiny_model_dir, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs)
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    components = load_components("owner/tiny", device="cpu", revision="v1.0", cache_dir=tmp_path)
+    assert components["unet"].config.cross_attention_dim == 32
+    assert [(c["revision"], c["cache_dir"], c["local_files_only"]) for c in calls] == [("v1.0", tmp_path, True)]
+
+
+def test_hub_variant_fetches_the_variant_files(monkeypatch, fp16_variant_dir, reference):
+    def fake_snapshot_download(repo_id, patterns, local_files_only, **where):
+        assert "unet/diffusion_pytorch_model.fp16.safetensors" in patterns
+        assert "text_encoder/model.fp16-*.safetensors" in patterns  # shards
+        assert "unet/diffusion_pytorch_model.safetensors" not in patterns  # not the fp32 weights as well
+        return fp16_variant_dir
+
+    monkeypatch.setattr(hub, "_snapshot_download", fake_snapshot_download)
+    components = load_components("owner/tiny", device="cpu", variant="fp16")
+    assert torch.equal(components["unet"].conv_in.weight, reference["unet"].conv_in.weight)
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def test_unknown_argument_is_refused(tiny_model_dir):
+    with pytest.raises(PFBDiffError) as excinfo:
+        load_components(tiny_model_dir, device="cpu", low_cpu_mem_usage=False, safety_checker=None)
+    assert_one_line_error(excinfo, "'low_cpu_mem_usage'", "'safety_checker'", "variant", "local_files_only")
+
+
+def test_variant_loads_the_variant_weights(fp16_variant_dir, reference):
+    assert list(fp16_variant_dir.glob("unet/*.fp16.safetensors"))
+    components = load_components(fp16_variant_dir, device="cpu", variant="fp16")
+    assert_same_outputs(components, reference)
+
+
+def test_missing_variant_names_the_component_and_variant(tiny_model_dir):
+    with pytest.raises(PFBDiffError) as excinfo:
+        load_components(tiny_model_dir, device="cpu", variant="fp16")
+    assert_one_line_error(excinfo, str(tiny_model_dir / "unet"), "'fp16'")
+
+
+def test_use_safetensors_refuses_pickle_even_when_allowed(pickle_only_dir):
+    with pytest.raises(PFBDiffError) as excinfo:
+        load_components(pickle_only_dir, device="cpu", allow_pickle=True, use_safetensors=True)
+    assert_one_line_error(excinfo, "pickle", "use_safetensors")
+
+
+def test_use_safetensors_refuses_a_pickle_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"not even read")
+    with pytest.raises(PFBDiffError) as excinfo:
+        load_components(path, device="cpu", allow_pickle=True, use_safetensors=True)
+    assert_one_line_error(excinfo, str(path), "pickle", "use_safetensors")
+
+
+def test_quiet_load_pipeline_disables_progress_bars(monkeypatch, tiny_model_dir):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from pfbdiff import load_pipeline as public_load_pipeline
+
+    seen = []
+    real_load_components = loading.load_components
+
+    def recording_load_components(*args, **kwargs):
+        seen.append((diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()))
+        return real_load_components(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_components", recording_load_components)
+    before = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    pipe = public_load_pipeline(tiny_model_dir, quiet=True, device="cpu")
+    assert seen == [(False, False)]
+    assert pipe._progress_bar_config.get("disable") is True
+    assert (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()) == before
+    loud = load_pipeline(tiny_model_dir, device="cpu")
+    assert not getattr(loud, "_progress_bar_config", {}).get("disable", False)
 
 
 # ------------------------------------------------------------------------------------------------ dtype, device
@@ -275,7 +398,6 @@ def test_unknown_dtype_is_refused(tiny_model_dir):
 
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == devices.best_device()
     if not torch.cuda.is_available() and not devices._mps_available():
         assert devices.best_device() == torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Writing results (pfbdiff.outputs): PNG metadata round trip, atomic writes, inputs never overwritten."""
+"""Writing results (pfbdiff.io.outputs): PNG metadata round trip, atomic writes, inputs never overwritten."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from helpers import assert_user_error, pixel
 from PIL import Image
 
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.outputs import format_parameters, read_png_metadata, save_png
+from pfbdiff.io.outputs import format_parameters, read_png_metadata, save_png
 
 RED = (200, 30, 10)
 

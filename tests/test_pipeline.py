@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pfbdiff import PFBDiffError, PFBDiffPipeline, load_pipeline
-from pfbdiff.toy_models import tiny_sd_components
+from pfbdiff.models.toy_models import tiny_sd_components
 
 
 def test_from_pretrained_folder_and_load_pipeline(tiny_model_dir):
@@ -97,8 +97,19 @@ def test_v_prediction_with_zero_terminal_snr_edits_end_to_end(photo, box_mask):
     assert torch.isfinite(out).all() and all(torch.isfinite(z).all() for z in inv.latents)
 
 
-def test_soft_mask_blends_features_with_fractional_weights(tiny_pipe, photo):
+def test_a_soft_mask_gives_fractional_latent_blend_weights(tiny_pipe, photo):
     soft = np.full((96, 128), 0.5, np.float32)
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=2)
-    mask = tiny_pipe._masks(inv, soft, None, __import__("pfbdiff").get_preset("object"), (12, 16), None, None).edit
+    mask = tiny_pipe.prepare_masks(inv, soft).edit
     assert torch.allclose(mask.latent, torch.full_like(mask.latent, 0.5))
+
+
+def test_model_cpu_offload_is_refused_rather_than_silently_bypassed(tiny_pipe):
+    # the feature walker runs the U-Net's blocks itself, so accelerate's hook on unet.forward would never fire
+    with pytest.raises(PFBDiffError, match="offload is not supported"):
+        tiny_pipe.enable_model_cpu_offload()
+
+
+def test_unknown_from_pretrained_arguments_are_refused(tiny_model_dir):
+    with pytest.raises(PFBDiffError, match="safety_checker"):
+        PFBDiffPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)

@@ -9,9 +9,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pfbdiff import PFBDiffError
-from pfbdiff.cli import app
-from pfbdiff.outputs import read_png_metadata
-from pfbdiff.provenance import EditRequest, load_record, replay
+from pfbdiff.apps.cli import app
+from pfbdiff.apps.provenance import load_record
+from pfbdiff.apps.request import EditRequest, replay
+from pfbdiff.io.outputs import read_png_metadata
 
 runner = CliRunner()
 
@@ -47,7 +48,7 @@ def test_record_in_png_and_json_and_bit_exact_replay_from_either(files, tiny_mod
     from_png = folder / "from-png.png"
     _edit("--from-json", out, "-o", from_png)
     assert np.array_equal(_pixels(from_png), _pixels(out))
-    result, _ = replay(record)
+    result = replay(record).result
     assert np.array_equal(np.asarray(result.images[0]), _pixels(out))
 
     varied = folder / "varied.png"
@@ -109,8 +110,8 @@ def test_alpha_only_mask_file_and_missing_arguments(files, tiny_model_dir, box_m
     Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
     _edit(image, "-m", folder / "alpha.png", "-p", "a dog", "--steps", 1, "--model", tiny_model_dir, "-o", folder / "a.png")
     assert np.array_equal(_pixels(folder / "a.png")[0:10], photo[0:10])
-    for argv, message in ((["-p", "a dog"], "give the IMAGE"), ([str(image), "-p", "a dog"], "--mask is required"),
-                          ([str(image), "-m", str(folder / "alpha.png")], "--prompt is required"),
+    for argv, message in ((["-p", "a dog"], "missing IMAGE, --mask:"), ([str(image), "-p", "a dog"], "missing --mask:"),
+                          ([str(image), "-m", str(folder / "alpha.png")], "missing --prompt:"),
                           ([str(image), "-m", str(folder / "alpha.png"), "-p", "a", "--feather", "-1"], "--feather must be")):
         result = runner.invoke(app, ["edit", *argv, "-o", str(folder / "x.png"), "--model", str(tiny_model_dir)])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -4,15 +4,17 @@ Everything runs on the tiny model (native size 128², so a 1000×750 photo is a 
 """
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pfbdiff import PFBDiffError, blending, compositing, get_preset
-from pfbdiff.automask import iou
+from pfbdiff import PFBDiffError
+from pfbdiff.engine import blending
+from pfbdiff.engine.automask import iou
+from pfbdiff.models.loading import BUNDLED_SHAPES_MODEL
+from pfbdiff.photo import compositing
 
 
 def _big_photo(width=1000, height=750, seed=3):
@@ -125,7 +127,7 @@ def test_soft_mask_is_honoured_in_feature_and_latent_blending_and_thresholded_fo
     for group in (feature, latent):
         values = torch.cat([w.flatten() for w in group])
         assert group and ((values > 0.1) & (values < 0.9)).float().mean() > 0.5  # fractional, not thresholded
-    mask = tiny_pipe._masks(inv, ramp, None, get_preset("object"), (12, 16), None, None).edit
+    mask = tiny_pipe.prepare_masks(inv, ramp).edit
     binary = mask.binary_at((6, 8))
     assert binary.dtype == torch.bool and binary.any() and not binary.all()  # attention: a yes/no decision
 
@@ -219,16 +221,12 @@ def test_mask_given_only_as_alpha_channel(tiny_pipe, photo, box_mask):
 
 # ------------------------------------------------------------------------------------------ shapes model
 
-SHAPES_MODEL = Path(compositing.__file__).parent / "shapes" / "model"
-
-
-@pytest.mark.skipif(not (SHAPES_MODEL / "model_index.json").is_file(), reason="the ShapesWorld model is not shipped yet")
 def test_auto_mask_covers_the_edited_object_on_the_shapes_model():
     from pfbdiff import PFBDiffPipeline
     from pfbdiff.bench.cases import make_cases, render_case
     from pfbdiff.shapes.world import caption
 
-    pipe = PFBDiffPipeline.from_pretrained(SHAPES_MODEL, device="cpu", torch_dtype="float32")
+    pipe = PFBDiffPipeline.from_pretrained(BUNDLED_SHAPES_MODEL, device="cpu", torch_dtype="float32")
     pipe.set_progress_bar_config(disable=True)
     scores = []
     for case in make_cases("attribute", 4):  # recolour one object: the region to change is that object

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pfbdiff import automask, compositing, regions
+from pfbdiff.engine import automask
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.regions import CropBox, plan_region
+from pfbdiff.photo import compositing, regions
+from pfbdiff.photo.regions import CropBox, plan_region
 
 NATIVE = 512
 

@@ -1,12 +1,12 @@
-"""The DDIM grid and update (spec §2, §11 property 11): parity with diffusers, every prediction type."""
+"""The DDIM grid and update (docs/method.md §2, §10 property 11): parity with diffusers, every prediction type."""
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from pfbdiff.engine.sampling import DDIMGrid, ddim_move, ddim_step, split_prediction
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.sampling import DDIMGrid, classifier_free_guidance, ddim_move, ddim_step, split_prediction
-from pfbdiff.toy_models import sd_scheduler_config
+from pfbdiff.models.toy_models import sd_scheduler_config
 
 
 def test_grid_of_sd_schedule_is_981_down_to_1_with_alpha_zero_last():
@@ -62,8 +62,3 @@ def test_zero_terminal_snr_with_epsilon_prediction_is_a_clear_error():
 def test_steps_below_one_are_refused():
     with pytest.raises(PFBDiffError, match="steps"):
         DDIMGrid.from_scheduler_config(sd_scheduler_config(), 0)
-
-
-def test_classifier_free_guidance_formula():
-    u, c = torch.tensor([1.0]), torch.tensor([3.0])
-    assert classifier_free_guidance(u, c, 7.5).item() == 1.0 + 7.5 * 2.0

@@ -1,14 +1,14 @@
-"""The PFB-Diff loop (spec §3) against plain sampling: spec §11 properties 1–4 and 10."""
+"""The PFB-Diff loop (docs/method.md §1) against plain sampling: docs/method.md §10 properties 1–4 and 10."""
 
 import numpy as np
 import pytest
 import torch
 
-from pfbdiff.blending import latent_blend_is_open, noised_reference
-from pfbdiff.loop import BlendPlan, Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop
-from pfbdiff.masks import EditMask
-from pfbdiff.sampling import DDIMGrid
-from pfbdiff.toy_models import sd_scheduler_config
+from pfbdiff.engine.blending import latent_blend_is_open, noised_reference
+from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.loop import Prompts, cached_source_features, pfb_sampling_loop, plain_sampling_loop
+from pfbdiff.engine.sampling import DDIMGrid
+from pfbdiff.models.toy_models import sd_scheduler_config
 
 NO_OP = dict(blend_blocks=(), attention_masking=False, latent_blend=0.98)
 
@@ -82,7 +82,7 @@ def test_empty_mask_stays_much_closer_to_the_source_than_full_mask(tiny_pipe, ph
 def test_final_step_lock_keeps_the_clean_source_latent_outside_the_mask(tiny_pipe, photo, box_mask):
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
     out = tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, output_type="latent").images
-    keep = tiny_pipe._masks(inv, box_mask, None, pipe_config(), (12, 16), None, None).edit.latent == 0
+    keep = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config()).edit.latent == 0
     assert keep.any() and torch.equal(out[keep.expand_as(out)], inv.latents[0][keep.expand_as(out)])
 
 
@@ -98,11 +98,6 @@ def test_gate_counts_on_the_50_step_sd_grid():
 
 def test_latent_gate_indexes_the_full_grid_even_with_strength_below_one():
     assert [n for n in range(40) if latent_blend_is_open(n, 50, 0.5)] == list(range(26, 40))
-
-
-def test_blend_plan_defaults():
-    plan = BlendPlan()
-    assert plan.source_blocks == frozenset() and plan.latent_blend == 0.5
 
 
 def test_noised_reference_is_the_clean_latent_forward_noised_to_the_level_each_step_lands_on():
@@ -125,7 +120,7 @@ def test_noised_reference_keeps_the_seeded_forward_noised_source_outside_the_mas
     noises = torch.randn(steps, *inv.latents[0].shape, generator=torch.Generator().manual_seed(7))
     a = inv.grid.alpha_prev(0)
     last_reference = a**0.5 * inv.latents[0] + (1 - a) ** 0.5 * noises[-1]
-    keep = (tiny_pipe._masks(inv, box_mask, None, pipe_config(), (12, 16), None, None).edit.latent == 0).expand_as(out)
+    keep = (tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config()).edit.latent == 0).expand_as(out)
     assert keep.any() and torch.equal(out[keep], last_reference[keep])
     assert not torch.equal(out[keep], inv.latents[0][keep])
 

@@ -1,14 +1,13 @@
 """The bundled ShapesWorld model (``src/pfbdiff/shapes/model``): it loads as Stable Diffusion components and
 draws captions with held-out combinations that the oracles read back correctly.
 
-These tests skip (with the reason) while the model folder has not been shipped yet.
+They read the model from the installed package, so they fail (not skip) if packaging ever drops it.
 """
-
-from pathlib import Path
 
 import pytest
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "pfbdiff" / "shapes" / "model"
+from pfbdiff.models.loading import BUNDLED_SHAPES_MODEL as MODEL_DIR
+
 # Held-out combinations (none of these objects appears in training), each with a fixed noise seed.
 HELD_OUT_CAPTIONS = [f"{article} {obj} on a {background} background"
                      for article, obj in (("a", "purple circle"), ("a", "green triangle"), ("an", "orange square"))
@@ -20,21 +19,13 @@ DDIM_STEPS = 20
 MIN_PASSING = 5
 
 
-def _shipped() -> bool:
-    return (MODEL_DIR / "model_index.json").is_file()
-
-
-needs_model = pytest.mark.skipif(not _shipped(), reason=f"the ShapesWorld model is not shipped yet ({MODEL_DIR})")
-
-
 @pytest.fixture(scope="module")
 def shapes_components():
-    from pfbdiff.loading import load_components
+    from pfbdiff.models.loading import load_components
 
     return load_components(MODEL_DIR, device="cpu", torch_dtype="float32")
 
 
-@needs_model
 def test_shipped_model_loads_with_sd_component_types(shapes_components):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -57,11 +48,10 @@ def test_shipped_model_loads_with_sd_component_types(shapes_components):
     assert len(ids) == len(HELD_OUT_CAPTIONS[0].split())
 
 
-@needs_model
 def test_shipped_model_loads_offline_by_name_and_is_the_default(shapes_components):
     import torch
 
-    from pfbdiff.loading import default_model, load_components
+    from pfbdiff.models.loading import default_model, load_components
 
     assert default_model() == ("shapes", None)
     by_name = load_components("shapes", device="cpu", torch_dtype="float32")
@@ -70,13 +60,11 @@ def test_shipped_model_loads_offline_by_name_and_is_the_default(shapes_component
         assert all(torch.equal(by_path[k], v) for k, v in by_name[name].state_dict().items())
 
 
-@needs_model
 def test_shipped_model_is_small():
     size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 30 * 1024 * 1024
 
 
-@needs_model
 def test_held_out_captions_are_drawn_as_the_oracles_read_them(shapes_components):
     from pfbdiff.shapes.evaluate import generate, score_image
     from pfbdiff.shapes.world import is_held_out_object, parse_caption

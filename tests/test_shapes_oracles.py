@@ -8,8 +8,18 @@ import pytest
 from PIL import Image
 
 from pfbdiff.shapes import (
-    ShapeObject, analyse, background_is, background_of, contains, find_objects, iou, label_components,
-    make_scene, object_kept, render, sample_scene,
+    ShapeObject,
+    analyse,
+    background_is,
+    background_of,
+    contains,
+    find_objects,
+    iou,
+    label_components,
+    make_scene,
+    object_kept,
+    render,
+    sample_scene,
 )
 
 NOISE_SIGMA = 8.0  # in 0-255 units

@@ -48,7 +48,7 @@ def _csv(path) -> tuple[list[str], list[dict]]:
 def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     from safetensors.torch import load_file
 
-    from pfbdiff.loading import load_components
+    from pfbdiff.models.loading import load_components
     from pfbdiff.shapes.train import main
 
     out, export_dir = tmp_path / "run", tmp_path / "model"

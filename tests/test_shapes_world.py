@@ -8,8 +8,24 @@ import pytest
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.shapes import (
-    COLOURS, HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS, PALETTE, PATTERNS, SHADES, SHAPES, VOCABULARY, ShapeObject, background_phrase, caption, make_scene, object_phrase, parse_caption, render, sample_scene,
-    uses_held_out, validate_scene,
+    COLOURS,
+    HELD_OUT_BACKGROUNDS,
+    HELD_OUT_OBJECTS,
+    PALETTE,
+    PATTERNS,
+    SHADES,
+    SHAPES,
+    VOCABULARY,
+    ShapeObject,
+    background_phrase,
+    caption,
+    make_scene,
+    object_phrase,
+    parse_caption,
+    render,
+    sample_scene,
+    uses_held_out,
+    validate_scene,
 )
 
 

@@ -1,9 +1,9 @@
-"""Words → token positions with the real tokenizer (spec §5): every BPE piece, every occurrence."""
+"""Words → token positions with the real tokenizer (docs/method.md §5): every BPE piece, every occurrence."""
 
 import pytest
 
+from pfbdiff.engine.tokens import new_words, positions_of, subject_words, token_positions
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.tokens import new_words, positions_of, subject_words, token_positions
 
 
 def test_single_token_word_maps_to_its_position(tiny_pipe):

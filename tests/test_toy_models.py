@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pfbdiff.toy_models import (
+from pfbdiff.models.toy_models import (
     TINY_WORDS,
     build_clip_tokenizer,
     bytes_to_unicode,

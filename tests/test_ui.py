@@ -5,13 +5,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pfbdiff.cli import app
+from pfbdiff.apps.cli import app
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.outputs import read_png_metadata
+from pfbdiff.io.outputs import read_png_metadata
 
 gradio = pytest.importorskip("gradio", reason="SKIPPED: the web UI needs gradio (pip install -e '.[ui,test]')")
 
-from pfbdiff import ui  # noqa: E402
+from pfbdiff.apps import ui  # noqa: E402
 
 STEPS = 3
 
@@ -34,7 +34,7 @@ def test_a_second_prompt_on_the_same_photo_reuses_the_inversion(session, photo, 
     third = session.run(photo, box_mask, "a fox", source_prompt="a dog", steps=STEPS)  # another source prompt
     assert not third.reused_inversion
     meta = read_png_metadata(second.path)
-    assert meta["prompt"] == "a fox" and meta["reused_inversion"] is True and meta["model"] == "tiny-test"
+    assert meta["prompt"] == "a fox" and meta["shared_inversion"] is True and meta["model"] == "tiny-test"
     assert second.image.size == (128, 96) and second.path.parent == session.output_dir
 
 
@@ -64,17 +64,17 @@ def test_a_large_photo_is_cropped_around_the_mask_and_the_cache_knows_the_box(se
 
 
 def test_the_cache_keeps_a_few_photos(session, photo, box_mask):
-    session.cache_size = 2
+    session.inversions.size = 2
     for shift in range(3):
         session.run(np.roll(photo, shift, axis=1), box_mask, "a dog", steps=1)
-    assert len(session.cache) == 2
+    assert len(session.inversions._items) == 2
 
 
 @pytest.mark.parametrize("change, fragment", [
     (dict(image=None), "upload a photo first"),
     (dict(mask=None), "no mask: paint the region"),
     (dict(mask=np.zeros((96, 128), np.float32)), "the mask is empty"),
-    (dict(prompt="  "), "write a prompt"),
+    (dict(prompt="  "), "prompt is empty"),
     (dict(inside="zebra"), "zebra"),
     (dict(preset="nope"), "unknown preset"),
     (dict(strength=1.5), "strength must be in (0, 1]"),
@@ -100,11 +100,13 @@ def test_the_painted_mask_is_the_alpha_of_the_brush_strokes():
     assert ui.painted_mask({"layers": []}) is None and ui.painted_mask(None) is None
 
 
-def test_a_mask_painted_at_canvas_size_is_fitted_to_the_photo():
-    mask = np.zeros((50, 100), np.float32)
-    mask[:, 50:] = 1.0
-    fitted = ui._fit_mask(mask, (40, 20))
-    assert fitted.shape == (20, 40) and fitted[:, -5:].min() > 0.9 and fitted[:, :5].max() < 0.1
+def test_a_mask_painted_at_canvas_size_is_resized_as_the_cli_resizes_it(session, photo):
+    canvas = np.zeros((192, 256), np.uint8)  # twice the photo's size, as the editor's canvas may return it
+    canvas[:, 128:] = 255
+    result = session.run(photo, Image.fromarray(canvas), "a dog", steps=1)
+    assert "resized" in result.message  # the CLI's warning, shown on the page
+    record = read_png_metadata(result.path)
+    assert Image.open(record["mask"]).size == (256, 192)  # the record names the mask as painted: it replays
 
 
 def test_the_page_queues_requests_one_at_a_time_and_names_the_model(session):
@@ -132,12 +134,13 @@ def test_the_example_is_a_shapes_scene_with_its_mask():
 def test_launch_warns_when_exposed_beyond_localhost(tiny_pipe, monkeypatch):
     launched, said = {}, []
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
-    ui.launch("tiny-test", host="0.0.0.0", port=7999, load=lambda *args: tiny_pipe, echo=said.append, block=False)
+    monkeypatch.setattr("pfbdiff.pipeline.load_pipeline", lambda *args, **kwargs: tiny_pipe)
+    ui.launch("tiny-test", host="0.0.0.0", port=7999, echo=said.append, block=False)
     assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999
     assert launched["share"] is False and launched["ssr_mode"] is False
     assert len(said) == 1 and "reachable from other machines" in said[0]
     said.clear()
-    ui.launch("tiny-test", load=lambda *args: tiny_pipe, echo=said.append, block=False)
+    ui.launch("tiny-test", echo=said.append, block=False)
     assert launched["server_name"] == "127.0.0.1" and said == []
 
 

@@ -1,10 +1,10 @@
-"""The numbered U-Net blocks (spec §4.1) and the block-by-block forward pass with skip semantics (§4.3)."""
+"""The numbered U-Net blocks (docs/method.md §3) and the block-by-block forward pass with skip semantics (§4)."""
 
 import pytest
 import torch
 
-from pfbdiff.inversion import FeatureRecorder
-from pfbdiff.unet_features import FeatureUNet
+from pfbdiff.engine.backbones.unet import FeatureUNet
+from pfbdiff.engine.inversion import FeatureRecorder
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +12,7 @@ def unet(tiny_components):
     return FeatureUNet(tiny_components["unet"])
 
 
-def test_sd_layout_has_25_blocks_numbered_like_the_spec(unet):
+def test_sd_layout_has_25_blocks_numbered_as_in_the_method_doc(unet):
     parts = [b.part for b in unet.blocks]
     assert len(unet.blocks) == 25
     assert parts == ["encoder"] * 12 + ["middle"] + ["decoder"] * 12
@@ -77,7 +77,7 @@ def test_call_counter_counts_passes_and_rows(unet):
 
 
 def test_full_size_sd15_unet_blend_point_shapes():
-    from pfbdiff.toy_models import sd15_random_unet
+    from pfbdiff.models.toy_models import sd15_random_unet
 
     unet = FeatureUNet(sd15_random_unet(seed=0))
     shapes = {}

@@ -1,3 +1,3 @@
-from .cli import main
+from pfbdiff.apps.cli import main
 
 main()

@@ -1,4 +1,4 @@
-"""``PFBDiffPipeline``: PFB-Diff with the shape of a diffusers pipeline.
+"""``PFBDiffPipeline``: PFB-Diff with the shape of a diffusers pipeline; the facade over the method's parts.
 
     pipe = PFBDiffPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     inv = pipe.invert(image, source_prompt="a cat sitting on a bench")
@@ -6,16 +6,20 @@
     fox = pipe.edit(inv, mask_image=mask, prompt="a fox", preset="object").images[0]   # reuses the inversion
     out = pipe(image=image, mask_image=mask, source_prompt="...", prompt="...", preset="background").images[0]
 
-``invert`` encodes the image, runs the DDIM inversion and records the source features once; ``edit`` runs the
-PFB-Diff loop (``loop.py``) from an inversion; ``__call__`` does both.
+``invert`` encodes the image, runs the DDIM inversion and records the source features once
+(``engine/inversion.py``); ``edit`` runs the PFB-Diff sampling loop (``engine/loop.py``) from an inversion;
+``__call__`` does both. The pipeline holds the models and the order of calls; the method lives in ``engine/``,
+the pixel work around it (crop plan, masks, paste-back) in ``photo/``.
 
 Real photos: a photo larger than the model's native size is inverted and edited as a crop around the mask
-(``regions.py``); the result is scaled back and pasted into the untouched photo with a feathered, colour-matched
-alpha (``compositing.py``); ``auto_mask`` estimates the region from the prompts (``automask.py``).
+(``photo/regions.py``); the result is scaled back and pasted into the untouched photo with a feathered,
+colour-matched alpha (``photo/compositing.py``); ``auto_mask`` estimates the region from the prompts
+(``engine/automask.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -23,15 +27,13 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from PIL import Image
 
-from . import automask, compositing, edit_masks, regions, tensors
-from . import images as imgs
-from .attention import AttentionMasking, attention_masking_installed, token_regions
-from .blending import noised_reference
-from .errors import PFBDiffError
-from .inversion import Inversion, ddim_invert
-from .loop import (
+from pfbdiff.engine import automask
+from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, token_regions
+from pfbdiff.engine.backbones.unet import FeatureUNet
+from pfbdiff.engine.blending import noised_reference
+from pfbdiff.engine.inversion import Inversion, ddim_invert
+from pfbdiff.engine.loop import (
     BlendPlan,
     Prompts,
     cached_source_features,
@@ -39,11 +41,13 @@ from .loop import (
     plain_sampling_loop,
     recomputed_source_features,
 )
-from .masks import EditMask
-from .presets import PRESETS, EditConfig, get_preset
-from .sampling import DDIMGrid
-from .tokens import positions_of
-from .unet_features import FeatureUNet
+from pfbdiff.engine.presets import PRESETS, EditConfig, get_preset
+from pfbdiff.engine.sampling import DDIMGrid, edit_steps
+from pfbdiff.engine.tokens import positions_of
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.io import images as imgs
+from pfbdiff.io import tensors
+from pfbdiff.photo import compositing, mask_set, regions
 
 
 @dataclass
@@ -52,7 +56,7 @@ class PFBDiffOutput(BaseOutput):
 
     ``masks``: the paste-back alpha of each image (PIL "L", input size; ``None`` with paste-back off);
     ``auto_masks``: the estimated edit masks (``auto_mask=True``); ``crop_box``: the edited box of the input,
-    [left, top, right, bottom].
+    [left, top, right, bottom]; ``latent_masks``: the edit mask the method used, B×1×h×w at latent size.
     """
 
     images: list | np.ndarray | torch.Tensor
@@ -60,12 +64,11 @@ class PFBDiffOutput(BaseOutput):
     masks: list | None = None
     auto_masks: list | None = None
     crop_box: list | None = None
+    latent_masks: torch.Tensor | None = None
 
 
 class PFBDiffPipeline(DiffusionPipeline):
     """Text-driven local image editing with Progressive Feature Blending (Huang et al., arXiv 2306.16894)."""
-
-    model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         super().__init__()
@@ -73,11 +76,22 @@ class PFBDiffPipeline(DiffusionPipeline):
         self.feature_unet = FeatureUNet(unet)
 
     @classmethod
-    def from_pretrained(cls, model, *, torch_dtype=None, device=None, allow_pickle=False, config=None, **_ignored):
-        """Load from a hub id, a local diffusers folder or a single ``.safetensors`` file (see ``loading.py``)."""
-        from .loading import load_components
+    def from_pretrained(cls, model, **kwargs):
+        """Load from a hub id, a local diffusers folder or a single ``.safetensors`` file.
 
-        return cls(**load_components(model, torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, config=config))
+        Takes ``torch_dtype``, ``device``, ``allow_pickle``, ``config`` (the configs of a single file) and the
+        diffusers arguments ``models/loading.py`` honours (``variant``, ``use_safetensors``, ``revision``,
+        ``cache_dir``, ``local_files_only``); any other argument is refused.
+        """
+        from pfbdiff.models.loading import load_components
+
+        return cls(**load_components(model, **kwargs))
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """Not supported: the feature walker runs the U-Net's blocks one by one, never ``unet.forward``, which is
+        where accelerate's model-offload hook moves the U-Net to the GPU."""
+        raise PFBDiffError("model CPU offload is not supported by pfbdiff yet (its U-Net walker bypasses the "
+                           "offload hook); load the model on one device, in float16 to save memory")
 
     # -- components ----------------------------------------------------------------------------------------
     @property
@@ -98,7 +112,7 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE latent of images in [-1, 1]; the posterior mean, so inversion is deterministic (spec §11.12)."""
+        """VAE latent of images in [-1, 1]; the posterior mean, so inversion is deterministic (docs/method.md §10, property 12)."""
         pixels = pixels.to(self.vae.device, self.vae.dtype)
         return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
 
@@ -109,35 +123,63 @@ class PFBDiffPipeline(DiffusionPipeline):
     def ddim_grid(self, num_inference_steps: int) -> DDIMGrid:
         return DDIMGrid.from_scheduler_config(self.scheduler.config, num_inference_steps)
 
+    def check_words(self, prompt, config: EditConfig) -> None:
+        """Every confined word of ``config`` must occur in each prompt: a misspelt word is named at once."""
+        for prompt_text in _as_list(prompt):
+            positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
+
+    # -- where the edit happens ----------------------------------------------------------------------------
+    def crop_plan(self, image_size, mask_image=None, *, crop="auto", crop_padding: int | None = None, grow: int = 0,
+                  feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT) -> regions.RegionPlan:
+        """The box of an image of ``image_size`` that is inverted and edited, and its model size.
+
+        With ``crop="auto"`` an image with more pixels than the model's native size is cropped around
+        ``mask_image`` (one mask or a list; grown by ``grow`` px, widened by the ``feather`` band, padded by
+        ``crop_padding`` px of context) and scaled to the native pixel count; ``True`` always crops, ``False``
+        never. Without a mask a large image is scaled down whole. Edits of one inversion share this plan.
+        """
+        masks = None
+        if mask_image is not None:
+            with warnings.catch_warnings():  # a resized mask is reported once, by the edit
+                warnings.simplefilter("ignore", UserWarning)
+                masks = [imgs.load_mask(m, image_size) for m in _as_list(mask_image)]
+        return mask_set.crop_plan(
+            image_size, masks, grow=grow, feather=feather, placement=feather_placement, crop=crop,
+            padding=crop_padding, native=regions.native_side(self.unet, self.vae_scale_factor),
+            multiple=self.vae_scale_factor,
+            min_side=regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor),
+        )
+
     # -- inversion -----------------------------------------------------------------------------------------
     def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None,
-               callback=None, *, mask_image=None, crop="auto", crop_padding: int | None = None, grow: int = 0,
-               feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT) -> Inversion:
+               callback=None, *, mask_image=None, plan: regions.RegionPlan | None = None, crop="auto",
+               crop_padding: int | None = None, grow: int = 0, feather: int | None = None,
+               feather_placement: str = compositing.DEFAULT_PLACEMENT) -> Inversion:
         """Encode ``image`` (one or a list), DDIM-invert it with ``source_prompt`` and record source features.
 
         ``record_blocks`` (block numbers L) defaults to every block any preset blends; an edit that needs
         another block re-runs the source branch for it. ``callback(k)`` is called after inversion step k.
-
-        Crop-to-mask (``regions.py``): ``crop="auto"`` inverts only a box around ``mask_image`` (grown by
-        ``grow`` px, widened by the ``feather`` band, padded by ``crop_padding`` px of context), scaled to the
-        model's native pixel count, when the image has more pixels than that; ``True`` always, ``False`` never.
-        Without a mask a large image is scaled down whole. Later edits must keep their mask inside that box.
+        The part of the image that is inverted is ``plan``, or :meth:`crop_plan` of ``mask_image`` with
+        ``crop``, ``crop_padding``, ``grow``, ``feather`` and ``feather_placement``; later edits must keep their
+        mask inside it.
         """
         if not 0.0 < strength <= 1.0:
-            raise PFBDiffError(f"strength must be in (0, 1], got {strength}; e.g. --strength 0.8")
+            raise PFBDiffError.about("strength", f"must be in (0, 1], got {strength}")
         pil_images = [imgs.load_image(i) for i in _as_list(image)]
         grid = self.ddim_grid(num_inference_steps)
-        num_steps = max(1, int(grid.num_steps * strength))
         sizes = [im.size for im in pil_images]
         if len(set(sizes)) > 1:
             raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
-        plan = self._plan_region(sizes[0], mask_image, crop, crop_padding, grow, feather, feather_placement)
-        model_size = plan.model_size
-        pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), model_size) for im in pil_images])
+        if plan is None:
+            plan = self.crop_plan(sizes[0], mask_image, crop=crop, crop_padding=crop_padding, grow=grow,
+                                  feather=feather, feather_placement=feather_placement)
+        pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), plan.model_size)
+                            for im in pil_images])
         source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
         embeddings = self.encode_prompt(source_prompts)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
-        with self.progress_bar(total=num_steps) as bar:
+        inverted_steps = edit_steps(grid.num_steps, strength)
+        with self.progress_bar(total=inverted_steps) as bar:
 
             def on_step(k):
                 bar.update()
@@ -145,30 +187,11 @@ class PFBDiffPipeline(DiffusionPipeline):
                     callback(k)
 
             latents, features = ddim_invert(
-                self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, num_steps, blocks,
-                callback=on_step,
+                self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, inverted_steps,
+                blocks, callback=on_step,
             )
         return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes,
                          crop_box=plan.box, source_images=pil_images)
-
-    def _plan_region(self, size, mask_image, crop, crop_padding, grow, feather, placement) -> regions.RegionPlan:
-        """The box of the image to invert and its model size (``regions.plan_region``)."""
-        support, margin = None, 0
-        if mask_image is not None:
-            union = None
-            for source in _as_list(mask_image):
-                with warnings.catch_warnings():  # a resized mask is reported once, by edit()
-                    warnings.simplefilter("ignore", UserWarning)
-                    loaded = imgs.load_mask(source, size)
-                grown = compositing.grow_mask(loaded, grow)
-                union = grown if union is None else np.maximum(union, grown)
-            support = regions.support_box(union)
-            width = compositing.auto_feather(union) if feather is None else int(feather)
-            margin = compositing.feather_reach(width, placement)
-        native = regions.native_side(self.unet, self.vae_scale_factor)
-        min_side = regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor)
-        return regions.plan_region(size, support, margin=margin, crop=crop, padding=crop_padding, native=native,
-                                   multiple=self.vae_scale_factor, min_side=min_side)
 
     def _default_record_blocks(self) -> frozenset[int]:
         return frozenset(b for cfg in PRESETS.values() for b in self.blend_plan(cfg).source_blocks)
@@ -187,6 +210,32 @@ class PFBDiffPipeline(DiffusionPipeline):
             latent_blend=config.latent_blend,
             reference_latent_index=config.reference_latent_index,
         )
+
+    def prepare_masks(self, inversion: Inversion, mask_image=None, prompt="", *, preset: str | EditConfig = "object",
+                      word_masks: dict | None = None, auto_mask: bool = False,
+                      auto_mask_threshold: float = automask.DEFAULT_THRESHOLD,
+                      auto_mask_draws: int = automask.DEFAULT_DRAWS,
+                      auto_mask_seed: int = automask.DEFAULT_SEED, **overrides) -> mask_set.MaskSet:
+        """Every mask of an edit of ``inversion`` (``photo/mask_set.py``), one per input image: the latent-size
+        edit mask and word masks the method uses, and the full-size masks of the paste-back."""
+        config = _resolve(preset, overrides)
+        size, n = inversion.original_sizes[0], inversion.batch_size
+
+        def load(source, name):
+            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, n)]
+
+        estimate = None
+        if auto_mask:
+            def estimate(box):
+                target = self.encode_prompt(_broadcast(prompt, n, "prompt"))
+                return automask.estimate_masks(
+                    self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
+                    [box.size] * n, draws=auto_mask_draws, threshold=auto_mask_threshold, seed=auto_mask_seed)
+
+        user = load(mask_image, "mask") if mask_image is not None else None
+        per_word = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
+        return mask_set.build(inversion, user, per_word, config, tuple(inversion.latents[0].shape[-2:]),
+                              device=self.unet.device, dtype=self.unet.dtype, estimate=estimate)
 
     def edit(
         self,
@@ -224,83 +273,84 @@ class PFBDiffPipeline(DiffusionPipeline):
         their union). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
         ``overrides``: any :class:`EditConfig` field (``grow``: pixels of the input image, + grows, − shrinks).
 
-        Putting the result back (``compositing.py``): with ``paste_back`` (default) every pixel outside the
+        Putting the result back (``photo/compositing.py``): with ``paste_back`` (default) every pixel outside the
         feathered mask is the input's own, bit for bit; ``feather`` px (default: from the mask's size, 0 for
         a soft mask, 0 when ``halo`` snapped it to the subject) soften the edge, placed ``"inside"`` (default) /
         ``"center"`` / ``"outside"`` it;
         ``colour_match`` (``"local"``, ``"mean"``, ``"none"``) matches the generation's colours to the input
-        around the edge. ``auto_mask`` estimates the region from the prompts (``automask.py``), clipped to
+        around the edge. ``auto_mask`` estimates the region from the prompts (``engine/automask.py``), clipped to
         ``mask_image`` when one is given; it is returned as ``auto_masks``. Latent outputs are unaffected.
         """
-        config = preset.replace(**overrides) if isinstance(preset, EditConfig) else get_preset(preset, **overrides)
-        if inside is not None:
-            config = config.replace(inside=tuple(inside))
-        if outside is not None:
-            config = config.replace(outside=tuple(outside))
+        # 1. the settings and the step count K
+        config = _resolve(preset, {**overrides, "inside": inside, "outside": outside})
         grid = inversion.grid
-        num_steps = max(1, int(grid.num_steps * config.strength))
-        if num_steps > inversion.num_steps:
+        steps = edit_steps(grid.num_steps, config.strength)
+        if steps > inversion.inverted_steps:
             raise PFBDiffError(
-                f"the edit needs {num_steps} inverted steps but the inversion has {inversion.num_steps}; "
+                f"the edit needs {steps} inverted steps but the inversion has {inversion.inverted_steps}; "
                 f"invert with strength >= {config.strength} or lower the edit's strength"
             )
-        images_in = inversion.batch_size
-        prompts_list = _broadcast(prompt, images_in, "prompt")
-        target_prompts = [p for p in prompts_list for _ in range(num_images_per_prompt)]
-
         if feather is None and config.halo:
             feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
-        finish = compositing.PasteBack(paste_back, feather, feather_placement, colour_match)
-        latent_size = tuple(inversion.latents[0].shape[-2:])
-        auto = dict(threshold=auto_mask_threshold, draws=auto_mask_draws, seed=auto_mask_seed) if auto_mask else None
-        mask_set = self._masks(inversion, mask_image, word_masks, config, latent_size, prompts_list, auto)
-        mask, word_regions = mask_set.edit, mask_set.words
-        mask = EditMask(mask.latent.repeat_interleave(num_images_per_prompt, 0), mask.resize_mode)
-        regions = token_regions(self.tokenizer, config, inversion.source_prompt, prompts_list, mask, word_regions,
-                                num_images_per_prompt)
+        put_back = compositing.PasteBack(paste_back, feather, feather_placement, colour_match)
 
-        prompts = Prompts(
-            source=inversion.source_embeddings.repeat_interleave(num_images_per_prompt, 0),
-            target=self.encode_prompt(target_prompts),
-            unconditional=None,
-        )
+        # 2. the masks of each input image
+        prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")
+        masks = self.prepare_masks(inversion, mask_image, prompts_in, preset=config, word_masks=word_masks,
+                                   auto_mask=auto_mask, auto_mask_threshold=auto_mask_threshold,
+                                   auto_mask_draws=auto_mask_draws, auto_mask_seed=auto_mask_seed)
+
+        # 3. one row per output image: each input image num_images_per_prompt times
+        repeats = num_images_per_prompt
+        masks = masks.repeated(repeats)
+        prompts_list = _rows(prompts_in, repeats)
+        source_prompts = _rows(inversion.source_prompt, repeats)
+        source_latents = [z.repeat_interleave(repeats, 0) for z in inversion.latents[: steps + 1]]
+        source_features = self._source_features(inversion, config, repeats)
+
+        # 4. text conditioning: source, target and (with guidance) unconditional prompts
+        prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats, 0),
+                          target=self.encode_prompt(prompts_list), unconditional=None)
         if guidance_scale > 1.0:
-            negatives = _broadcast(negative_prompt or "", images_in, "negative_prompt")
-            prompts.unconditional = self.encode_prompt([n for n in negatives for _ in range(num_images_per_prompt)])
+            negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")
+            prompts.unconditional = self.encode_prompt(_rows(negatives, repeats))
 
-        plan = self.blend_plan(config)
-        source_latents = [z.repeat_interleave(num_images_per_prompt, 0) for z in inversion.latents[: num_steps + 1]]
-        source_features = self._source_features(inversion, plan, config, num_images_per_prompt)
+        # 5. attention masking: which tokens may be attended to where
+        latent_size = tuple(inversion.latents[0].shape[-2:])
+        attention_blocks = config.attention_blocks
+        if attention_blocks is None:
+            attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        masking = AttentionMasking(
+            token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words),
+            latent_size, attention_blocks, mask_uncond=config.mask_uncond)
+        masking.observer = attention_observer
+
+        # 6. the start latent and the latent-blend reference
         x = self._start_latent(config, source_latents[-1], generator)
         latent_reference = None
         if config.latent_reference == "noised":
             clean = source_latents[0]
+            latent_reference = noised_reference(
+                clean, grid, lambda: _randn(tuple(clean.shape), generator, clean.device, clean.dtype))
 
-            def fresh_noise():
-                return _randn(tuple(clean.shape), generator, clean.device, clean.dtype)
-
-            latent_reference = noised_reference(clean, grid, fresh_noise)
-
-        attention_blocks = config.attention_blocks
-        if attention_blocks is None:
-            attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
-        masking = AttentionMasking(regions, latent_size, attention_blocks, mask_uncond=config.mask_uncond)
-        masking.observer = attention_observer
-
-        with self.progress_bar(total=num_steps) as bar, attention_masking_installed(self.feature_unet, masking):
+        # 7. the PFB-Diff sampling loop
+        with self.progress_bar(total=steps) as bar, attention_masking_installed(self.feature_unet, masking):
 
             def on_step(n, t, latents):
                 bar.update()
                 if callback_on_step_end is not None:
-                    result = callback_on_step_end(self, num_steps - 1 - n, t, {"latents": latents}) or {}
+                    result = callback_on_step_end(self, steps - 1 - n, t, {"latents": latents}) or {}
                     latents = result.get("latents", latents)
                 return latents
 
             x = pfb_sampling_loop(
-                self.feature_unet, x, source_latents, source_features, grid, mask, prompts, plan, guidance_scale,
-                masking=masking, batch_cfg=config.batch_cfg, on_step=on_step, latent_reference=latent_reference,
+                self.feature_unet, x, source_latents, source_features, grid, masks.edit, prompts,
+                self.blend_plan(config), guidance_scale, masking=masking, batch_cfg=config.batch_cfg, on_step=on_step,
+                latent_reference=latent_reference,
             )
-        return self._finish(x, inversion, num_images_per_prompt, output_type, return_dict, mask_set, finish)
+
+        # 8. decode and put the result back into the photo
+        return self._output(x, inversion, masks, put_back, repeats, output_type, return_dict)
 
     def __call__(
         self,
@@ -314,30 +364,34 @@ class PFBDiffPipeline(DiffusionPipeline):
         strength: float | None = None,
         crop="auto",
         crop_padding: int | None = None,
+        inversion_callback=None,
         **edit_kwargs,
     ):
         """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`).
 
-        ``crop`` / ``crop_padding`` choose the part of the image that is inverted and edited (:meth:`invert`);
-        everything else is passed on to :meth:`edit`.
+        ``crop`` / ``crop_padding`` choose the part of the image that is inverted and edited (:meth:`crop_plan`);
+        ``inversion_callback(k)`` is called after each inversion step; everything else is passed on to
+        :meth:`edit`.
         """
-        config = preset if isinstance(preset, EditConfig) else get_preset(preset)
-        if strength is not None:
-            edit_kwargs["strength"] = strength
-        edit_kwargs = {k: v for k, v in edit_kwargs.items() if v is not None}
-        overrides = {k: v for k, v in edit_kwargs.items() if k in EditConfig.__dataclass_fields__}
-        config = config.replace(**{k: tuple(v) if k in ("inside", "outside") else v for k, v in overrides.items()})
-        rest = {k: v for k, v in edit_kwargs.items() if k not in overrides}
-        for prompt_text in _as_list(prompt):  # name a misspelt word before the costly inversion
-            positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
-        region = mask_image if mask_image is not None else list((rest.get("word_masks") or {}).values()) or None
-        inversion = self.invert(
-            image, source_prompt, num_inference_steps, strength=config.strength,
-            record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
-            callback=rest.pop("inversion_callback", None), mask_image=region, crop=crop, crop_padding=crop_padding,
-            grow=config.mask_reach, feather=rest.get("feather"), feather_placement=rest.get("feather_placement", compositing.DEFAULT_PLACEMENT),
+        settings = {k: edit_kwargs.pop(k) for k in list(edit_kwargs) if k in EditConfig.__dataclass_fields__}
+        config = _resolve(preset, {**settings, "strength": strength})
+        self.check_words(prompt, config)  # name a misspelt word before the costly inversion
+        images = [imgs.load_image(i) for i in _as_list(image)]
+        size = images[0].size
+        if mask_image is not None and not isinstance(mask_image, (list, tuple)):
+            mask_image = imgs.load_mask(mask_image, size)  # loaded once for the crop plan and the edit
+        region = mask_image if mask_image is not None else list((edit_kwargs.get("word_masks") or {}).values()) or None
+        plan = self.crop_plan(
+            size, region, crop=crop, crop_padding=crop_padding,
+            grow=config.mask_reach, feather=edit_kwargs.get("feather"),
+            feather_placement=edit_kwargs.get("feather_placement", compositing.DEFAULT_PLACEMENT),
         )
-        return self.edit(inversion, mask_image, prompt, preset=config, **rest)
+        inversion = self.invert(
+            images, source_prompt, num_inference_steps, strength=config.strength, plan=plan,
+            record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
+            callback=inversion_callback,
+        )
+        return self.edit(inversion, mask_image, prompt, preset=config, **edit_kwargs)
 
     @torch.no_grad()
     def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=50, guidance_scale=7.5,
@@ -356,18 +410,8 @@ class PFBDiffPipeline(DiffusionPipeline):
         return PFBDiffOutput(images=tensors.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _masks(self, inversion, mask_image, word_masks, config, latent_size, prompts, auto) -> edit_masks.EditMasks:
-        size, n = inversion.original_sizes[0], inversion.batch_size
-
-        def load(source, name):
-            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, n)]
-
-        user = load(mask_image, "mask") if mask_image is not None else None
-        per_word = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
-        return edit_masks.build(self, inversion, user, per_word, config, latent_size, prompts, auto)
-
-    def _source_features(self, inversion, plan, config, repeats):
-        needed = plan.source_blocks
+    def _source_features(self, inversion, config, repeats):
+        needed = self.blend_plan(config).source_blocks
         if config.cache_source and needed <= inversion.recorded_blocks:
             return cached_source_features(inversion.features, repeats)
         if config.cache_source and needed:
@@ -383,48 +427,57 @@ class PFBDiffPipeline(DiffusionPipeline):
             return inverted.clone()
         return _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
 
-    def _finish(self, latents, inversion, repeats, output_type, return_dict, mask_set, finish: compositing.PasteBack):
-        """Decode, scale the edited box back to the input's pixels and paste it into the input (``compositing``)."""
-        decoded = self.decode_latents(latents)
-        box = edit_masks.inverted_box(inversion)
+    def _output(self, latents, inversion, masks, put_back, repeats, output_type, return_dict):
+        """Decode, scale the edited box back to the input's pixels and paste it into the input."""
+        box = mask_set.inverted_box(inversion)
         size = inversion.original_sizes[0]
-        alphas = None
-        if finish.enabled and inversion.source_images:
-            alphas = [finish.alpha(m, box, bound) for m, bound in
-                      zip(mask_set.full, mask_set.bound or [None] * len(mask_set.full))]
+        sources = _rows(inversion.source_images, repeats)
+        alphas = put_back.alphas(masks, box) if sources else None
         if output_type == "latent":
             images = latents
         else:
-            pil = []
-            for i, generated in enumerate(tensors.tensor_to_pil(decoded)):
-                image = i // repeats
-                generated = tensors.restore_size(generated, box.size)
-                if (alphas is None and box.covers(size)) or not inversion.source_images:
-                    pil.append(generated)
-                    continue
-                source = np.asarray(inversion.source_images[image])
-                alpha = alphas[image] if alphas is not None else None
-                pil.append(Image.fromarray(compositing.composite(
-                    source, np.asarray(generated), box, mask_set.full[image][box.slices], alpha, finish.colour_match,
-                    ring_width=finish.ring_width)))
-            images = pil if output_type == "pil" else tensors.convert_output(_pil_to_tensor(pil), output_type)
+            pil = compositing.put_back(tensors.tensor_to_pil(self.decode_latents(latents)), sources, box, masks.full,
+                                       alphas, put_back)
+            images = pil if output_type == "pil" else tensors.convert_output(tensors.pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)
-        masks = None
-        if alphas is not None:
-            masks = [_to_grey(edit_masks.on_canvas(alphas[i // repeats], box, size)) for i in range(len(alphas) * repeats)]
-        auto_masks = None
-        if mask_set.auto is not None:
-            auto_masks = [_to_grey(m) for m in mask_set.auto]
-        return PFBDiffOutput(images=images, latents=latents, masks=masks, auto_masks=auto_masks, crop_box=box.as_list())
+        return PFBDiffOutput(
+            images=images, latents=latents, crop_box=box.as_list(), latent_masks=masks.edit.latent,
+            masks=None if alphas is None else [tensors.to_grey(mask_set.on_canvas(a, box, size)) for a in alphas],
+            auto_masks=None if masks.auto is None else [tensors.to_grey(m) for m in masks.auto],
+        )
 
 
-def _to_grey(mask: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.round(np.clip(mask, 0, 1) * 255).astype(np.uint8), mode="L")
+def load_pipeline(model, *, quiet: bool = False, **kwargs) -> PFBDiffPipeline:
+    """A :class:`PFBDiffPipeline` for ``model`` (arguments of :meth:`PFBDiffPipeline.from_pretrained`).
+
+    ``quiet=True`` is for callers with their own progress display (the CLI, the UI, batch runs): no "Loading
+    weights" bars from diffusers or transformers while loading, and no denoising bar when the pipeline runs.
+    """
+    from pfbdiff.models.loading import library_progress_bars_off
+
+    with library_progress_bars_off() if quiet else contextlib.nullcontext():
+        pipe = PFBDiffPipeline.from_pretrained(model, **kwargs)
+    if quiet:
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _resolve(preset: str | EditConfig, overrides: dict) -> EditConfig:
+    """``preset`` (a name or an :class:`EditConfig`) with the given (not ``None``) ``overrides``."""
+    overrides = {k: tuple(v) if k in ("inside", "outside") else v for k, v in overrides.items() if v is not None}
+    if isinstance(preset, EditConfig):
+        return preset.replace(**overrides) if overrides else preset
+    return get_preset(preset, **overrides)
 
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _rows(values: list, repeats: int) -> list:
+    """Each item ``repeats`` times, in the order of ``repeat_interleave``."""
+    return [v for v in values for _ in range(repeats)]
 
 
 def _broadcast(value, n: int, name: str) -> list:
@@ -442,8 +495,3 @@ def _broadcast_masks(value, n: int) -> list:
 
 def _randn(shape, generator, device, dtype):
     return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device, dtype)
-
-
-def _pil_to_tensor(images) -> torch.Tensor:
-    arrays = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2)

@@ -4,7 +4,7 @@ They reuse the engine's pieces (the pipeline's encoders, ``sampling.ddim_move`` 
 ``split_prediction``, ``loop.guided_prediction`` / ``plain_sampling_loop``, ``blending.blend_latents``,
 ``masks.EditMask``) so every method shares one definition of a DDIM step, of guidance and of the latent mask.
 
-* :data:`LATENT_BLENDING` — the official code's latent-blending baseline ("our_baseline", spec §9.2): PFB-Diff
+* :data:`LATENT_BLENDING` — the official code's latent-blending baseline ("our_baseline", docs/method.md §11): PFB-Diff
   with no feature blending, no attention masking and the latent blend open at every step, i.e. Blended Latent
   Diffusion on the DDIM-inverted source trajectory. Run it with ``pipe.edit(..., **LATENT_BLENDING)``.
 * :func:`blended_latent_diffusion` — Blended Latent Diffusion as published (Avrahami et al. 2023): start from
@@ -16,7 +16,7 @@ They reuse the engine's pieces (the pipeline's encoders, ``sampling.ddim_move`` 
   schedule, denoise with the target prompt, decode, and paste the source pixels back outside the mask. Both
   the raw decode and the pasted image are returned.
 * :func:`diffedit_mask` / :func:`diffedit` — DiffEdit (Couairon et al. 2023) as in the official repository's
-  re-implementation (spec §9.2): a mask from |ε(x_t, c_src) − ε(x_t, c_tgt)| averaged over a few forward-noised
+  re-implementation (docs/method.md §11): a mask from |ε(x_t, c_src) − ε(x_t, c_tgt)| averaged over a few forward-noised
   copies at 50 % noise and over channels, clipped at 3.5× its mean, scaled to [0, 1] and thresholded at 0.5;
   then a DDIM inversion with the empty prompt and target sampling with latent blending at every step.
 """
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import tensors
-from ..blending import blend_latents
-from ..loop import Prompts, guided_prediction, plain_sampling_loop
-from ..masks import EditMask
-from ..presets import EditConfig
-from ..sampling import ddim_move, ddim_step, split_prediction
+from pfbdiff.engine.blending import blend_latents
+from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.loop import Prompts, guided_prediction, plain_sampling_loop
+from pfbdiff.engine.presets import EditConfig
+from pfbdiff.engine.sampling import ddim_move, ddim_step, edit_steps, split_prediction
+from pfbdiff.io import tensors
 
 #: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step).
 LATENT_BLENDING = dict(blend_blocks=(), attention_masking=False, latent_blend=-1.0)
@@ -118,7 +118,7 @@ def blended_latent_diffusion(pipe, image, mask, prompt, *, steps: int, guidance_
 def masked_sdedit(pipe, image, mask, prompt, *, steps: int, strength: float, guidance_scale: float, generator) -> BaselineResult:
     """SDEdit from ``strength`` of the schedule with the target prompt, then paste-back outside the mask."""
     grid = pipe.ddim_grid(steps)
-    k = max(1, int(grid.num_steps * strength))
+    k = edit_steps(grid.num_steps, strength)
     z0 = encode_source(pipe, image)
     x = ddim_move(z0, _noise(z0.shape, generator, z0), grid.alpha(grid.timesteps[k - 1]))
     x = plain_sampling_loop(pipe.feature_unet, x, grid, target_prompts(pipe, prompt, guidance_scale), guidance_scale, num_steps=k)

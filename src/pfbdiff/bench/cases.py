@@ -209,7 +209,7 @@ def _pick(rng: np.random.Generator, options: list):
 
 
 def _valid(case: Case) -> bool:
-    from .metrics import edit_success
+    from pfbdiff.bench.metrics import edit_success
 
     images = render_case(case, VALIDATION_SIZE)
     if not all(r.any() for r in images.regions) or not images.mask.any() or images.mask.all():

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import PFBDiffError
-from .metrics import PROPORTIONS, summarise
+from pfbdiff.bench.metrics import PROPORTIONS, summarise
+from pfbdiff.errors import PFBDiffError
 
 METRICS: dict[str, tuple[str, str, str]] = {  # name: (kind, better, description)
     "success": ("proportion", "higher", "oracle: target present, old gone, others kept, background right"),
@@ -66,7 +66,7 @@ TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success 
 def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True) -> dict:
     import torch
 
-    from .. import __version__
+    from pfbdiff import __version__
 
     return {
         "benchmark": "shapesbench", "version": 1,

@@ -1,4 +1,7 @@
-"""Seam study: how much each compositing step (``pfbdiff.compositing``) lowers the seam at the mask edge.
+"""Seam study: how much each compositing step (``pfbdiff.photo.compositing``) lowers the seam at the mask edge.
+
+A developer tool, run as ``python -m pfbdiff.bench.seams`` (argparse, outside the
+``pfbdiff`` command): it serves the people who build the bundled model and its benchmarks, not users editing photos.
 
 A seam has two ingredients: the decoder's output differs from the photo everywhere (colour, sharpness), and
 the paste-back switches from one to the other at the mask edge. To look at the compositing alone, each
@@ -28,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfbdiff import compositing
 from pfbdiff.bench.cases import make_cases, render_case
 from pfbdiff.bench.metrics import seam_score
-from pfbdiff.regions import CropBox
+from pfbdiff.photo import compositing
+from pfbdiff.photo.regions import CropBox
 
 TASKS = ("object", "attribute")  # background edits also change pixels outside the coarse mask (see bench.cases)
 
@@ -107,9 +110,9 @@ def study(vae, count: int, size: int, tasks=TASKS) -> dict[str, dict[str, float]
 
 def end_to_end(count: int, size: int, steps: int = 10, tasks=("object", "attribute")) -> dict[str, dict[str, float]]:
     """Seams of real PFB-Diff edits (tiny random model), feature blending on / off × compositing steps."""
+    from pfbdiff.models.toy_models import tiny_sd_components
     from pfbdiff.pipeline import PFBDiffPipeline
     from pfbdiff.shapes.world import caption
-    from pfbdiff.toy_models import tiny_sd_components
 
     pipe = PFBDiffPipeline(**tiny_sd_components(seed=0))
     pipe.set_progress_bar_config(disable=True)
@@ -145,7 +148,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pfbdiff.bench.seams", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", default="runs/shapes/vae_checkpoint.pt", help="trained VAE folder or checkpoint")
     parser.add_argument("--count", type=int, default=12, help="cases per task")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")

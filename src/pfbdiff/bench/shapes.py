@@ -1,6 +1,6 @@
 """ShapesBench: PFB-Diff, its ablations and baselines on rendered ShapesWorld edits with exact oracles.
 
-``pfbdiff bench shapes`` (see :mod:`pfbdiff.cli`) or :func:`run_shapesbench`. Cases come from
+``pfbdiff bench shapes`` (see :mod:`pfbdiff.apps.cli`) or :func:`run_shapesbench`. Cases come from
 :mod:`.cases`, metrics from :mod:`.metrics`, baselines from :mod:`.baselines`, tables / JSON / image grid from
 :mod:`.report`. Every method sees the same cases, the same model, the same number of DDIM steps, the same
 guidance scale and the same noise seed per case; on background cases every method's mask is snapped to the
@@ -22,12 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import PFBDiffError
-from ..halo import absorb_halo
-from ..presets import EditConfig, get_preset
-from . import baselines
-from .cases import TASKS, CaseImages, make_cases, render_case
-from .metrics import (
+from pfbdiff.bench import baselines
+from pfbdiff.bench.cases import TASKS, CaseImages, make_cases, render_case
+from pfbdiff.bench.metrics import (
     coherence,
     edit_success,
     objects_in_mask,
@@ -36,11 +33,15 @@ from .metrics import (
     ssim,
     text_to_image_success,
 )
+from pfbdiff.engine.presets import EditConfig, get_preset
+from pfbdiff.engine.sampling import edit_steps
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.photo.halo import absorb_halo
 
 TASK_PRESET = {"object": "object", "attribute": "attribute", "background": "background", "multi-object": "multi-object"}
 PAPER_PRESET = {"object": "paper-object", "attribute": "paper-object", "background": "paper-background",
                 "multi-object": "paper-object"}
-SD1_BLOCK_COUNT = 25  # the paper presets' block numbers are SD 1.x's (spec §4.1)
+SD1_BLOCK_COUNT = 25  # the paper presets' block numbers are SD 1.x's (docs/method.md §3)
 DEFAULT_GUIDANCE = 4.0  # the bundled shapes model's evaluation guidance (pfbdiff.shapes.evaluate)
 SDEDIT_STRENGTHS = (0.5, 0.7, 0.9)
 QUICK_CASES, FULL_CASES = 20, 200  # cases per task of --quick and of the full run
@@ -50,7 +51,7 @@ def resolve_model(model: str | None) -> str:
     """The model to benchmark: ``model`` when given, else the bundled ShapesWorld model (an error if absent)."""
     if model:
         return model
-    from ..loading import MODEL_ALIASES
+    from pfbdiff.models.loading import MODEL_ALIASES
 
     MODEL_ALIASES["shapes"]()  # a one-line error naming the fix when the install does not ship it
     return "shapes"
@@ -266,7 +267,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
                 out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
                                               guidance_scale=guidance, generator=generator(),
                                               paste_back=paste_back, **edit_arguments(images))
-            share = max(1, int(inversion.num_steps * config.strength)) / inversion.num_steps
+            share = edit_steps(inversion.inverted_steps, config.strength) / inversion.inverted_steps
             calls = cost.calls + round(inv_cost.calls * share)
             rows = cost.rows + round(inv_cost.rows * share)
             seconds = cost.seconds + inv_cost.seconds * share
@@ -305,7 +306,7 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
     The JSON is rewritten after every case, and a run with the same settings already in ``out_dir`` is taken up
     where it stopped: its finished cases are kept, except the grid's, which are run again for their pictures
     (the cases are seeded, so they come out the same)."""
-    from . import report
+    from pfbdiff.bench import report
 
     tasks = select(tasks, TASKS, "task")
     methods = select(methods, tuple(METHODS), "method")

@@ -1,4 +1,4 @@
-"""Speed benchmark: what an edit costs next to plain text-to-image with the same steps (issue: core, item 12).
+"""Speed benchmark: what an edit costs next to plain text-to-image with the same steps (README, "Speed").
 
 Four timed jobs on one model, measured in one run and reported as ratios to (a):
 
@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
-from ..pipeline import PFBDiffPipeline
+from pfbdiff.pipeline import PFBDiffPipeline
 
 PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
 
 
 def benchmark_pipeline(name: str) -> PFBDiffPipeline:
-    from .. import toy_models
+    from pfbdiff.models import toy_models
 
     if name == "sd15-random":
         components = toy_models.sd15_random_components()

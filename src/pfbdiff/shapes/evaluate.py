@@ -1,5 +1,8 @@
 """Score the bundled ShapesWorld text-to-image model with the exact oracles of :mod:`pfbdiff.shapes.oracles`.
 
+A developer tool, run as ``python -m pfbdiff.shapes.evaluate`` (argparse, outside the
+``pfbdiff`` command): it serves the people who build the bundled model and its benchmarks, not users editing photos.
+
 Two measurements:
 
 * **Generation accuracy.** Captions of fresh scenes (random seeds disjoint from the training stream; half of
@@ -228,7 +231,7 @@ def evaluate(model: str | Path | dict = DEFAULT_MODEL, count: int = 200, *, step
 
 
 def _load(model: str | Path, device: str = "cpu") -> dict:
-    from pfbdiff.loading import load_components
+    from pfbdiff.models.loading import load_components
 
     return load_components(model, device=device, torch_dtype="float32")
 

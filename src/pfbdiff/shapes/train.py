@@ -1,5 +1,8 @@
 """Train the bundled ShapesWorld text-to-image model: a small Stable-Diffusion-shaped latent diffusion model.
 
+A developer tool, run as ``python -m pfbdiff.shapes.train`` (argparse, outside the
+``pfbdiff`` command): it serves the people who build the bundled model and its benchmarks, not users editing photos.
+
 Three stages, each resumable (rerun the same command after an interruption and it carries on from the last
 checkpoint, bit for bit in its data and noise streams):
 

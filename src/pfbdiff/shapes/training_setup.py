@@ -109,7 +109,7 @@ def build_unet_stage(out: Path, seed: int):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from pfbdiff.toy_models import build_clip_tokenizer
+    from pfbdiff.models.toy_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer")
     torch.manual_seed(seed)

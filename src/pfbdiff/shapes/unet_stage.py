@@ -32,10 +32,10 @@ from pfbdiff.shapes.training_loop import (
 )
 from pfbdiff.shapes.training_setup import (
     EMPTY_CAPTION,
+    batch_stream,
     build_unet_stage,
     count_parameters,
     load_vae,
-    batch_stream,
     sample_latents,
 )
 

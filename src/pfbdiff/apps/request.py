@@ -1,0 +1,388 @@
+"""One edit request: the single path from any front end to pixels and a record.
+
+The command line's options, a manifest line, the web page's form and a replayed record all become an
+:class:`EditRequest`. :meth:`EditRequest.checked` validates every field once, in library terms (errors name the
+field; each face renders it as a flag, a JSON key or a form label); :meth:`EditRequest.edit_config` resolves the
+preset and its settings once into an :class:`~pfbdiff.engine.presets.EditConfig`. :func:`load_inputs` reads the
+photo and the mask before any model is loaded; :func:`run_request` runs the request on a pipeline, taking the
+inversion from an :class:`InversionCache` when an earlier request inverted the same photo the same way; and
+:func:`pfbdiff.apps.provenance.make_record` records it with one schema. :func:`replay` runs a record again.
+
+    request = EditRequest.checked(image="cat.png", mask="cat-mask.png", prompt="a dog", source_prompt="a cat")
+    inputs = load_inputs(request)                      # user mistakes surface here, before the model loads
+    outcome = run_request(request, pipe, inputs)       # outcome.result.images[0], outcome.record
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pfbdiff.apps import provenance
+from pfbdiff.engine.presets import EditConfig, get_preset
+from pfbdiff.engine.sampling import edit_steps
+from pfbdiff.errors import EmptyMaskError, PFBDiffError
+from pfbdiff.io import images as imgs
+
+#: Seeds are 64-bit (``torch.Generator.manual_seed``).
+MAX_SEED = 2**64 - 1
+#: The method settings a request may override (``inside``/``outside`` are the request's own word lists).
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(EditConfig) if f.name not in ("inside", "outside"))
+
+
+def _default_model() -> str:
+    from pfbdiff.models.loading import default_model
+
+    return default_model()[0]
+
+
+@dataclass
+class EditRequest:
+    """Everything that decides an edit's pixels (besides the machine and the library versions)."""
+
+    image: str
+    prompt: str
+    mask: str | None = None
+    source_prompt: str = ""
+    preset: str = "object"
+    inside: list = field(default_factory=list)
+    outside: list = field(default_factory=list)
+    steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    model: str = field(default_factory=_default_model)
+    config: str | None = None  # configs folder of a single-file checkpoint
+    device: str | None = None
+    dtype: str | None = None
+    settings: dict = field(default_factory=dict)  # EditConfig overrides (strength, start, grow, t_combine, ...)
+    paste_back: bool = True
+    feather: int | None = None
+    crop: Any = "auto"  # "auto", True or False
+    crop_padding: int | None = None
+    auto_mask: bool = False
+    auto_mask_threshold: float = 0.5
+
+    # -- building and checking ---------------------------------------------------------------------------------
+    @classmethod
+    def checked(cls, **values) -> "EditRequest":
+        """A request from field values of any front end, each checked and normalised; unknown names are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise PFBDiffError(f"unknown request field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        values = {k: v for k, v in values.items() if v is not None or k in ("mask", "feather", "crop_padding")}
+        for name in ("image", "prompt"):
+            if name not in values:
+                raise PFBDiffError.about(name, "is required")
+        checks = {
+            "image": _path, "mask": _optional(_path), "prompt": _text, "source_prompt": _text,
+            "negative_prompt": _text, "preset": _preset, "inside": words, "outside": words, "steps": _steps,
+            "guidance_scale": _finite_number, "seed": _seed, "model": _text, "config": _optional(_text),
+            "device": _optional(_text), "dtype": _optional(_text), "settings": _settings, "paste_back": _flag,
+            "feather": _optional(_pixels), "crop": _crop, "crop_padding": _optional(_pixels),
+            "auto_mask": _flag, "auto_mask_threshold": _threshold,
+        }
+        request = cls(**{name: checks[name](name, value) for name, value in values.items()})
+        if not request.prompt.strip():
+            raise PFBDiffError.about("prompt", "is empty; say what the edited region should show, e.g. 'a dog'")
+        if request.mask is None and not request.auto_mask:
+            raise PFBDiffError.about("mask", "is required (white = region to change), unless auto_mask finds the region")
+        request.edit_config()  # the settings must make a valid EditConfig
+        return request
+
+    @classmethod
+    def from_record(cls, record: dict) -> "EditRequest":
+        """The request inside a record, checked like any other (the run's findings are ignored)."""
+        version = record.get("record_version", provenance.RECORD_VERSION)
+        if not isinstance(version, int) or version > provenance.RECORD_VERSION:
+            raise PFBDiffError(f"the record has layout version {version!r}, newer than this pfbdiff "
+                               f"({provenance.RECORD_VERSION}); upgrade pfbdiff to replay it")
+        if not record.get("image") or not isinstance(record.get("prompt"), str):
+            raise PFBDiffError("the record names no image or prompt; pass a JSON record or PNG written by pfbdiff")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.checked(**{k: v for k, v in record.items() if k in names})
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.settings.items()}
+        return data
+
+    # -- what it resolves to -----------------------------------------------------------------------------------
+    def edit_config(self) -> EditConfig:
+        """The preset with the request's settings and words applied: the one resolution of ``preset``."""
+        config = get_preset(self.preset, **self.settings)
+        words = {k: tuple(getattr(self, k)) for k in ("inside", "outside") if getattr(self, k)}
+        return config.replace(**words) if words else config
+
+    def edit_steps(self) -> int:
+        """K: the steps that are inverted and edited."""
+        return edit_steps(self.steps, self.edit_config().strength)
+
+
+# ------------------------------------------------------------------------------------------------ field rules
+
+
+def _optional(check):
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _text(name, value) -> str:
+    if not isinstance(value, str):
+        raise PFBDiffError.about(name, f"must be text, got {value!r}")
+    return value
+
+
+def _path(name, value) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise PFBDiffError.about(name, f"must be a file path, got {value!r}")
+    return value
+
+
+def _preset(name, value) -> str:
+    get_preset(value)  # the one "unknown preset" message
+    return value
+
+
+def _integer(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
+        raise PFBDiffError.about(name, f"must be an integer, got {value!r}")
+    return int(value)
+
+
+def _steps(name, value) -> int:
+    value = _integer(name, value)
+    if value < 1:
+        raise PFBDiffError.about(name, f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(name, value) -> int:
+    value = _integer(name, value)
+    if not 0 <= value <= MAX_SEED:
+        raise PFBDiffError.about(name, f"must be between 0 and 2**64 - 1, got {value}")
+    return value
+
+
+def _pixels(name, value) -> int:
+    value = _integer(name, value)
+    if value < 0:
+        raise PFBDiffError.about(name, f"must be 0 or more pixels, got {value}")
+    return value
+
+
+def _finite_number(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PFBDiffError.about(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _threshold(name, value) -> float:
+    value = _finite_number(name, value)
+    if not 0.0 <= value < 1.0:
+        raise PFBDiffError.about(name, f"must be in [0, 1), got {value}")
+    return value
+
+
+def _flag(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise PFBDiffError.about(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _crop(name, value):
+    if value not in ("auto", True, False) or (value in (0, 1) and not isinstance(value, bool)):
+        raise PFBDiffError.about(name, f'must be "auto", true or false, got {value!r}')
+    return value
+
+
+def words(name, value) -> list[str]:
+    """Words from a comma-separated text or a list of texts: ``"red hat, cat"`` or ``["red hat", "cat"]``."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(w, str) for w in items):
+        raise PFBDiffError.about(name, f"must be a list of words or a comma-separated text, got {value!r}")
+    return [w.strip() for item in items for w in item.split(",") if w.strip()]
+
+
+def _settings(name, value) -> dict:
+    if not isinstance(value, dict):
+        raise PFBDiffError.about(name, f"must be an object of method settings, got {value!r}")
+    return {key: setting_value(key, v) for key, v in value.items()}
+
+
+def setting_value(key: str, value):
+    """A method setting's value checked against the type of its default; text (from ``--set KEY=TEXT``) is read
+    as that type first. Lists become tuples."""
+    fields = EditConfig.__dataclass_fields__
+    if key not in SETTING_NAMES:
+        raise PFBDiffError(f"unknown setting {key!r}; choose one of: {', '.join(SETTING_NAMES)}")
+    default = fields[key].default
+    if isinstance(value, str) and not isinstance(default, str) and key != "auto_words":
+        value = _read_text(key, value, default)
+    if isinstance(value, list):
+        value = tuple(value)
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}
+    expected = kinds.get(type(default))
+    if expected and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
+        raise PFBDiffError(f"setting {key!r} must be like its default {default!r}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PFBDiffError(f"setting {key!r} must be a finite number, got {value!r}")
+    return value
+
+
+def _read_text(key: str, text: str, default):
+    text = text.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, (tuple, type(None))):
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            return tuple(int(p) if p.lstrip("-").isdigit() else p for p in parts)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, int):
+            return int(text)
+    except ValueError:
+        raise PFBDiffError(f"setting {key}={text}: cannot read {text!r} as the type of {key} "
+                           f"({type(default).__name__})") from None
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Inputs:
+    """The request's photo and mask, loaded and checked."""
+
+    source: Any  # PIL image
+    mask: Any  # H×W float array in [0, 1], or None (auto-mask without a bound)
+
+
+def load_inputs(request: EditRequest) -> Inputs:
+    """Read the photo and the mask; an all-black mask is an :class:`EmptyMaskError` (nothing to edit)."""
+    source = imgs.load_image(request.image)
+    mask = imgs.load_mask(request.mask, source.size) if request.mask is not None else None
+    if mask is not None and imgs.mask_extent(mask) == "empty":
+        raise EmptyMaskError("the mask is all black: nothing to edit; paint the region to change in white")
+    return Inputs(source, mask)
+
+
+class InversionCache:
+    """The most recent inversions, keyed by :func:`inversion_key`: what an inversion depends on."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple):
+        if key in self._items:
+            self._items.move_to_end(key)
+        return self._items.get(key)
+
+    def put(self, key: tuple, inversion) -> None:
+        self._items[key] = inversion
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def inversion_key(image_digest: str, request: EditRequest, config: EditConfig, plan) -> tuple:
+    """Two requests may share an inversion when these agree: the photo's bytes, the source prompt, the step grid,
+    K, and the crop plan (the inverted box and the size the model sees it at)."""
+    return (image_digest, request.source_prompt, request.steps, edit_steps(request.steps, config.strength),
+            tuple(plan.box.as_list()), tuple(plan.model_size))
+
+
+@dataclass
+class Outcome:
+    """What :func:`run_request` made: the pipeline's output, its record, and whether the inversion was reused."""
+
+    result: Any
+    record: dict
+    shared_inversion: bool
+
+
+def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inversions: InversionCache | None = None,
+                on_invert_step: Callable[[int], None] | None = None,
+                on_edit_step: Callable[[int], None] | None = None) -> Outcome:
+    """Run ``request`` on ``pipe`` (invert, or reuse a cached inversion, then edit) and record it.
+
+    ``inputs`` are :func:`load_inputs` of the request when already loaded. ``on_invert_step(k)`` /
+    ``on_edit_step(k)`` are called after each inversion / edit step.
+    """
+    import torch
+
+    inputs = inputs or load_inputs(request)
+    config = request.edit_config()
+    pipe.check_words(request.prompt, config)  # a misspelt word, before the costly inversion
+    plan = pipe.crop_plan(inputs.source.size, inputs.mask, crop=request.crop, crop_padding=request.crop_padding,
+                          grow=config.mask_reach, feather=request.feather)
+    digest = provenance.file_sha256(request.image)
+    key = inversion_key(digest, request, config, plan)
+    calls_before = pipe.unet_calls
+    inversion = inversions.get(key) if inversions is not None else None
+    shared = inversion is not None
+    if not shared:
+        inversion = pipe.invert(
+            inputs.source, request.source_prompt, request.steps, strength=config.strength, plan=plan,
+            record_blocks=None if inversions is not None else _blocks_to_record(pipe, config),
+            callback=on_invert_step,
+        )
+        if inversions is not None:
+            inversions.put(key, inversion)
+    edited = [0]
+
+    def on_step(pipeline, i, t, state):
+        edited[0] += 1
+        if on_edit_step is not None:
+            on_edit_step(edited[0])
+        return state
+
+    result = pipe.edit(
+        inversion, inputs.mask, request.prompt, preset=config, guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt or None, generator=torch.Generator().manual_seed(request.seed),
+        callback_on_step_end=on_step, paste_back=request.paste_back, feather=request.feather,
+        auto_mask=request.auto_mask, auto_mask_threshold=request.auto_mask_threshold,
+    )
+    record = provenance.make_record(request, config, pipe, result, inputs.source.size, image_sha256=digest,
+                                    unet_calls=pipe.unet_calls - calls_before, shared_inversion=shared)
+    return Outcome(result, record, shared)
+
+
+def _blocks_to_record(pipe, config: EditConfig) -> frozenset:
+    """The source features one edit needs from its inversion (none when it re-runs the source branch)."""
+    return pipe.blend_plan(config).source_blocks if config.cache_source else frozenset()
+
+
+def replay(record: dict | str | Path, *, pipe=None, allow_pickle: bool = False) -> Outcome:
+    """Make the image of ``record`` (a dict, or a JSON / PNG path) again.
+
+    The input files must still have the recorded digests. ``pipe`` defaults to the recorded model loaded on the
+    recorded device and dtype. ``allow_pickle`` is never taken from a record (a record from someone else must not
+    be able to run a pickle); pass it yourself.
+    """
+    if not isinstance(record, dict):
+        record = provenance.load_record(record)
+    request = EditRequest.from_record(record)
+    provenance.check_inputs(record)
+    if pipe is None:
+        from pfbdiff.pipeline import load_pipeline
+
+        pipe = load_pipeline(request.model, torch_dtype=request.dtype, device=request.device,
+                             allow_pickle=allow_pickle, config=request.config, quiet=True)
+    return run_request(request, pipe)

@@ -1,0 +1,173 @@
+"""Attention masking (docs/method.md §5): chosen words may only be attended to inside (or outside) chosen regions.
+
+In the cross-attention layers of the target branch, the logit of pixel p for text token j is set to the most
+negative finite number wherever token j is not allowed at p, *before* the softmax. The remaining tokens (start
+token, other words, padding) are renormalised, so every row of attention probabilities still sums to one and
+a masked word's probability is exactly zero outside its region.
+
+The design follows prompt-to-prompt's attention-control object: one small controller,
+:class:`AttentionMasking`, holds the token → allowed-region map and the on/off gate, and every masked
+cross-attention layer calls it through a :class:`MaskedCrossAttention` processor (diffusers' extension
+point). Where nothing is blocked the layer's original processor runs, so masking off is a bitwise no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.tokens import new_words, positions_of, subject_words
+
+
+@dataclass
+class TokenRegion:
+    """Text-token positions that may only be attended to where ``region`` is 1 (B×1×h×w at latent size).
+
+    ``positions`` holds the same positions for every image, or one tuple of positions per image when the
+    prompts of a batch place the words differently.
+    """
+
+    positions: tuple
+    region: EditMask
+
+    def positions_of_image(self, image: int) -> tuple[int, ...]:
+        if self.positions and isinstance(self.positions[0], tuple):
+            return self.positions[image]
+        return self.positions
+
+
+class AttentionMasking:
+    """The controller every masked cross-attention layer consults.
+
+    The conditional rows are masked, and the unconditional ones too only with ``mask_uncond`` (reference
+    quirk 4). Before each U-Net pass the loop sets ``unconditional_rows``: how many leading rows of the
+    batch are unconditional (half of a batched guidance pass, all of a sequential unconditional pass).
+    ``observer``, if set, receives ``(L, probabilities)`` of every masked layer; it is how tests and
+    visualisations see the attention maps.
+    """
+
+    def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False):
+        self.regions = regions
+        self.latent_size = tuple(latent_size)
+        self.blocks = frozenset(blocks)
+        self.mask_uncond = mask_uncond
+        self.active = False
+        self.unconditional_rows = 0
+        self.observer: Callable[[int, torch.Tensor], None] | None = None
+        self._bias_cache: dict[tuple, torch.Tensor | None] = {}
+
+    def applies(self, index: int) -> bool:
+        return self.active and bool(self.regions) and index in self.blocks
+
+    def spatial_size(self, num_pixels: int) -> tuple[int, int]:
+        """The (H, W) of a flattened feature map, found among the U-Net's successive halvings of the latent."""
+        h, w = self.latent_size
+        while h * w > num_pixels:
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w != num_pixels:
+            raise ValueError(f"cannot place {num_pixels} pixels in the latent grid {self.latent_size}")
+        return h, w
+
+    def bias(self, num_pixels: int, num_tokens: int, batch: int, dtype) -> torch.Tensor | None:
+        """Additive logit bias (batch × pixels × tokens): 0 where allowed, the most negative finite value where
+        blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
+        if key not in self._bias_cache:
+            self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
+        return self._bias_cache[key]
+
+    def _build_bias(self, num_pixels, num_tokens, batch, dtype):
+        size = self.spatial_size(num_pixels)
+        images = self.regions[0].region.latent.shape[0]
+        allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.regions[0].region.latent.device)
+        for token_region in self.regions:
+            inside = token_region.region.binary_at(size).reshape(images, num_pixels)
+            for image in range(images):
+                for position in token_region.positions_of_image(image):
+                    if position < num_tokens:
+                        allowed[image, :, position] &= inside[image]
+        allowed = allowed.repeat(batch // images, 1, 1)
+        if not self.mask_uncond:
+            allowed[: self.unconditional_rows] = True
+        if bool(allowed.all()):
+            return None
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class MaskedCrossAttention:
+    """Attention processor for one cross-attention layer of block L; defers to the original when idle."""
+
+    def __init__(self, controller: AttentionMasking, index: int, original):
+        self.controller = controller
+        self.index = index
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        controller = self.controller
+        bias = None
+        if encoder_hidden_states is not None and controller.applies(self.index) and hidden_states.ndim == 3:
+            batch, num_pixels, _ = hidden_states.shape
+            bias = controller.bias(num_pixels, encoder_hidden_states.shape[1], batch, hidden_states.dtype)
+        if bias is None or attention_mask is not None or attn.norm_cross or attn.group_norm is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probabilities = attn.get_attention_scores(query, key, bias.repeat_interleave(attn.heads, dim=0))
+        if controller.observer is not None:
+            controller.observer(self.index, probabilities.unflatten(0, (-1, attn.heads)))
+        out = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def attention_masking_installed(feature_unet, controller: AttentionMasking):
+    """Install a :class:`MaskedCrossAttention` on every cross-attention of the controlled blocks, then restore."""
+    saved = []
+    for block in feature_unet.blocks:
+        if block.index in controller.blocks:
+            for module in block.cross_attentions:
+                saved.append((module, module.processor))
+                module.set_processor(MaskedCrossAttention(controller, block.index, module.processor))
+    try:
+        yield controller
+    finally:
+        for module, processor in saved:
+            module.set_processor(processor)
+
+
+def confined_words(config, source_prompt: str, prompt: str, word_regions) -> tuple[list, list]:
+    """(inside, outside) words of one prompt: the ones given (``config.inside`` / ``config.outside``), else the
+    preset's automatic choice (``auto_words``: the new words inside, or the kept subject's words outside)."""
+    inside, outside = list(config.inside), list(config.outside)
+    if not (inside or outside or word_regions) and config.auto_words == "new-inside":
+        inside = new_words(source_prompt, prompt)
+    elif not (inside or outside or word_regions) and config.auto_words == "subject-outside":
+        outside = subject_words(source_prompt, prompt)
+    return inside, outside
+
+
+def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict) -> list[TokenRegion]:
+    """The token → allowed-region map of an edit (one row per prompt): inside words in ``mask``, outside words in
+    its complement, each word of a multi-object edit in its own region."""
+    if not config.attention_masking:
+        return []
+    words = [confined_words(config, source, prompt, word_regions) for source, prompt in zip(source_prompts, prompts)]
+    regions = []
+    for group, region in ((0, mask), (1, mask.complement())):
+        positions = [positions_of(tokenizer, prompt, w[group]) for prompt, w in zip(prompts, words)]
+        if any(positions):
+            regions.append(TokenRegion(tuple(positions), region))
+    for word, region in word_regions.items():
+        positions = [positions_of(tokenizer, prompt, [word]) for prompt in prompts]
+        regions.append(TokenRegion(tuple(positions), region))
+    return regions

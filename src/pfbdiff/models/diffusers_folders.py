@@ -1,0 +1,172 @@
+"""A local Stable Diffusion model in the diffusers folder layout: what it must hold, and loading it.
+
+A diffusers folder (written by ``save_pretrained``, or a hub snapshot) has a ``model_index.json`` and one
+subfolder per component (:data:`COMPONENT_NAMES`); the three networks (:data:`WEIGHTED_COMPONENTS`) keep their
+weights as ``<stem>.safetensors``, sharded, or as a variant such as ``<stem>.fp16.safetensors``.
+:class:`WeightChoice` says which of those files may be loaded; :func:`diffusers_folder_problem` says in one
+line why a folder cannot be used (pickle ``.bin`` weights are refused unless allowed, a requested variant may
+be missing), and :func:`load_diffusers_folder` loads its five components without the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pfbdiff.errors import PFBDiffError
+
+COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# Weight file stems of each component in a diffusers folder (transformers and diffusers name them differently).
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model"}
+
+#: How to name a local model instead: the end of every message about a model that cannot be found or used.
+MODEL_HINT = "pass --model /path/to/a/diffusers-folder or /path/to/model.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weight files of a diffusers model may be loaded (the diffusers arguments of the same names).
+
+    ``variant`` (e.g. ``"fp16"``) asks for ``<stem>.<variant>.safetensors`` files; ``use_safetensors=True``
+    forbids pickle weights even when ``allow_pickle`` is set.
+    """
+
+    allow_pickle: bool = False
+    variant: str | None = None
+    use_safetensors: bool | None = None
+
+    @property
+    def pickle_allowed(self) -> bool:
+        return self.allow_pickle and not self.use_safetensors
+
+    def pickle_fix(self) -> str:
+        """How to get past refused pickle weights, as the end of an error message."""
+        if self.allow_pickle:  # so use_safetensors=True is what refused them
+            return "convert to .safetensors, or drop use_safetensors=True if you trust the source"
+        return "convert to .safetensors or pass --allow-pickle if you trust the source"
+
+
+def weight_stem(component: str, suffix: str) -> str:
+    """The file name stem of the component's weights (transformers names pickle weights differently)."""
+    return (WEIGHT_STEMS if suffix == SAFETENSORS_SUFFIX else PICKLE_WEIGHT_STEMS)[component]
+
+
+def weight_files(folder: Path, component: str, suffix: str) -> list[Path]:
+    """The component's weight files with ``suffix`` (plain, sharded, or a variant such as fp16)."""
+    subfolder = folder / component
+    if not subfolder.is_dir():
+        return []
+    return sorted(p for p in subfolder.iterdir() if p.is_file() and p.name.endswith(suffix))
+
+
+def variant_files(folder: Path, component: str, suffix: str, variant: str | None) -> list[Path]:
+    """The component's weight files of ``variant`` (whole or sharded); with no variant, all its weight files."""
+    files = weight_files(folder, component, suffix)
+    if variant is None:
+        return files
+    stem = f"{weight_stem(component, suffix)}.{variant}"
+    return [p for p in files if p.name == stem + suffix or p.name.startswith(stem + "-")]
+
+
+def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
+    """Why ``folder`` cannot be loaded as a Stable Diffusion diffusers folder, or ``None`` if it can."""
+    if not (folder / "model_index.json").is_file():
+        return (
+            f"folder '{folder}' is not a diffusers model (no model_index.json); "
+            "pass a folder written by save_pretrained, or a .safetensors checkpoint with --config"
+        )
+    missing = [name for name in COMPONENT_NAMES if not (folder / name).is_dir()]
+    if missing:
+        return (
+            f"diffusers folder '{folder}' lacks the subfolder(s) {', '.join(missing)}; "
+            "pfbdiff needs a complete Stable Diffusion 1.x model (unet, vae, text_encoder, tokenizer, scheduler)"
+        )
+    for component in WEIGHTED_COMPONENTS:
+        problem = _component_weights_problem(folder, component, weights)
+        if problem:
+            return problem
+    return None
+
+
+def _component_weights_problem(folder: Path, component: str, weights: WeightChoice) -> str | None:
+    """Why the component has no weights that ``weights`` lets us load, or ``None`` if it has."""
+    variant = weights.variant
+    if variant_files(folder, component, SAFETENSORS_SUFFIX, variant):
+        return None
+    if variant_files(folder, component, ".bin", variant):
+        if weights.pickle_allowed:
+            return None
+        return (
+            f"'{folder / component}' has only pickle (.bin) weights, which can run arbitrary code when loaded; "
+            f"{weights.pickle_fix()}"
+        )
+    if variant is not None:
+        return (
+            f"'{folder / component}' has no {variant!r} variant of its weights "
+            f"({weight_stem(component, SAFETENSORS_SUFFIX)}.{variant}.safetensors); "
+            "pass a variant the model has, or none"
+        )
+    return f"'{folder / component}' has no weights (.safetensors); re-save or re-download the model"
+
+
+def _variant(folder: Path, component: str, suffix: str) -> str | None:
+    """The weight variant to ask for (e.g. ``"fp16"``) when a folder holds only ``name.fp16.suffix`` files."""
+    stem = weight_stem(component, suffix)
+    names = [p.name for p in weight_files(folder, component, suffix)]
+    if any(n == stem + suffix or n.startswith(stem + "-") or n == stem + suffix + ".index.json" for n in names):
+        return None
+    for name in names:
+        parts = name[: -len(suffix)].split(".")
+        if len(parts) == 2 and parts[0] == stem:
+            return parts[1]
+    return None
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoice) -> dict:
+    """Load the five components from a local diffusers folder, with the weight files ``weights`` allows."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    problem = diffusers_folder_problem(folder, weights)
+    if problem:
+        raise PFBDiffError(problem)
+
+    def weight_kwargs(component: str) -> dict:
+        has_safetensors = bool(variant_files(folder, component, SAFETENSORS_SUFFIX, weights.variant))
+        suffix = SAFETENSORS_SUFFIX if has_safetensors else ".bin"
+        return {
+            "subfolder": component,
+            # True forbids pickle outright; None lets the library prefer safetensors but fall back to .bin
+            "use_safetensors": True if has_safetensors or not weights.pickle_allowed else None,
+            "variant": weights.variant or _variant(folder, component, suffix),
+            "local_files_only": True,
+        }
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("unet")),
+        "vae": AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("vae")),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, dtype=dtype, **weight_kwargs("text_encoder")),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        "scheduler": _load_scheduler(folder),
+    }
+
+
+def _load_scheduler(folder: Path):
+    """The scheduler saved in the folder, built from the class its config names."""
+    import diffusers
+
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        raise PFBDiffError(f"'{config_path}' is missing; re-save or re-download the model")
+    class_name = json.loads(config_path.read_text("utf-8")).get("_class_name", "DDIMScheduler")
+    scheduler_class = getattr(diffusers, class_name, None)
+    if scheduler_class is None or not issubclass(scheduler_class, diffusers.SchedulerMixin):
+        raise PFBDiffError(f"'{config_path}' names an unknown scheduler {class_name!r}; use a diffusers scheduler")
+    return scheduler_class.from_pretrained(folder, subfolder="scheduler")

@@ -1,0 +1,282 @@
+"""Turn what the user names with ``--model`` into Stable Diffusion components.
+
+:func:`load_components` accepts, in this order of precedence:
+
+1. a short name registered in :data:`MODEL_ALIASES` (maps to a local folder or file);
+2. a local diffusers folder (``model_index.json`` with ``unet``/``vae``/``text_encoder``/``tokenizer``/
+   ``scheduler`` subfolders; see :mod:`pfbdiff.models.diffusers_folders`);
+3. a single-file checkpoint in the original CompVis/LDM key layout (``.safetensors``), together with
+   ``config``: a diffusers folder (or cached hub id) that supplies the component configs, since a single file
+   carries weights only;
+4. a Hugging Face hub id ``owner/name``: the local cache is used first; the network is only tried when the
+   hub is not switched off with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` (see
+   :mod:`pfbdiff.models.hub`).
+
+Pickle files (``.ckpt``, ``.bin``, ``.pt``, ``.pth``) can run arbitrary code when loaded, so they are refused
+unless ``allow_pickle=True`` (and never loaded with ``use_safetensors=True``). Of diffusers' ``from_pretrained``
+arguments, ``variant``, ``use_safetensors``, ``revision``, ``cache_dir`` and ``local_files_only`` are honoured;
+any other is refused rather than silently ignored. Every mistake a user can make raises :class:`PFBDiffError`
+with a one-line message that names the problem and the fix. The ``--device`` and ``--dtype`` options are
+resolved by :mod:`pfbdiff.models.devices`. :func:`default_model` picks the model when none is named, and
+:func:`load_pipeline` loads a whole :class:`~pfbdiff.pipeline.PFBDiffPipeline`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.models import hub
+from pfbdiff.models.devices import resolve_device, resolve_dtype
+from pfbdiff.models.diffusers_folders import (
+    COMPONENT_NAMES,
+    MODEL_HINT,
+    SAFETENSORS_SUFFIX,
+    WEIGHTED_COMPONENTS,
+    WeightChoice,
+    load_diffusers_folder,
+)
+
+#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
+BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
+SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
+                        "--export-dir src/pfbdiff/shapes/model`")
+
+
+# Short model names mapped to a function that returns their local path. Consulted before anything else, so a
+# registered name shadows a folder of the same name.
+def _tiny_model() -> Path:
+    from pfbdiff.models.toy_models import tiny_model_path
+
+    return tiny_model_path()
+
+
+def _shapes_model_shipped() -> bool:
+    return (BUNDLED_SHAPES_MODEL / "model_index.json").is_file()
+
+
+def _shapes_model() -> Path:
+    if not _shapes_model_shipped():
+        raise PFBDiffError(f"the bundled shapes model is not in this install ({BUNDLED_SHAPES_MODEL}); "
+                           f"{SHAPES_TRAINING_HINT}, or pass --model with another model")
+    return BUNDLED_SHAPES_MODEL
+
+
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model}
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+# Used as the config of a single-file checkpoint when none is given, if it happens to be in the local cache.
+DEFAULT_SD1_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def load_components(
+    model: str | os.PathLike,
+    *,
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+    config: str | os.PathLike | None = None,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    **unknown,
+) -> dict:
+    """Load ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler`` for the model the user named.
+
+    The three networks are put on ``device`` in ``torch_dtype`` and in eval mode with gradients off. See the
+    module docstring for what ``model`` may be; ``config`` is only used for single-file checkpoints, and
+    ``revision``, ``cache_dir`` and ``local_files_only`` only for hub ids. The other arguments mean what they
+    mean to diffusers' ``from_pretrained``; ``unknown`` ones are refused, since ignoring them would quietly
+    load something other than what was asked for.
+    """
+    _refuse_unknown(unknown)
+    device = resolve_device(device)
+    dtype = resolve_dtype(torch_dtype, device)
+    weights = WeightChoice(allow_pickle=allow_pickle, variant=variant, use_safetensors=use_safetensors)
+    path = _resolve_model_path(model, weights, revision=revision, cache_dir=cache_dir,
+                               local_files_only=local_files_only)
+
+    if path.is_dir():
+        components = load_diffusers_folder(path, dtype, weights)
+    else:
+        components = _load_single_file(path, dtype, weights, config)
+    return _prepare(components, device, dtype)
+
+
+def _refuse_unknown(unknown: dict) -> None:
+    """Name the arguments ``load_components`` does not know, and list those it does."""
+    if not unknown:
+        return
+    parameters = inspect.signature(load_components).parameters.values()
+    supported = ", ".join(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
+    raise PFBDiffError(
+        f"unsupported model loading argument(s) {', '.join(map(repr, sorted(unknown)))}; supported: {supported}"
+    )
+
+
+def _prepare(components: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Keep the five SD components, on ``device`` in ``dtype``, ready for inference."""
+    prepared = {name: components[name] for name in COMPONENT_NAMES}
+    for name in WEIGHTED_COMPONENTS:
+        module = prepared[name]
+        if module.dtype != dtype:  # loaders already give ``dtype``; cast only if one did not
+            module = module.to(dtype=dtype)
+        prepared[name] = module.to(device).eval().requires_grad_(False)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+@contextlib.contextmanager
+def library_progress_bars_off():
+    """Switch diffusers' and transformers' progress bars off, then back to what each was (a global setting)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, enabled):
+            if was_enabled:
+                library.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------------------------- what was named
+
+
+def _resolve_model_path(model: str | os.PathLike, weights: WeightChoice, **hub_options) -> Path:
+    """A local folder or file for ``model``: an alias, an existing path, or a hub id's snapshot.
+
+    ``hub_options`` (``revision``, ``cache_dir``, ``local_files_only``) only matter for a hub id.
+    """
+    name = os.fspath(model)
+    if name in MODEL_ALIASES:
+        return Path(MODEL_ALIASES[name]())
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_hub_id(name):
+        return hub.local_snapshot(name, weights, **hub_options)
+
+    known = f" (known names: {', '.join(sorted(MODEL_ALIASES))})" if MODEL_ALIASES else ""
+    raise PFBDiffError(
+        f"model {name!r} not found: no such file or folder, and it is not a known model name{known} "
+        f"or a hub id like owner/name; {MODEL_HINT}"
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` with hub-legal characters, and nothing that only a file path would have."""
+    return bool(HUB_ID_PATTERN.match(name)) and not name.endswith((SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES))
+
+
+# --------------------------------------------------------------------------------------------- single files
+
+
+def _refuse_pickle(path: Path, weights: WeightChoice) -> None:
+    raise PFBDiffError(
+        f"'{path}' is a pickle checkpoint, which can run arbitrary code when loaded; {weights.pickle_fix()}"
+    )
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, config) -> dict:
+    """Load an original-layout SD checkpoint file, taking component configs from ``config``.
+
+    ``weights.variant`` does not apply: a single file holds one set of weights.
+    """
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not weights.pickle_allowed:
+            _refuse_pickle(path, weights)
+    elif suffix != SAFETENSORS_SUFFIX:
+        raise PFBDiffError(
+            f"'{path}' is neither a diffusers folder nor a .safetensors checkpoint; {MODEL_HINT}"
+        )
+
+    config_folder = _resolve_config_folder(path, config)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(config_folder),
+            local_files_only=True,
+            # fp32 is what the file is usually stored in; asking for it anyway makes diffusers cast and warn
+            torch_dtype=None if dtype == torch.float32 else dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise PFBDiffError(
+            f"could not load '{path}' with the configs of '{config_folder}' ({_gist(err)}); check that the file "
+            "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
+        ) from err
+    return pipeline.components
+
+
+def _gist(err: BaseException, limit: int = 160) -> str:
+    """The first sentence of a library error, short enough to quote inside a one-line message."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
+
+
+def _resolve_config_folder(checkpoint: Path, config) -> Path:
+    """A local diffusers folder with the component configs a single-file checkpoint needs."""
+    if config is None:
+        cached = hub.cached_snapshot(DEFAULT_SD1_CONFIG_REPO, hub.file_patterns(None))
+        if cached is not None:
+            return cached
+        raise PFBDiffError(
+            f"'{checkpoint}' is a single-file checkpoint, which holds weights but no component configs; pass "
+            "--config /path/to/a/diffusers-folder (e.g. a saved Stable Diffusion 1.5 model) to supply them"
+        )
+    name = os.fspath(config)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise PFBDiffError(
+                f"--config '{folder}' is not a diffusers model folder (no model_index.json); "
+                "pass a folder written by save_pretrained, e.g. a Stable Diffusion 1.5 model"
+            )
+        return folder
+    if not folder.exists() and _looks_like_hub_id(name):
+        return hub.local_snapshot(name, None)
+    raise PFBDiffError(f"--config '{name}' is not a folder; pass a local diffusers model folder")
+
+
+# --------------------------------------------------------------------------------------------- default model
+
+
+def default_model() -> tuple[str, str | None]:
+    """The model to use when none is named: ``(model, note)``.
+
+    ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
+    ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
+    """
+    if _shapes_model_shipped():
+        return "shapes", None
+    return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
+                    "that show the pipeline works, not meaningful pictures; pass --model for a real one")
