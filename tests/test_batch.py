@@ -97,7 +97,7 @@ def test_manifest_lines_get_defaults_relative_paths_and_aliases(folder):
     (_line(preset="nope"), "unknown preset 'nope'"),
     (_line(steps=0), '"steps" must be at least 1'),
     (_line(seed=1.5), '"seed" must be an integer'),
-    (_line(strength=2.0), "strength must be in (0, 1]"),
+    (_line(strength=2.0), '"strength" must be in (0, 1]'),
     (_line(prompt=" "), '"prompt" is empty'),
     (_line(inside=[1]), '"inside" must be a list of words'),
     ({"image": "photo0.png", "prompt": "a dog"}, 'missing "mask" (or set "auto_mask": true)'),

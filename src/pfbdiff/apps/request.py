@@ -158,25 +158,21 @@ def _integer(name, value) -> int:
     return int(value)
 
 
-def _steps(name, value) -> int:
-    value = _integer(name, value)
-    if value < 1:
-        raise PFBDiffError.about(name, f"must be at least 1, got {value}")
-    return value
+def _integer_in(low: int, high: int | None, detail: str):
+    """The rule for a whole number in [low, high] (no upper bound with ``high=None``), worded as ``detail``."""
+
+    def check(name, value) -> int:
+        value = _integer(name, value)
+        if value < low or (high is not None and value > high):
+            raise PFBDiffError.about(name, f"must be {detail}, got {value}")
+        return value
+
+    return check
 
 
-def _seed(name, value) -> int:
-    value = _integer(name, value)
-    if not 0 <= value <= MAX_SEED:
-        raise PFBDiffError.about(name, f"must be between 0 and 2**64 - 1, got {value}")
-    return value
-
-
-def _pixels(name, value) -> int:
-    value = _integer(name, value)
-    if value < 0:
-        raise PFBDiffError.about(name, f"must be 0 or more pixels, got {value}")
-    return value
+_steps = _integer_in(1, None, "at least 1")
+_seed = _integer_in(0, MAX_SEED, "between 0 and 2**64 - 1")
+_pixels = _integer_in(0, None, "0 or more pixels")
 
 
 def _finite_number(name, value) -> float:
