@@ -87,7 +87,7 @@ def test_settings_given_as_text_or_json_values_resolve_to_the_same_config():
                                     settings={"t_combine": "200", "blend_levels": "-1,-2", "blend_skips": "true"})
     from_json = EditRequest.checked(image="p.png", mask="m.png", prompt="a dog", model="tiny",
                                     settings={"t_combine": 200, "blend_levels": [-1, -2], "blend_skips": True})
-    assert from_text.edit_config() == from_json.edit_config()
-    assert from_text.edit_config().blend_levels == (-1, -2)
+    assert from_text.edit_config == from_json.edit_config
+    assert from_text.edit_config.blend_levels == (-1, -2)
     with pytest.raises(PFBDiffError, match="unknown setting 't_combin'"):
         EditRequest.checked(image="p.png", mask="m.png", prompt="a dog", model="tiny", settings={"t_combin": 1})

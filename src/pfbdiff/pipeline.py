@@ -36,10 +36,9 @@ from pfbdiff.engine.inversion import Inversion, ddim_invert
 from pfbdiff.engine.loop import (
     BlendPlan,
     Prompts,
-    cached_source_features,
     pfb_sampling_loop,
     plain_sampling_loop,
-    recomputed_source_features,
+    source_features_of,
 )
 from pfbdiff.engine.presets import PRESETS, EditConfig, get_preset
 from pfbdiff.engine.sampling import DDIMGrid, edit_steps
@@ -306,7 +305,8 @@ class PFBDiffPipeline(DiffusionPipeline):
         prompts_list = _rows(prompts_in, repeats)
         source_prompts = _rows(inversion.source_prompt, repeats)
         source_latents = [z.repeat_interleave(repeats, 0) for z in inversion.latents[: steps + 1]]
-        source_features = self._source_features(inversion, config, repeats)
+        source_features = source_features_of(self.feature_unet, inversion, self.blend_plan(config).source_blocks,
+                                             config.cache_source, repeats)
 
         # 4. text conditioning: source, target and (with guidance) unconditional prompts
         prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats, 0),
@@ -326,7 +326,9 @@ class PFBDiffPipeline(DiffusionPipeline):
         masking.observer = attention_observer
 
         # 6. the start latent and the latent-blend reference
-        x = self._start_latent(config, source_latents[-1], generator)
+        inverted = source_latents[-1]
+        x = inverted.clone() if config.start == "inverted" else _randn(tuple(inverted.shape), generator,
+                                                                        inverted.device, inverted.dtype)
         latent_reference = None
         if config.latent_reference == "noised":
             clean = source_latents[0]
@@ -410,23 +412,6 @@ class PFBDiffPipeline(DiffusionPipeline):
         return PFBDiffOutput(images=tensors.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _source_features(self, inversion, config, repeats):
-        needed = self.blend_plan(config).source_blocks
-        if config.cache_source and needed <= inversion.recorded_blocks:
-            return cached_source_features(inversion.features, repeats)
-        if config.cache_source and needed:
-            warnings.warn(
-                f"blocks {sorted(needed - inversion.recorded_blocks)} were not recorded during inversion; "
-                "re-running the source branch each step (pass record_blocks to invert() to avoid this)"
-            )
-        recompute = recomputed_source_features(self.feature_unet, inversion.latents, inversion.source_embeddings, needed)
-        return lambda n, t: {k: v.repeat_interleave(repeats, 0) for k, v in recompute(n, t).items()}
-
-    def _start_latent(self, config, inverted, generator):
-        if config.start == "inverted":
-            return inverted.clone()
-        return _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
-
     def _output(self, latents, inversion, masks, put_back, repeats, output_type, return_dict):
         """Decode, scale the edited box back to the input's pixels and paste it into the input."""
         box = mask_set.inverted_box(inversion)

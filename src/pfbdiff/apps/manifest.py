@@ -162,7 +162,7 @@ def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: floa
         raise PFBDiffError(one_line(error.naming(lambda name: f'"{name}"'))) from None
     return BatchLine(
         line_no=line_no, request=request, output=_output_name(data.get("output"), line_no),
-        config=request.edit_config(), image_digest=_digest(image, digests),
+        config=request.edit_config, image_digest=_digest(image, digests),
         mask_digest=_digest(mask, digests) if mask else None,
     )
 

@@ -2,7 +2,7 @@
 
 The command line's options, a manifest line, the web page's form and a replayed record all become an
 :class:`EditRequest`. :meth:`EditRequest.checked` validates every field once, in library terms (errors name the
-field; each face renders it as a flag, a JSON key or a form label); :meth:`EditRequest.edit_config` resolves the
+field; each face renders it as a flag, a JSON key or a form label); :attr:`EditRequest.edit_config` resolves the
 preset and its settings once into an :class:`~pfbdiff.engine.presets.EditConfig`. :func:`load_inputs` reads the
 photo and the mask before any model is loaded; :func:`run_request` runs the request on a pipeline, taking the
 inversion from an :class:`InversionCache` when an earlier request inverted the same photo the same way; and
@@ -16,6 +16,7 @@ inversion from an :class:`InversionCache` when an earlier request inverted the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -93,7 +94,7 @@ class EditRequest:
             raise PFBDiffError.about("prompt", "is empty; say what the edited region should show, e.g. 'a dog'")
         if request.mask is None and not request.auto_mask:
             raise PFBDiffError.about("mask", "is required (white = region to change), unless auto_mask finds the region")
-        request.edit_config()  # the settings must make a valid EditConfig
+        request.edit_config  # the settings must make a valid EditConfig
         return request
 
     @classmethod
@@ -114,15 +115,17 @@ class EditRequest:
         return data
 
     # -- what it resolves to -----------------------------------------------------------------------------------
+    @functools.cached_property
     def edit_config(self) -> EditConfig:
-        """The preset with the request's settings and words applied: the one resolution of ``preset``."""
+        """The preset with the request's settings and words applied: the one resolution of ``preset`` (a request
+        is not changed after :meth:`checked`; ``dataclasses.replace`` makes a new one)."""
         config = get_preset(self.preset, **self.settings)
         words = {k: tuple(getattr(self, k)) for k in ("inside", "outside") if getattr(self, k)}
         return config.replace(**words) if words else config
 
     def edit_steps(self) -> int:
         """K: the steps that are inverted and edited."""
-        return edit_steps(self.steps, self.edit_config().strength)
+        return edit_steps(self.steps, self.edit_config.strength)
 
 
 # ------------------------------------------------------------------------------------------------ field rules
@@ -324,7 +327,7 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
     import torch
 
     inputs = inputs or load_inputs(request)
-    config = request.edit_config()
+    config = request.edit_config
     pipe.check_words(request.prompt, config)  # a misspelt word, before the costly inversion
     plan = pipe.crop_plan(inputs.source.size, inputs.mask, crop=request.crop, crop_padding=request.crop_padding,
                           grow=config.mask_reach, feather=request.feather)

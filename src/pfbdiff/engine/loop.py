@@ -13,6 +13,7 @@ For n = K−1 down to 0 (t = τ[n]):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,6 +70,20 @@ def recomputed_source_features(unet: FeatureUNet, latents, source_embeddings, bl
         return recorder.features
 
     return at_step
+
+
+def source_features_of(unet: FeatureUNet, inversion, needed: frozenset[int], cache: bool, repeats: int) -> Callable:
+    """F_src(n) of the ``needed`` blocks for ``repeats`` edits of each inverted image: from the inversion's
+    recording when ``cache`` and it holds them all, else by re-running the source branch each step."""
+    if cache and needed <= inversion.recorded_blocks:
+        return cached_source_features(inversion.features, repeats)
+    if cache and needed:
+        warnings.warn(
+            f"blocks {sorted(needed - inversion.recorded_blocks)} were not recorded during inversion; "
+            "re-running the source branch each step (pass record_blocks to invert() to avoid this)"
+        )
+    recompute = recomputed_source_features(unet, inversion.latents, inversion.source_embeddings, needed)
+    return lambda n, t: {k: v.repeat_interleave(repeats, 0) for k, v in recompute(n, t).items()}
 
 
 def guided_prediction(unet, x, t, prompts: Prompts, hook, guidance_scale, *, batch_cfg=True, blend_skips=False, masking=None):
