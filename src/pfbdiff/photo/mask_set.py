@@ -8,7 +8,7 @@ the part of the image that was inverted, and turned into
 
 * full-size masks, one per input image, for the paste-back (``compositing.py``), and
 * :class:`~pfbdiff.engine.edit_mask.EditMask` s at latent size for latent blending, feature blending and attention
-  masking (``masks.py`` resizes them to every feature level).
+  masking (``engine/edit_mask.py`` resizes them to every feature level).
 """
 
 from __future__ import annotations
@@ -74,13 +74,12 @@ Estimator = Callable[[regions.CropBox], list]
 def build(inversion, user, per_word, config, latent_size, *, device, dtype, estimate: Estimator | None = None) -> MaskSet:
     """All masks of an edit from the loaded user masks (``user``: one H×W array per image, or None;
     ``per_word``: word -> arrays) and, with ``estimate``, an estimated mask (auto-mask)."""
-    auto = estimate
     size = inversion.original_sizes[0]
     box = inverted_box(inversion)
-    union_of_words = user is None and bool(per_word) and auto is None
+    union_of_words = user is None and bool(per_word) and estimate is None
     if user is None and per_word:
         user = [np.maximum.reduce([masks[i] for masks in per_word.values()]) for i in range(inversion.batch_size)]
-    if user is None and auto is None:
+    if user is None and estimate is None:
         raise PFBDiffError("no mask given; pass mask_image (white = region to edit) or word_masks")
     word_full = {word: [compositing.grow_mask(m, config.grow) for m in masks] for word, masks in per_word.items()}
     def to_latent(masks):
@@ -89,7 +88,7 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
     word_regions = {word: to_latent(masks)
                     for word, masks in word_full.items()}
     estimated = None
-    if auto is not None:
+    if estimate is not None:
         estimated = [on_canvas(m, box, size) for m in estimate(box)]
         estimated = [compositing.grow_mask(m, config.grow) for m in estimated]
         if user is not None:  # the user's mask is a hard outer bound
@@ -108,7 +107,7 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
     else:
         mask = to_latent(full)
     if float(mask.latent.max()) <= 0.0 or not any(float(m.max()) > 0.0 for m in full):
-        if auto is not None:
+        if estimate is not None:
             raise PFBDiffError("the auto-mask found nothing to edit" + (" inside your mask" if user else "")
                                + "; lower auto_mask_threshold (--auto-mask-threshold) or paint a mask")
         raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
