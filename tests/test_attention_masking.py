@@ -126,13 +126,23 @@ def test_multi_object_each_word_attends_only_inside_its_own_mask(tiny_pipe, phot
             assert torch.all(probs[1][:, outside][..., positions] == 0)
 
 
-def test_presets_choose_the_confined_words_unless_the_user_names_them():
-    source = "a red circle on a plain yellow background"
-    assert confined_words(get_preset("object"), source, "a blue square on a plain yellow background", {}) == (["blue", "square"], [])
-    assert confined_words(get_preset("background"), source, "a red circle on a striped green background", {}) == ([], ["red", "circle"])
+def test_presets_choose_the_confined_words_unless_the_user_names_them(tiny_pipe):
+    tok, source = tiny_pipe.tokenizer, "a red circle on a plain yellow background"
+    new_shape = "a blue square on a plain yellow background"
+    assert confined_words(tok, get_preset("object"), source, new_shape, {}) == (["blue", "square"], [])
+    assert confined_words(tok, get_preset("background"), source, "a red circle on a striped green background", {}) == (
+        [], ["red", "circle"])
     given = get_preset("object", inside=("square",))
-    assert confined_words(given, source, "a blue square on a plain yellow background", {}) == (["square"], [])
-    assert confined_words(get_preset("multi-object"), source, "a blue square", {"blue square": None}) == ([], [])
+    assert confined_words(tok, given, source, new_shape, {}) == (["square"], [])
+    assert confined_words(tok, get_preset("multi-object"), source, "a blue square", {"blue square": None}) == ([], [])
+
+
+def test_automatic_words_past_the_token_limit_are_not_confined(tiny_pipe):
+    """The text encoder never sees words past its 77 tokens, so there is nothing there to confine."""
+    tok, source = tiny_pipe.tokenizer, "a red circle on a plain yellow background"
+    long_prompt = "a blue circle on a plain yellow background, " + "very " * 80 + "and a green square"
+    inside, _ = confined_words(tok, get_preset("object"), source, long_prompt, {})
+    assert inside == ["blue", "very"]
 
 
 @pytest.mark.parametrize("preset", ["object", "attribute", "background", "multi-object"])

@@ -14,7 +14,7 @@ from pfbdiff.bench import cases as bench_cases
 from pfbdiff.bench.cases import TASKS, make_case, make_cases, render_case
 from pfbdiff.engine.presets import get_preset
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.models import loading
+from pfbdiff.models import catalog
 from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.oracles import object_kept
 from pfbdiff.shapes.world import sample_scene
@@ -336,6 +336,6 @@ def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     assert merged.exit_code == 0 and "| pfb |" in merged.output
     missing_part = runner.invoke(app, ["bench", "shapes-merge", str(tmp_path / "nothing")])
     assert missing_part.exit_code == 2 and "shapesbench.json is missing" in missing_part.output
-    monkeypatch.setattr(loading, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
+    monkeypatch.setattr(catalog, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     missing = runner.invoke(app, ["bench", "shapes", "--quick"])
     assert missing.exit_code == 2 and "--model" in missing.output and "Traceback" not in missing.output

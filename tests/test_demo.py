@@ -66,9 +66,9 @@ def test_demo_refuses_to_replace_a_file_it_did_not_write(tmp_path, tiny_model_di
 
 
 def test_demo_without_the_bundled_model_names_the_fix(tmp_path, monkeypatch):
-    from pfbdiff.models import loading
+    from pfbdiff.models import catalog
 
-    monkeypatch.setattr(loading, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
+    monkeypatch.setattr(catalog, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     done = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert done.exit_code == 2 and "pfbdiff.shapes.train" in done.output and "Traceback" not in done.output
     assert not (tmp_path / "demo").exists()

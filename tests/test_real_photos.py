@@ -13,7 +13,7 @@ from PIL import Image
 from pfbdiff import PFBDiffError
 from pfbdiff.engine import blending
 from pfbdiff.engine.automask import iou
-from pfbdiff.models.loading import BUNDLED_SHAPES_MODEL
+from pfbdiff.models.catalog import BUNDLED_SHAPES_MODEL
 from pfbdiff.photo import compositing
 
 

@@ -6,7 +6,7 @@ They read the model from the installed package, so they fail (not skip) if packa
 
 import pytest
 
-from pfbdiff.models.loading import BUNDLED_SHAPES_MODEL as MODEL_DIR
+from pfbdiff.models.catalog import BUNDLED_SHAPES_MODEL as MODEL_DIR
 
 # Held-out combinations (none of these objects appears in training), each with a fixed noise seed.
 HELD_OUT_CAPTIONS = [f"{article} {obj} on a {background} background"
@@ -51,7 +51,8 @@ def test_shipped_model_loads_with_sd_component_types(shapes_components):
 def test_shipped_model_loads_offline_by_name_and_is_the_default(shapes_components):
     import torch
 
-    from pfbdiff.models.loading import default_model, load_components
+    from pfbdiff.models.catalog import default_model
+    from pfbdiff.models.loading import load_components
 
     assert default_model() == ("shapes", None)
     by_name = load_components("shapes", device="cpu", torch_dtype="float32")

@@ -2,7 +2,14 @@
 
 import pytest
 
-from pfbdiff.engine.tokens import new_words, positions_of, subject_words, token_positions
+from pfbdiff.engine.tokens import (
+    new_words,
+    positions_of,
+    split_at_token_limit,
+    subject_words,
+    token_positions,
+    tokenizer_words,
+)
 from pfbdiff.errors import PFBDiffError
 
 
@@ -39,8 +46,53 @@ def test_integers_are_raw_positions_and_zero_is_refused(tiny_pipe):
         token_positions(tiny_pipe.tokenizer, "a cat", 0)
 
 
-def test_new_and_shared_content_words():
-    assert new_words("a cat sitting on a bench", "a dog sitting on a bench") == ["dog"]
-    assert subject_words("a dog is standing on grass", "a dog is standing in a desert area") == ["dog", "standing"]
-    assert subject_words("a red circle on a plain yellow background", "a red circle on a striped blue background") == [
-        "red", "circle"]  # "background" is shared but is what changes
+def test_new_and_shared_content_words(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert new_words(tok, "a cat sitting on a bench", "a dog sitting on a bench") == ["dog"]
+    assert subject_words(tok, "a dog is standing on grass", "a dog is standing in a desert area") == ["dog", "standing"]
+    assert subject_words(tok, "a red circle on a plain yellow background",
+                         "a red circle on a striped blue background") == ["red", "circle"]  # "background" changes
+
+
+def test_words_are_split_as_the_tokenizer_splits_them(tiny_pipe):
+    """Accents, other scripts and emoji are whole words, lower-cased as the tokenizer does; punctuation is not."""
+    tok = tiny_pipe.tokenizer
+    prompt = "a Blue square 🟦 on a plain yellow background — ünïcödé 猫 ✨, dog's"
+    assert tokenizer_words(tok, prompt) == ["a", "blue", "square", "🟦", "on", "a", "plain", "yellow", "background",
+                                            "—", "ünïcödé", "猫", "✨,", "dog", "'s"]
+    assert new_words(tok, "a red square on a plain yellow background", prompt) == [
+        "blue", "🟦", "ünïcödé", "猫", "✨,", "dog"]
+
+
+def test_every_automatic_word_of_any_prompt_is_found_again(tiny_pipe):
+    """Whatever the script, the words chosen automatically are words the tokenizer finds in the prompt."""
+    tok = tiny_pipe.tokenizer
+    for prompt in ("a blue square 🟦 on a plain yellow background — ünïcödé 猫 ✨", "Ελληνικά και русский 2024!",
+                   "naïve café déjà-vu", "cat\tdog\n  bird"):
+        words = new_words(tok, "", prompt)
+        assert words, prompt
+        for word in words:
+            assert token_positions(tok, prompt, word), word
+
+
+def test_a_prompt_is_cut_at_the_token_limit_on_a_word_boundary(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert split_at_token_limit(tok, "a cat on a bench") == ("a cat on a bench", None)
+    prompt = "a cat on a bench, " + "giraffe " * 60 + "and a blue dog"
+    seen, cut = split_at_token_limit(tok, prompt)
+    assert f"{seen} {cut}" == prompt
+    assert cut.endswith("and a blue dog") and cut.startswith("giraffe")  # whole words, not BPE pieces
+    assert len(tok(seen).input_ids) <= tok.model_max_length < len(tok(seen + " " + cut.split()[0]).input_ids)
+
+
+def test_a_word_past_the_token_limit_is_named_as_cut_not_as_missing(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    prompt = "a cat on a bench, " + "giraffe " * 60 + "and a blue dog"
+    with pytest.raises(PFBDiffError, match="'blue' lies past the text encoder's 77-token limit.*'giraffe"):
+        token_positions(tok, prompt, "blue")
+    assert token_positions(tok, prompt, "cat") == (2,)
+
+
+def test_a_cut_prompt_is_warned_about_naming_what_the_model_does_not_see(tiny_pipe):
+    with pytest.warns(UserWarning, match="does not see its end: 'giraffe.*and a blue dog'"):
+        tiny_pipe.encode_prompt(["a cat on a bench, " + "giraffe " * 60 + "and a blue dog"])

@@ -11,6 +11,7 @@ the command line, ``"steps"`` in a manifest line) with :meth:`PFBDiffError.namin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 
@@ -36,3 +37,10 @@ class PFBDiffError(ValueError):
 
 class EmptyMaskError(PFBDiffError):
     """The mask selects nothing (all black), so there is nothing to edit."""
+
+
+def gist(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of a library's error, short enough to quote inside a one-line message."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."

@@ -42,7 +42,7 @@ from pfbdiff.engine.loop import (
 )
 from pfbdiff.engine.presets import PRESETS, EditConfig, get_preset
 from pfbdiff.engine.sampling import DDIMGrid, edit_steps
-from pfbdiff.engine.tokens import positions_of
+from pfbdiff.engine.tokens import positions_of, split_at_token_limit
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import images as imgs
 from pfbdiff.io import tensors
@@ -104,6 +104,11 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        for prompt in dict.fromkeys(prompts):
+            _, cut = split_at_token_limit(self.tokenizer, prompt)
+            if cut is not None:
+                warnings.warn(f"the prompt is longer than the text encoder's {self.tokenizer.model_max_length} tokens, "
+                              f"so the model does not see its end: {cut!r}", stacklevel=2)
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids

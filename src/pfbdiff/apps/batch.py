@@ -34,8 +34,9 @@ from typing import Any
 from pfbdiff.apps.manifest import BadLine, BatchLine, read_manifest
 from pfbdiff.apps.request import InversionCache, load_inputs, run_request
 from pfbdiff.errors import PFBDiffError
+from pfbdiff.io import outputs
 from pfbdiff.io.images import one_line
-from pfbdiff.io.outputs import TEMP_NAME, save_png, write_json
+from pfbdiff.io.outputs import save_png, write_json
 
 SUMMARY_NAME = "batch-summary.json"
 
@@ -91,21 +92,7 @@ def output_status(entry: BatchLine, out: Path, model: str) -> str:
 
 def remove_stale_temporaries(entries: Iterable[BatchLine], out: Path) -> int:
     """Delete temporary files a killed run left for these lines' outputs (and only theirs); return how many."""
-    wanted: dict[Path, set[str]] = {}
-    for entry in entries:
-        for name in (entry.output, entry.record_name):
-            target = out / name
-            wanted.setdefault(target.parent, set()).add(target.name)
-    removed = 0
-    for folder, names in wanted.items():
-        if not folder.is_dir():
-            continue
-        for candidate in folder.iterdir():
-            match = TEMP_NAME.fullmatch(candidate.name)
-            if match and match.group(1) in names and candidate.is_file():
-                candidate.unlink(missing_ok=True)
-                removed += 1
-    return removed
+    return outputs.remove_stale_temporaries(out / name for entry in entries for name in (entry.output, entry.record_name))
 
 
 def _record(entry: BatchLine, metadata: dict) -> dict:
@@ -127,6 +114,8 @@ class BatchSummary:
     inversions: int = 0
     unet_calls: int = 0
     processes: int = 1
+    # a mistake in the command itself (the model will not load, ...) that stopped a process: the error's fields
+    stopped_by: list[dict] = field(default_factory=list)
 
     @property
     def edits_per_minute(self) -> float:
@@ -146,6 +135,7 @@ class BatchSummary:
             total.edit_seconds += part["edit_seconds"]
             total.inversions += part["inversions"]
             total.unet_calls += part["unet_calls"]
+            total.stopped_by += [error for error in part["stopped_by"] if error not in total.stopped_by]
         total.failed.sort(key=lambda f: f["line"])
         return total
 
@@ -169,7 +159,6 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
     reporter = reporter or Reporter()
     started = time.perf_counter()
     summary = BatchSummary()
-    out.mkdir(parents=True, exist_ok=True)
 
     def fail(entry, reason):
         summary.failed.append({"line": entry.line_no, "output": entry.output, "reason": reason})
@@ -188,6 +177,7 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
             todo.append(entry)
     reporter.start(len(todo), sum(e.request.edit_steps() for e in todo))
     pipe = load_pipe() if todo else None
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a command that cannot run writes nothing
     for group in inversion_groups(todo):
         inversions = InversionCache(size=len(group))  # lines of one group may share an inversion
         for entry in group:
@@ -250,18 +240,46 @@ def gather_summaries(state, summary: BatchSummary) -> BatchSummary:
     return BatchSummary.merged(gather_object([summary.as_dict()]))
 
 
-def end_launched_process(code: int) -> None:
+#: The file in which processes started by :func:`launch_processes` report a mistake in the command, for the
+#: launching process to print once (instead of torchrun stopping the others and printing its failure report).
+ERRORS_FILE_VARIABLE = "PFBDIFF_BATCH_ERRORS"
+
+
+def end_launched_process(code: int, error: str | None = None) -> None:
     """Exit a process started by ``accelerate launch`` now, without the interpreter's teardown.
 
     Its work is written and its process group destroyed, yet torch's gloo backend can still abort
     ("terminate called without an active exception", SIGABRT) while the interpreter finalises, about one
-    exit in six on two CPU processes; the launcher then reports the whole batch as failed.
+    exit in six on two CPU processes; the launcher then reports the whole batch as failed. A user ``error``
+    (one line) goes to the launching process's error file when there is one, and the process ends with 0 so
+    torchrun does not report a crash; otherwise it is printed and the process ends with ``code``.
     """
     import sys
 
+    errors_file = os.environ.get(ERRORS_FILE_VARIABLE)
+    if error is not None and errors_file:
+        with open(errors_file, "a", encoding="utf-8") as stream:  # one short append per process: not interleaved
+            stream.write(error.replace("\n", " ") + "\n")
+        code = 0
+    elif error is not None:
+        print(f"error: {error}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def launch_processes(num_processes: int, batch_args: list[str]) -> tuple[int, list[str]]:
+    """Run ``pfbdiff batch`` in ``num_processes`` processes (:func:`launcher_command`); return the launcher's exit
+    code and the distinct user errors its processes reported."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pfbdiff-batch-") as folder:
+        errors_file = Path(folder) / "errors.txt"
+        environment = {**os.environ, ERRORS_FILE_VARIABLE: str(errors_file)}
+        code = subprocess.call(launcher_command(num_processes, batch_args), env=environment)
+        errors = errors_file.read_text("utf-8").splitlines() if errors_file.exists() else []
+    return code, list(dict.fromkeys(errors))
 
 
 def launcher_command(num_processes: int, batch_args: list[str]) -> list[str]:
@@ -296,7 +314,7 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
     )
 
     from pfbdiff.apps.provenance import model_reference
-    from pfbdiff.models.loading import default_model
+    from pfbdiff.models.catalog import default_model
     from pfbdiff.pipeline import load_pipeline
 
     if model is None:
@@ -331,13 +349,23 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
             progress.advance(tasks["lines"])
 
     reporter = Reporter(start=on_start, line=on_line, step=lambda: progress.advance(tasks["steps"]))
-    with progress:
-        summary = run_shard(mine, bad, out, model=model, reporter=reporter, report_bad=index == 0,
-                            load_pipe=lambda: load_pipeline(model, torch_dtype=dtype, device=device,
-                                                            allow_pickle=allow_pickle, config=config, quiet=True))
+    try:
+        with progress:
+            summary = run_shard(mine, bad, out, model=model, reporter=reporter, report_bad=index == 0,
+                                load_pipe=lambda: load_pipeline(model, torch_dtype=dtype, device=device,
+                                                                allow_pickle=allow_pickle, config=config, quiet=True))
+    except PFBDiffError as error:
+        if count == 1:
+            raise
+        # the other processes wait for this one at the gather: meet them there, then all stop with the error
+        summary = BatchSummary(stopped_by=[{"message": str(error), "parameter": error.parameter,
+                                            "detail": error.detail}])
     total = gather_summaries(state, summary)
     if count > 1:
         state.destroy_process_group()  # a clean exit, without torch's warning about a live group
+    if total.stopped_by:
+        first = total.stopped_by[0]
+        raise PFBDiffError(first["message"], parameter=first["parameter"], detail=first["detail"])
     if state.is_main_process:
         record = {"manifest": str(Path(manifest).resolve()), "model": model, "out": str(out.resolve()),
                   **total.as_dict()}

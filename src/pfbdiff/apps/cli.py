@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # transformers warns at import time about optional image backends that pfbdiff never uses.
@@ -26,13 +30,49 @@ from pfbdiff.errors import EmptyMaskError, PFBDiffError  # noqa: E402
 from pfbdiff.io import images as imgs  # noqa: E402
 from pfbdiff.io import outputs  # noqa: E402
 
+console = Console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    """The one line a user mistake ends with (the message is text, not rich markup: ``pfbdiff[ui]`` stays)."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """The command group, with command-line mistakes (an unknown option, ``--steps abc``) reported like every other
+    user error: one ``error:`` line naming the fix, exit code 2, instead of click's usage box; warnings (a resized
+    mask, a prompt cut at the token limit) are one ``warning:`` line each."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            console.print("aborted", highlight=False)
+            code = 130
+        except typer.TyperException as error:  # click's exceptions, as typer bundles them
+            if type(error).__name__ != "NoArgsIsHelpError":  # that one's help is already printed
+                context = getattr(error, "ctx", None)
+                hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+                print_error(error.format_message() + hint)
+            code = error.exit_code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="PFB-Diff: edit part of a photo from a text prompt and a mask, with any Stable Diffusion 1.x/2.x model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 PRESET_LIST = ", ".join(PRESET_HELP) + " (see `pfbdiff presets`)"
 
@@ -59,7 +99,7 @@ def user_errors():
     try:
         yield
     except PFBDiffError as error:
-        console.print(f"[bold red]error:[/] {error.naming(flag)}", highlight=False, soft_wrap=True)
+        print_error(error.naming(flag))
         raise typer.Exit(2) from None
 
 
@@ -169,7 +209,7 @@ def _edit_request(ctx, given: dict, settings: dict, from_json, output):
         if name == "crop":
             return "auto" if value is None else value
         if name == "model":
-            from pfbdiff.models.loading import default_model
+            from pfbdiff.models.catalog import default_model
 
             return provenance.model_reference(value if value is not None else default_model()[0])
         return value
@@ -342,12 +382,17 @@ def demo(
 
 @app.command()
 def presets():
-    """List the task presets and their settings."""
+    """List the task presets and the settings each one changes (give any setting as --set KEY=VALUE)."""
+    from pfbdiff.apps.request import setting_text
+
+    base = PRESETS["object"]
     for name, config in PRESETS.items():
-        console.print(f"[bold]{name}[/]: {PRESET_HELP[name]}", highlight=False)
-        changed = {k: v for k, v in vars(config).items() if v != getattr(PRESETS["object"], k)}
-        if changed:
-            console.print(f"    {changed}", highlight=False)
+        shown = {key: value for key, value in vars(config).items() if config is base or value != getattr(base, key)}
+        print(f"{name}: {PRESET_HELP[name]}")
+        print(f"    {' '.join(f'{key}={setting_text(value)}' for key, value in shown.items())}")
+    print("\nEach preset lists the settings it changes from `object`, which lists them all. Block numbers "
+          "(blend_blocks, attention_blocks) count an SD 1.x U-Net's blocks in the order they run (docs/method.md §3): "
+          "the paper-* presets reproduce the official SD 1.x code only.")
 
 
 def version_callback(value: bool):
@@ -379,30 +424,38 @@ def batch(
     Exit code 0 when every line is done, 1 when some lines failed (listed in DIR/batch-summary.json), 2 for a
     mistake in the command itself.
     """
-    import subprocess
-
     from pfbdiff.apps import batch as batch_module
     from pfbdiff.apps.manifest import read_manifest
 
+    launched = batch_module.launched_by_accelerate()
     with user_errors():
         if num_processes < 1:
             raise PFBDiffError(f"--num-processes must be at least 1, got {num_processes}")
-        if num_processes > 1 and not batch_module.launched_by_accelerate():
+        if num_processes > 1 and not launched:
             read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
             args = [str(manifest), "--out", str(out), "--steps", str(steps), "--guidance", str(guidance)]
-            for flag, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
+            for option, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
                 if value is not None:
-                    args += [flag, value]
+                    args += [option, value]
             if allow_pickle:
                 args.append("--allow-pickle")
             console.print(f"launching {num_processes} processes with accelerate", highlight=False)
-            raise typer.Exit(subprocess.call(batch_module.launcher_command(num_processes, args)))
+            code, errors = batch_module.launch_processes(num_processes, args)
+            for error in errors:
+                print_error(error)
+            raise typer.Exit(2 if errors else code)
+    try:
         code = batch_module.run_batch_command(
             manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
             allow_pickle=allow_pickle, config=config, console=console,
         )
-        if batch_module.launched_by_accelerate():
-            batch_module.end_launched_process(code)
+    except PFBDiffError as error:
+        if not launched:
+            print_error(error.naming(flag))
+            raise typer.Exit(2) from None
+        batch_module.end_launched_process(2, error.naming(flag))
+    if launched:
+        batch_module.end_launched_process(code)
     raise typer.Exit(code)
 
 
@@ -416,15 +469,17 @@ def ui(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
     config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
 ):
-    """Open the web page: upload a photo, paint the mask, type a prompt, press Run (needs pip install 'pfbdiff[ui]')."""
+    """Open the web page: upload a photo, paint the mask, type a prompt, press Run (needs pip install 'pfbdiff\\[ui]')."""
     with user_errors():
+        if not 0 < port < 65536:
+            raise PFBDiffError(f"--port must be between 1 and 65535, got {port}")
+        from pfbdiff.apps.ui import check_port_free, launch
+
+        check_port_free(host, port)
         try:
             import gradio  # noqa: F401
         except ImportError:
             raise PFBDiffError("the web UI needs gradio: pip install 'pfbdiff[ui]'") from None
-        if not 0 < port < 65536:
-            raise PFBDiffError(f"--port must be between 1 and 65535, got {port}")
-        from pfbdiff.apps.ui import launch
 
         launch(model, host=host, port=port, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
                echo=lambda text: console.print(f"[yellow]{text}[/]", highlight=False, soft_wrap=True))

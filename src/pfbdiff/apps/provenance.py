@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import images as imgs
+from pfbdiff.models import catalog
 
 #: Version of the record layout; bumped when fields change meaning.
 RECORD_VERSION = 1
@@ -57,9 +58,7 @@ def file_sha256(path: str | Path) -> str:
 def model_reference(model: str) -> str:
     """A model name that still points at the same model from another folder: local paths made absolute
     (a registered short name such as ``shapes`` is kept: it shadows any folder of that name)."""
-    from pfbdiff.models.loading import MODEL_ALIASES
-
-    if model in MODEL_ALIASES:
+    if model in catalog.SHORT_NAMES:
         return model
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model

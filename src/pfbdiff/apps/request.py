@@ -15,6 +15,7 @@ inversion from an :class:`InversionCache` when an earlier request inverted the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -26,9 +27,9 @@ from typing import Any
 
 from pfbdiff.apps import provenance
 from pfbdiff.engine.presets import EditConfig, get_preset
-from pfbdiff.engine.sampling import edit_steps
 from pfbdiff.errors import EmptyMaskError, PFBDiffError
 from pfbdiff.io import images as imgs
+from pfbdiff.models import catalog
 
 #: Seeds are 64-bit (``torch.Generator.manual_seed``).
 MAX_SEED = 2**64 - 1
@@ -37,9 +38,7 @@ SETTING_NAMES = tuple(f.name for f in dataclasses.fields(EditConfig) if f.name n
 
 
 def _default_model() -> str:
-    from pfbdiff.models.loading import default_model
-
-    return default_model()[0]
+    return catalog.default_model()[0]
 
 
 @dataclass
@@ -94,6 +93,10 @@ class EditRequest:
             raise PFBDiffError.about("prompt", "is empty; say what the edited region should show, e.g. 'a dog'")
         if request.mask is None and not request.auto_mask:
             raise PFBDiffError.about("mask", "is required (white = region to change), unless auto_mask finds the region")
+        trained = catalog.training_steps(request.model)
+        if trained is not None and request.steps > trained:
+            raise PFBDiffError.about("steps", f"must be at most {trained}, the number of steps the model was trained "
+                                     f"with, got {request.steps}")
         request.edit_config  # the settings must make a valid EditConfig
         return request
 
@@ -125,6 +128,8 @@ class EditRequest:
 
     def edit_steps(self) -> int:
         """K: the steps that are inverted and edited."""
+        from pfbdiff.engine.sampling import edit_steps
+
         return edit_steps(self.steps, self.edit_config.strength)
 
 
@@ -226,6 +231,8 @@ def setting_value(key: str, value):
     if key not in SETTING_NAMES:
         raise PFBDiffError(f"unknown setting {key!r}; choose one of: {', '.join(SETTING_NAMES)}")
     default = fields[key].default
+    if isinstance(value, str) and value.strip().lower() == "none" and (default is None or key == "auto_words"):
+        return None  # the settings that may be switched off
     if isinstance(value, str) and not isinstance(default, str) and key != "auto_words":
         value = _read_text(key, value, default)
     if isinstance(value, list):
@@ -237,6 +244,15 @@ def setting_value(key: str, value):
     if isinstance(value, float) and not math.isfinite(value):
         raise PFBDiffError(f"setting {key!r} must be a finite number, got {value!r}")
     return value
+
+
+def setting_text(value) -> str:
+    """A setting's value written as ``--set KEY=TEXT`` takes it: ``8,9,13``, ``true``, ``none``, ``0.8``."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(item) for item in value)
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _read_text(key: str, text: str, default):
@@ -300,10 +316,10 @@ class InversionCache:
         self._items.clear()
 
 
-def inversion_key(image_digest: str, request: EditRequest, config: EditConfig, plan) -> tuple:
+def inversion_key(image_digest: str, request: EditRequest, plan) -> tuple:
     """Two requests may share an inversion when these agree: the photo's bytes, the source prompt, the step grid,
     K, and the crop plan (the inverted box and the size the model sees it at)."""
-    return (image_digest, request.source_prompt, request.steps, edit_steps(request.steps, config.strength),
+    return (image_digest, request.source_prompt, request.steps, request.edit_steps(),
             tuple(plan.box.as_list()), tuple(plan.model_size))
 
 
@@ -326,13 +342,34 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
     """
     import torch
 
+    with _named_as_request_fields():
+        return _run(request, pipe, inputs, inversions, on_invert_step, on_edit_step, torch.Generator())
+
+
+#: Pipeline parameters whose request field has another name.
+_REQUEST_FIELDS = {"num_inference_steps": "steps"}
+
+
+@contextlib.contextmanager
+def _named_as_request_fields():
+    """Errors the pipeline raises about its parameters, renamed to the request's fields (checks that need the
+    loaded model, such as the steps its scheduler was trained with, run there)."""
+    try:
+        yield
+    except PFBDiffError as error:
+        if error.parameter not in _REQUEST_FIELDS:
+            raise
+        raise PFBDiffError.about(_REQUEST_FIELDS[error.parameter], error.detail) from None
+
+
+def _run(request, pipe, inputs, inversions, on_invert_step, on_edit_step, generator) -> Outcome:
     inputs = inputs or load_inputs(request)
     config = request.edit_config
     pipe.check_words(request.prompt, config)  # a misspelt word, before the costly inversion
     plan = pipe.crop_plan(inputs.source.size, inputs.mask, crop=request.crop, crop_padding=request.crop_padding,
                           grow=config.mask_reach, feather=request.feather)
     digest = provenance.file_sha256(request.image)
-    key = inversion_key(digest, request, config, plan)
+    key = inversion_key(digest, request, plan)
     calls_before = pipe.unet_calls
     inversion = inversions.get(key) if inversions is not None else None
     shared = inversion is not None
@@ -354,7 +391,7 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
 
     result = pipe.edit(
         inversion, inputs.mask, request.prompt, preset=config, guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt or None, generator=torch.Generator().manual_seed(request.seed),
+        negative_prompt=request.negative_prompt or None, generator=generator.manual_seed(request.seed),
         callback_on_step_end=on_step, paste_back=request.paste_back, feather=request.feather,
         auto_mask=request.auto_mask, auto_mask_threshold=request.auto_mask_threshold,
     )

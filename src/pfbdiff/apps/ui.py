@@ -20,8 +20,10 @@ lays out the page around it; :func:`launch` serves it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -85,6 +87,11 @@ class EditSession:
         self.inversions = InversionCache(cache_size)
         self.lock = threading.Lock()
         self.runs = 0
+
+    def remove_folder_if_empty(self) -> None:
+        """Remove the session's folder when nothing was saved in it (a session that made no edit)."""
+        with contextlib.suppress(OSError):
+            self.output_dir.rmdir()  # only succeeds when empty
 
     def run(self, image, mask, prompt: str, *, source_prompt: str = "", preset: str = "object",
             inside: str = "", outside: str = "", steps: int = 20, guidance: float = 7.5, seed: int = 0,
@@ -318,7 +325,7 @@ def _form_label(field: str) -> str:
 
 
 def _display_name(model: str) -> str:
-    from pfbdiff.models.loading import BUNDLED_SHAPES_MODEL
+    from pfbdiff.models.catalog import BUNDLED_SHAPES_MODEL
 
     if model == "shapes" or Path(model) == BUNDLED_SHAPES_MODEL:
         return "shapes (the bundled ShapesWorld model)"
@@ -330,7 +337,7 @@ def _display_name(model: str) -> str:
 def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
            allow_pickle: bool = False, config: str | None = None, block: bool = True, echo: Callable[[str], None] = print):
     """Load the model, build the page and serve it; returns ``(demo, url)`` when ``block`` is False."""
-    from pfbdiff.models.loading import default_model
+    from pfbdiff.models.catalog import default_model
 
     note = None
     if model is None:
@@ -343,12 +350,37 @@ def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int = 786
     from pfbdiff.apps.provenance import model_reference
     from pfbdiff.pipeline import load_pipeline
 
+    check_port_free(host, port)  # before the model loads, not after
     pipe = load_pipeline(model, torch_dtype=dtype, device=device, allow_pickle=allow_pickle, config=config, quiet=True)
     session = EditSession(pipe, model_reference(model))  # records name the model as pfbdiff edit's do
     demo = build_app(session, model_note=note)
-    demo.launch(
-        server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-        show_error=True, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
-        allowed_paths=[str(session.output_dir)], quiet=False, css=PAGE_CSS,
-    )
+    try:
+        demo.launch(
+            server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
+            show_error=True, ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
+            allowed_paths=[str(session.output_dir)], quiet=False, css=PAGE_CSS,
+        )
+    except OSError as error:  # the port was taken between the check and the launch
+        session.remove_folder_if_empty()
+        raise _port_in_use(host, port) from error
+    if block:  # the server stopped (Ctrl-C)
+        session.remove_folder_if_empty()
+        if session.output_dir.exists():
+            echo(f"this session's edits and their inputs are in {session.output_dir}")
     return demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on, in one line (gradio's own error is a traceback)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to serve on
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise _port_in_use(host, port) from error
+
+
+def _port_in_use(host: str, port: int) -> PFBDiffError:
+    return PFBDiffError.about("port", f"{port} on {host} is in use by another program; pass another, e.g. "
+                                      f"--port {port + 1 if port < 65535 else 7860}")

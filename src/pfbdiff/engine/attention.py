@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from pfbdiff.engine.edit_mask import EditMask
-from pfbdiff.engine.tokens import new_words, positions_of, subject_words
+from pfbdiff.engine.tokens import new_words, positions_of, split_at_token_limit, subject_words
 
 
 @dataclass
@@ -145,14 +145,15 @@ def attention_masking_installed(feature_unet, controller: AttentionMasking):
             module.set_processor(processor)
 
 
-def confined_words(config, source_prompt: str, prompt: str, word_regions) -> tuple[list, list]:
+def confined_words(tokenizer, config, source_prompt: str, prompt: str, word_regions) -> tuple[list, list]:
     """(inside, outside) words of one prompt: the ones given (``config.inside`` / ``config.outside``), else the
     preset's automatic choice (``auto_words``: the new words inside, or the kept subject's words outside)."""
     inside, outside = list(config.inside), list(config.outside)
+    seen, _ = split_at_token_limit(tokenizer, prompt)  # words past the token limit are not there to confine
     if not (inside or outside or word_regions) and config.auto_words == "new-inside":
-        inside = new_words(source_prompt, prompt)
+        inside = new_words(tokenizer, source_prompt, seen)
     elif not (inside or outside or word_regions) and config.auto_words == "subject-outside":
-        outside = subject_words(source_prompt, prompt)
+        outside = subject_words(tokenizer, source_prompt, seen)
     return inside, outside
 
 
@@ -161,7 +162,8 @@ def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, wo
     its complement, each word of a multi-object edit in its own region."""
     if not config.attention_masking:
         return []
-    words = [confined_words(config, source, prompt, word_regions) for source, prompt in zip(source_prompts, prompts)]
+    words = [confined_words(tokenizer, config, source, prompt, word_regions)
+             for source, prompt in zip(source_prompts, prompts)]
     regions = []
     for group, region in ((0, mask), (1, mask.complement())):
         positions = [positions_of(tokenizer, prompt, w[group]) for prompt, w in zip(prompts, words)]

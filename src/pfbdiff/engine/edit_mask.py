@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-RESIZE_MODES = ("area", "bicubic")
-LATENT_MASK_MODES = ("soft", "binary")
+from pfbdiff.engine.presets import RESIZE_MODES
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

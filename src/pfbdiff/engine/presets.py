@@ -14,8 +14,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pfbdiff.engine.edit_mask import LATENT_MASK_MODES, RESIZE_MODES
 from pfbdiff.errors import PFBDiffError
+
+#: How the user mask is resized to each feature map (docs/method.md §7): area averaging or the reference's bicubic.
+RESIZE_MODES = ("area", "bicubic")
+#: The latent-blend mask: the area-resized user mask, or the reference's thresholded Lanczos resize.
+LATENT_MASK_MODES = ("soft", "binary")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,10 @@ class DDIMGrid:
         if num_inference_steps < 1:
             raise PFBDiffError.about("num_inference_steps", f"must be at least 1, got {num_inference_steps}")
         scheduler = DDIMScheduler.from_config(config)
+        trained = scheduler.config.num_train_timesteps
+        if num_inference_steps > trained:
+            raise PFBDiffError.about("num_inference_steps", f"must be at most {trained}, the number of steps the "
+                                     f"model was trained with, got {num_inference_steps}")
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
             raise PFBDiffError(f"unsupported prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")

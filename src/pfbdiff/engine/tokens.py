@@ -5,21 +5,84 @@ into several BPE pieces ("giraffes" → "gira" + "ffes"), and all of them must b
 (the official code's fixed positions miss 13–18 % of its targets, docs/method.md §5). Because CLIP-style tokenizers
 split text into words before BPE, a phrase tokenises the same alone as inside a prompt, so its positions are
 found as a token subsequence of the prompt. Every occurrence counts. A phrase that is not in the prompt is an
-error that names it. Integers are taken as raw token positions (the reference "fixed positions" mode).
+error that names it; one that the text encoder never sees (past its token limit) is an error that says so.
+Integers are taken as raw token positions (the reference "fixed positions" mode).
+
+The automatic word choices (:func:`new_words`, :func:`subject_words`) split prompts into words the way the
+tokenizer does (:func:`tokenizer_words`), so any prompt the tokenizer accepts — accents, other scripts,
+emoji — yields words that are found again.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from pfbdiff.errors import PFBDiffError
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 STOP_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "and", "with", "to", "is", "are", "its", "by"})
+# CLIP's own pre-tokenisation rule, for tokenizers without a fast backend to ask.
+_CLIP_WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+")
+
+
+def tokenizer_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` as ``tokenizer`` splits it before BPE, normalised (lower-cased) as it does:
+    for CLIP, runs of letters of any script, single digits, runs of other symbols, and contractions (``'s``)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return _CLIP_WORD.findall(unicodedata.normalize("NFC", text).lower())
+    normal = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+    return [normal[start:end] for _, (start, end) in backend.pre_tokenizer.pre_tokenize_str(normal)]
+
+
+def content_words(tokenizer, text: str) -> list[str]:
+    """The words of ``text`` that can name something: not stop words, not bare punctuation or contractions
+    (a pictograph such as an emoji counts)."""
+    return [word for word in tokenizer_words(tokenizer, text) if word not in STOP_WORDS and _names_something(word)]
+
+
+def _names_something(word: str) -> bool:
+    return not word.startswith("'") and any(char.isalnum() or unicodedata.category(char) == "So" for char in word)
+
+
+def new_words(tokenizer, source_prompt: str, prompt: str) -> list[str]:
+    """Content words of ``prompt`` that the source prompt does not have: what an edit introduces."""
+    old = set(content_words(tokenizer, source_prompt))
+    return list(dict.fromkeys(w for w in content_words(tokenizer, prompt) if w not in old))
+
+
+def subject_words(tokenizer, source_prompt: str, prompt: str) -> list[str]:
+    """Content words of the words ``prompt`` starts with in common with the source prompt: the subject
+    a background edit keeps ("a dog is standing on grass" → "a dog is standing in a desert": dog, standing)."""
+    old, new = tokenizer_words(tokenizer, source_prompt), tokenizer_words(tokenizer, prompt)
+    common = 0
+    while common < min(len(old), len(new)) and old[common] == new[common]:
+        common += 1
+    return list(dict.fromkeys(w for w in new[:common] if w not in STOP_WORDS and _names_something(w)))
 
 
 def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the text encoder sees them (cut at its token limit)."""
     return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+
+
+def split_at_token_limit(tokenizer, prompt: str) -> tuple[str, str | None]:
+    """``(seen, cut)``: the words of ``prompt`` the text encoder sees, and the words it does not because the prompt
+    is longer than its token limit (``tokenizer.model_max_length``: 77 for CLIP), cut at a word's start; ``cut``
+    is ``None`` when all of it fits."""
+    limit = tokenizer.model_max_length
+    if len(tokenizer(prompt).input_ids) <= limit:
+        return prompt, None
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+        start = offsets[limit - 1][0]  # the first token past the limit (the last place is the end token's)
+    except (NotImplementedError, TypeError, ValueError):  # a tokenizer without offsets: cut its decoded text
+        ids = tokenizer(prompt).input_ids
+        seen = tokenizer.decode(ids[: limit - 1], skip_special_tokens=True)
+        return seen, tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True).strip()
+    while start > 0 and not prompt[start - 1].isspace():
+        start -= 1
+    return prompt[:start].rstrip(), prompt[start:].strip()
 
 
 def token_positions(tokenizer, prompt: str, phrase) -> tuple[int, ...]:
@@ -33,38 +96,28 @@ def token_positions(tokenizer, prompt: str, phrase) -> tuple[int, ...]:
     pieces = tokenizer(phrase, add_special_tokens=False).input_ids
     if not pieces:
         raise PFBDiffError(f"{phrase!r} contains no word; name words from the prompt")
-    ids = prompt_token_ids(tokenizer, prompt)
-    found = [
-        position
-        for start in range(1, len(ids) - len(pieces) + 1)
-        if ids[start : start + len(pieces)] == pieces
-        for position in range(start, start + len(pieces))
-    ]
+    found = _occurrences(prompt_token_ids(tokenizer, prompt), pieces)
+    if not found and _occurrences(tokenizer(prompt).input_ids, pieces):
+        raise PFBDiffError(
+            f"{phrase!r} lies past the text encoder's {tokenizer.model_max_length}-token limit, so the model never "
+            f"sees it (it does not see {split_at_token_limit(tokenizer, prompt)[1]!r}); shorten the prompt or move the word "
+            "forward"
+        )
     if not found:
         raise PFBDiffError(f"{phrase!r} does not occur in the prompt {prompt!r}; name words that appear in the prompt")
     return tuple(sorted(set(found)))
 
 
+def _occurrences(ids: list[int], pieces: list[int]) -> list[int]:
+    """Positions of every piece of every occurrence of ``pieces`` in ``ids`` (after the start token)."""
+    return [
+        position
+        for start in range(1, len(ids) - len(pieces) + 1)
+        if ids[start : start + len(pieces)] == pieces
+        for position in range(start, start + len(pieces))
+    ]
+
+
 def positions_of(tokenizer, prompt: str, phrases) -> tuple[int, ...]:
     """Union of the positions of several phrases (or raw positions)."""
     return tuple(sorted({p for phrase in phrases for p in token_positions(tokenizer, prompt, phrase)}))
-
-
-def content_words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in STOP_WORDS]
-
-
-def new_words(source_prompt: str, prompt: str) -> list[str]:
-    """Content words of ``prompt`` that the source prompt does not have: what an edit introduces."""
-    old = set(content_words(source_prompt))
-    return list(dict.fromkeys(w for w in content_words(prompt) if w not in old))
-
-
-def subject_words(source_prompt: str, prompt: str) -> list[str]:
-    """Content words of the words ``prompt`` starts with in common with the source prompt: the subject
-    a background edit keeps ("a dog is standing on grass" → "a dog is standing in a desert": dog, standing)."""
-    old, new = _WORD.findall(source_prompt.lower()), _WORD.findall(prompt.lower())
-    common = 0
-    while common < min(len(old), len(new)) and old[common] == new[common]:
-        common += 1
-    return list(dict.fromkeys(w for w in new[:common] if w not in STOP_WORDS))

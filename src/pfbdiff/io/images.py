@@ -19,16 +19,16 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io.pixel_formats import (
     channels_to_rgb,
     check_not_empty,
+    is_tensor,
     numpy_to_channels,
     pil_to_channels,
     pil_to_rgb,
@@ -36,11 +36,14 @@ from pfbdiff.io.pixel_formats import (
     tensor_to_channels,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 #: Largest image (width × height) that :func:`load_image` / :func:`load_mask` will decode from a file.
 #: It guards against "decompression bombs" (tiny files that expand to gigabytes). ``None`` disables it.
 MAX_PIXELS: int | None = 100_000_000
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
 Size = tuple[int, int]
 
 # Rec. 601 luma weights: the ones PIL uses for "RGB" -> "L", so masks agree with what editors show.
@@ -92,11 +95,11 @@ def _load_pil_or_array(source: Any, name: str, *, signed_tensors: bool) -> Image
         _check_in_memory_size(source.size, name)
         # A PIL image straight from Image.open is still sideways; exif_transpose is a no-op for upright ones.
         return ImageOps.exif_transpose(source)
-    if isinstance(source, (torch.Tensor, np.ndarray)) and source.ndim >= 2:
+    if (is_tensor(source) or isinstance(source, np.ndarray)) and source.ndim >= 2:
         # Before any conversion: a float copy of a huge array is what would exhaust memory.
         rows, cols = _array_height_width(source)
         _check_in_memory_size((cols, rows), name)
-    if isinstance(source, torch.Tensor):
+    if is_tensor(source):
         return tensor_to_channels(source, name, signed=signed_tensors)
     if isinstance(source, np.ndarray):
         return numpy_to_channels(source, name)
@@ -155,7 +158,7 @@ def _check_not_too_large(size: Size, path: Path, name: str) -> None:
 def _array_height_width(array) -> tuple[int, int]:
     """(rows, columns) of an H×W, H×W×C, C×H×W or 1×C×H×W array or tensor (channels first only for torch)."""
     shape = tuple(array.shape)
-    if isinstance(array, torch.Tensor) and len(shape) >= 3:
+    if is_tensor(array) and len(shape) >= 3:
         return shape[-2], shape[-1]
     return shape[0], shape[1]
 
@@ -242,7 +245,7 @@ def mask_extent(mask: np.ndarray | torch.Tensor) -> str:
 
 def mask_values(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     """A mask given as an array or a tensor (any dtype, any device) as a float32 numpy array."""
-    if isinstance(mask, torch.Tensor):
+    if is_tensor(mask):
         return mask.detach().float().cpu().numpy()
     return np.asarray(mask, dtype=np.float32)
 

@@ -103,9 +103,29 @@ def _png_compatible(image: Image.Image) -> Image.Image:
 TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
 
 
+def remove_stale_temporaries(targets: Iterable[Path]) -> int:
+    """Delete the temporaries (:data:`TEMP_NAME`) that a killed run left beside these targets, and only theirs;
+    return how many."""
+    wanted: dict[Path, set[str]] = {}
+    for target in targets:
+        wanted.setdefault(Path(target).parent, set()).add(Path(target).name)
+    removed = 0
+    for folder, names in wanted.items():
+        if not folder.is_dir():
+            continue
+        for candidate in folder.iterdir():
+            match = TEMP_NAME.fullmatch(candidate.name)
+            if match and match.group(1) in names and candidate.is_file():
+                candidate.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def _write_atomically(target: Path, write: Callable[[Any], None]) -> None:
     """``write(stream)`` into a hidden temporary file beside ``target``, then rename it over ``target`` in one
-    step, so a reader never sees a partial file and a killed run leaves only a temporary (:data:`TEMP_NAME`)."""
+    step, so a reader never sees a partial file and a killed run leaves only a temporary (:data:`TEMP_NAME`),
+    which the next write of the same target removes."""
+    remove_stale_temporaries([target])
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     created = False
     try:

@@ -17,13 +17,17 @@ Conventions chosen here (and relied on by the rest of pfbdiff):
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from pfbdiff.errors import PFBDiffError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Background that transparent parts of a photo are flattened onto.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -130,6 +134,13 @@ def check_not_empty(size: tuple[int, int], name: str, path: Path | None = None) 
 # --------------------------------------------------------------------------------------------------------
 # numpy arrays and torch tensors
 # --------------------------------------------------------------------------------------------------------
+
+
+def is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch: a program that has not imported torch
+    cannot hold one, so reading, checking and saving images stays fast for the command line."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
 
 
 def numpy_to_channels(array: np.ndarray, name: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pfbdiff.errors import PFBDiffError
+from pfbdiff.errors import PFBDiffError, gist
 
 COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -149,13 +149,27 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoic
             "local_files_only": True,
         }
 
-    return {
-        "unet": UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("unet")),
-        "vae": AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("vae")),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, dtype=dtype, **weight_kwargs("text_encoder")),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
-        "scheduler": _load_scheduler(folder),
+    loaders = {
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("unet")),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, **weight_kwargs("vae")),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, dtype=dtype, **weight_kwargs("text_encoder")),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+        "scheduler": lambda: _load_scheduler(folder),
     }
+    return {component: _damage_named(folder, component, load) for component, load in loaders.items()}
+
+
+def _damage_named(folder: Path, component: str, load):
+    """``load()``, with a damaged or truncated file (bad JSON, a cut-off weights file) reported in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except PFBDiffError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise PFBDiffError(f"cannot load the {component} of '{folder}' ({gist(error)}); its files are damaged or "
+                           "incomplete: download or save the model again") from error
 
 
 def _load_scheduler(folder: Path):

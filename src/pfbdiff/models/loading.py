@@ -17,8 +17,8 @@ unless ``allow_pickle=True`` (and never loaded with ``use_safetensors=True``). O
 arguments, ``variant``, ``use_safetensors``, ``revision``, ``cache_dir`` and ``local_files_only`` are honoured;
 any other is refused rather than silently ignored. Every mistake a user can make raises :class:`PFBDiffError`
 with a one-line message that names the problem and the fix. The ``--device`` and ``--dtype`` options are
-resolved by :mod:`pfbdiff.models.devices`. :func:`default_model` picks the model when none is named, and
-:func:`load_pipeline` loads a whole :class:`~pfbdiff.pipeline.PFBDiffPipeline`.
+resolved by :mod:`pfbdiff.models.devices`. :func:`~pfbdiff.models.catalog.default_model` picks the model when none is named, and
+:func:`~pfbdiff.pipeline.load_pipeline` loads a whole :class:`~pfbdiff.pipeline.PFBDiffPipeline`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pfbdiff.errors import PFBDiffError
-from pfbdiff.models import hub
+from pfbdiff.errors import PFBDiffError, gist
+from pfbdiff.models import catalog, hub
 from pfbdiff.models.devices import resolve_device, resolve_dtype
 from pfbdiff.models.diffusers_folders import (
     COMPONENT_NAMES,
@@ -44,11 +44,6 @@ from pfbdiff.models.diffusers_folders import (
     load_diffusers_folder,
 )
 
-#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
-BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
-SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
-                        "--export-dir src/pfbdiff/shapes/model`")
-
 
 # Short model names mapped to a function that returns their local path. Consulted before anything else, so a
 # registered name shadows a folder of the same name.
@@ -58,15 +53,11 @@ def _tiny_model() -> Path:
     return tiny_model_path()
 
 
-def _shapes_model_shipped() -> bool:
-    return (BUNDLED_SHAPES_MODEL / "model_index.json").is_file()
-
-
 def _shapes_model() -> Path:
-    if not _shapes_model_shipped():
-        raise PFBDiffError(f"the bundled shapes model is not in this install ({BUNDLED_SHAPES_MODEL}); "
-                           f"{SHAPES_TRAINING_HINT}, or pass --model with another model")
-    return BUNDLED_SHAPES_MODEL
+    if not catalog.shapes_model_shipped():
+        raise PFBDiffError(f"the bundled shapes model is not in this install ({catalog.BUNDLED_SHAPES_MODEL}); "
+                           f"{catalog.SHAPES_TRAINING_HINT}, or pass --model with another model")
+    return catalog.BUNDLED_SHAPES_MODEL
 
 
 MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model}
@@ -230,17 +221,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
         )
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise PFBDiffError(
-            f"could not load '{path}' with the configs of '{config_folder}' ({_gist(err)}); check that the file "
+            f"could not load '{path}' with the configs of '{config_folder}' ({gist(err)}); check that the file "
             "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
         ) from err
     return pipeline.components
-
-
-def _gist(err: BaseException, limit: int = 160) -> str:
-    """The first sentence of a library error, short enough to quote inside a one-line message."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
-    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
 def _resolve_config_folder(checkpoint: Path, config) -> Path:
@@ -265,18 +249,3 @@ def _resolve_config_folder(checkpoint: Path, config) -> Path:
     if not folder.exists() and _looks_like_hub_id(name):
         return hub.local_snapshot(name, None)
     raise PFBDiffError(f"--config '{name}' is not a folder; pass a local diffusers model folder")
-
-
-# --------------------------------------------------------------------------------------------- default model
-
-
-def default_model() -> tuple[str, str | None]:
-    """The model to use when none is named: ``(model, note)``.
-
-    ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
-    ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
-    """
-    if _shapes_model_shipped():
-        return "shapes", None
-    return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
-                    "that show the pipeline works, not meaningful pictures; pass --model for a real one")

@@ -1,0 +1,49 @@
+"""The models pfbdiff knows by name, and what can be read of a model before it is loaded.
+
+Loading weights takes seconds; reading a config file does not. The front ends check a request against the
+model it names (the steps its scheduler was trained with) from here, before anything heavy is imported, so a
+mistake is reported at once. Only local folders are read: for a hub id or a single file the same rule runs
+again in the engine once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: Models named by a short name instead of a path (``pfbdiff.models.loading.MODEL_ALIASES`` loads them).
+SHORT_NAMES = ("tiny", "shapes")
+#: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
+BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
+SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
+                        "--export-dir src/pfbdiff/shapes/model`")
+#: diffusers' default ``num_train_timesteps``, used when a scheduler config leaves it out.
+DEFAULT_TRAINING_STEPS = 1000
+
+
+def shapes_model_shipped() -> bool:
+    return (BUNDLED_SHAPES_MODEL / "model_index.json").is_file()
+
+
+def default_model() -> tuple[str, str | None]:
+    """The model to use when none is named: ``(model, note)``.
+
+    ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
+    ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
+    """
+    if shapes_model_shipped():
+        return "shapes", None
+    return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
+                    "that show the pipeline works, not meaningful pictures; pass --model for a real one")
+
+
+def training_steps(model: str) -> int | None:
+    """The number of diffusion steps the model's scheduler was trained with, read from its config file when
+    ``model`` is the bundled model or a local diffusers folder; ``None`` when that cannot be read yet."""
+    folder = BUNDLED_SHAPES_MODEL if model == "shapes" else Path(model).expanduser()
+    try:
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        steps = config.get("num_train_timesteps", DEFAULT_TRAINING_STEPS)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
