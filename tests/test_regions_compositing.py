@@ -180,3 +180,20 @@ def test_auto_mask_rescale_threshold_clip_and_iou():
     assert automask.iou(binary, binary) == 1.0 and automask.iou(binary, 1 - binary) == 0.0
     with pytest.raises(PFBDiffError, match="threshold"):
         automask.upsample_mask(soft, (8, 8), threshold=1.0)
+
+
+def test_a_feather_wider_than_the_mask_ramp_needs_is_exact_and_quick():
+    """Once erosion has emptied the mask, every further ramp step adds the same map: adding them at once is exact."""
+    import torch.nn.functional as F
+
+    mask = np.zeros((24, 32), np.float32)
+    mask[6:18, 8:22] = 1.0
+    feather = 300
+    current = torch.from_numpy(mask)[None, None]
+    total = current.clone()
+    for _ in range(feather):
+        current = -F.max_pool2d(-current, 3, stride=1, padding=1)
+        total += current
+    ramp = (total / (feather + 1))[0, 0].numpy()
+    expected = np.minimum(ramp * ramp * (3.0 - 2.0 * ramp), mask)
+    np.testing.assert_array_equal(compositing.feather_alpha(mask, feather, "inside"), expected)

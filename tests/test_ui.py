@@ -79,12 +79,15 @@ def test_the_cache_keeps_a_few_photos(session, photo, box_mask):
     (dict(preset="nope"), "unknown preset"),
     (dict(strength=1.5), "strength must be in (0, 1]"),
     (dict(feather=-1), "feather must be 0 or more"),
+    (dict(guidance=float("nan")), "guidance_scale must be a finite number"),
+    (dict(seed=2**64), "seed must be between 0 and 2**64 - 1"),
+    (dict(steps=100000), "steps must be at most 1000"),
 ])
 def test_user_mistakes_are_one_line_errors(session, photo, box_mask, change, fragment):
-    args = dict(image=photo, mask=box_mask, prompt="a dog", inside="")
+    args = dict(image=photo, mask=box_mask, prompt="a dog", inside="", steps=1)
     args.update(change)
     with pytest.raises(PFBDiffError) as error:
-        session.run(args.pop("image"), args.pop("mask"), args.pop("prompt"), steps=1, **args)
+        session.run(args.pop("image"), args.pop("mask"), args.pop("prompt"), **args)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 

@@ -28,6 +28,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from pfbdiff import checks
 from pfbdiff.engine import automask
 from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, token_regions
 from pfbdiff.engine.backbones.unet import FeatureUNet
@@ -142,6 +143,7 @@ class PFBDiffPipeline(DiffusionPipeline):
         ``crop_padding`` px of context) and scaled to the native pixel count; ``True`` always crops, ``False``
         never. Without a mask a large image is scaled down whole. Edits of one inversion share this plan.
         """
+        checks.within_photo(image_size, grow=grow, feather=feather, crop_padding=crop_padding)
         masks = None
         if mask_image is not None:
             with warnings.catch_warnings():  # a resized mask is reported once, by the edit
@@ -198,12 +200,13 @@ class PFBDiffPipeline(DiffusionPipeline):
                          crop_box=plan.box, source_images=pil_images)
 
     def _default_record_blocks(self) -> frozenset[int]:
-        return frozenset(b for cfg in PRESETS.values() for b in self.blend_plan(cfg).source_blocks)
+        return frozenset(b for cfg in PRESETS.values() if cfg.cache_source for b in self.blend_plan(cfg).source_blocks)
 
     # -- editing -------------------------------------------------------------------------------------------
     def blend_plan(self, config: EditConfig) -> BlendPlan:
         unet = self.feature_unet
-        points = config.blend_blocks if config.blend_blocks is not None else unet.blocks_at_levels(config.blend_levels)
+        points = (unet.numbered_blocks(config.blend_blocks, "blend_blocks") if config.blend_blocks is not None
+                  else unet.blocks_at_levels(config.blend_levels))
         before_middle = unet.middle_index - 1
         source_of = {before_middle: unet.middle_index} if config.reference_middle and before_middle in points else {}
         return BlendPlan(
@@ -287,6 +290,9 @@ class PFBDiffPipeline(DiffusionPipeline):
         """
         # 1. the settings and the step count K
         config = _resolve(preset, {**overrides, "inside": inside, "outside": outside})
+        checks.finite_number("guidance_scale", guidance_scale)
+        for size in inversion.original_sizes:
+            checks.within_photo(size, grow=config.grow, halo=config.halo, feather=feather)
         grid = inversion.grid
         steps = edit_steps(grid.num_steps, config.strength)
         if steps > inversion.inverted_steps:
@@ -322,8 +328,10 @@ class PFBDiffPipeline(DiffusionPipeline):
 
         # 5. attention masking: which tokens may be attended to where
         latent_size = tuple(inversion.latents[0].shape[-2:])
-        attention_blocks = config.attention_blocks
-        if attention_blocks is None:
+        if config.attention_blocks is not None:
+            attention_blocks = self.feature_unet.numbered_blocks(config.attention_blocks, "attention_blocks",
+                                                                 attention=True)
+        else:
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
         masking = AttentionMasking(
             token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words),
@@ -406,6 +414,7 @@ class PFBDiffPipeline(DiffusionPipeline):
         """Plain DDIM text-to-image on the same grid: the baseline for cost and for the no-op property."""
         prompts_list = _as_list(prompt)
         grid = self.ddim_grid(num_inference_steps)
+        checks.finite_number("guidance_scale", guidance_scale)
         prompts = Prompts(source=None, target=self.encode_prompt(prompts_list), unconditional=None)
         if guidance_scale > 1.0:
             prompts.unconditional = self.encode_prompt(_broadcast(negative_prompt or "", len(prompts_list), "negative_prompt"))

@@ -31,7 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pfbdiff.apps.manifest import BadLine, BatchLine, read_manifest
+from pfbdiff.apps.manifest import BadLine, BatchLine, json_key, read_manifest
 from pfbdiff.apps.request import InversionCache, load_inputs, run_request
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import outputs
@@ -176,8 +176,10 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
         else:
             todo.append(entry)
     reporter.start(len(todo), sum(e.request.edit_steps() for e in todo))
-    pipe = load_pipe() if todo else None
-    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a command that cannot run writes nothing
+    pipe = None
+    if todo:
+        pipe = load_pipe()
+        out.mkdir(parents=True, exist_ok=True)  # once the model loaded: a command that cannot run writes nothing
     for group in inversion_groups(todo):
         inversions = InversionCache(size=len(group))  # lines of one group may share an inversion
         for entry in group:
@@ -206,7 +208,7 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
 
 def _reason(error: Exception) -> str:
     if isinstance(error, PFBDiffError):
-        return one_line(str(error))
+        return one_line(error.naming(json_key))
     return f"internal error ({type(error).__name__}: {one_line(str(error))}); please report it"
 
 
@@ -320,7 +322,7 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
     if model is None:
         model, _ = default_model()  # the loader prints a note when that is the random-weight 'tiny'
     model = model_reference(model)  # a local folder as an absolute path, as in `pfbdiff edit` records
-    lines, bad = read_manifest(manifest, steps=steps, guidance=guidance)
+    lines, bad = read_manifest(manifest, steps=steps, guidance=guidance, model=model)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise PFBDiffError(f"--out {out} is a file; give a folder (it is created if missing)")
@@ -369,6 +371,7 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
     if state.is_main_process:
         record = {"manifest": str(Path(manifest).resolve()), "model": model, "out": str(out.resolve()),
                   **total.as_dict()}
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / SUMMARY_NAME, record)
         rate = f", {total.edits_per_minute:.1f} edits/min" if total.done else ""
         console.print(

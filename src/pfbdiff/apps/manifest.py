@@ -91,10 +91,17 @@ class BadLine:
     output: str | None = None
 
 
-def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5) -> tuple[list[BatchLine], list[BadLine]]:
+def json_key(parameter: str) -> str:
+    """How a manifest line names a parameter in a message: as its JSON key, ``"steps"``, ``"guidance"``."""
+    return f'"{"guidance" if parameter == "guidance_scale" else parameter}"'
+
+
+def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5,
+                  model: str = "") -> tuple[list[BatchLine], list[BadLine]]:
     """Parse and check every line of the manifest at ``path`` without loading a model.
 
-    ``steps`` and ``guidance`` are the defaults for lines that do not set them. A missing or unreadable manifest
+    ``steps`` and ``guidance`` are the defaults for lines that do not set them; ``model`` is the batch's model, when
+    known, which a line is checked against as far as its files allow (steps within its training steps). A missing or unreadable manifest
     is a :class:`PFBDiffError`; a bad line is returned as a :class:`BadLine` (the rest still run).
     """
     manifest = Path(path).expanduser()
@@ -113,7 +120,7 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            entry = _parse_line(raw, line_no, folder, steps, guidance, digests)
+            entry = _parse_line(raw, line_no, folder, steps, guidance, model, digests)
         except PFBDiffError as error:
             bad.append(BadLine(line_no, str(error), _output_name_or_none(raw, line_no)))
             continue
@@ -129,7 +136,8 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
     return lines, bad
 
 
-def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, digests: dict) -> BatchLine:
+def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, model: str,
+                digests: dict) -> BatchLine:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as error:
@@ -157,9 +165,9 @@ def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: floa
     fields.setdefault("steps", steps)
     fields.setdefault("guidance_scale", guidance)
     try:
-        request = EditRequest.checked(model="", **fields)
+        request = EditRequest.checked(model=model, **fields)
     except PFBDiffError as error:
-        raise PFBDiffError(one_line(error.naming(lambda name: f'"{name}"'))) from None
+        raise PFBDiffError(one_line(error.naming(json_key))) from None
     return BatchLine(
         line_no=line_no, request=request, output=_output_name(data.get("output"), line_no),
         config=request.edit_config, image_digest=_digest(image, digests),

@@ -18,21 +18,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pfbdiff import checks
 from pfbdiff.apps import provenance
 from pfbdiff.engine.presets import EditConfig, get_preset
 from pfbdiff.errors import EmptyMaskError, PFBDiffError
 from pfbdiff.io import images as imgs
 from pfbdiff.models import catalog
 
-#: Seeds are 64-bit (``torch.Generator.manual_seed``).
-MAX_SEED = 2**64 - 1
 #: The method settings a request may override (``inside``/``outside`` are the request's own word lists).
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(EditConfig) if f.name not in ("inside", "outside"))
 
@@ -80,23 +78,20 @@ class EditRequest:
         for name in ("image", "prompt"):
             if name not in values:
                 raise PFBDiffError.about(name, "is required")
-        checks = {
+        rules = {
             "image": _path, "mask": _optional(_path), "prompt": _text, "source_prompt": _text,
-            "negative_prompt": _text, "preset": _preset, "inside": words, "outside": words, "steps": _steps,
-            "guidance_scale": _finite_number, "seed": _seed, "model": _text, "config": _optional(_text),
+            "negative_prompt": _text, "preset": _preset, "inside": words, "outside": words, "steps": checks.steps,
+            "guidance_scale": checks.finite_number, "seed": checks.seed, "model": _text, "config": _optional(_text),
             "device": _optional(_text), "dtype": _optional(_text), "settings": _settings, "paste_back": _flag,
-            "feather": _optional(_pixels), "crop": _crop, "crop_padding": _optional(_pixels),
-            "auto_mask": _flag, "auto_mask_threshold": _threshold,
+            "feather": _optional(checks.pixels), "crop": _crop, "crop_padding": _optional(checks.pixels),
+            "auto_mask": _flag, "auto_mask_threshold": checks.unit_threshold,
         }
-        request = cls(**{name: checks[name](name, value) for name, value in values.items()})
+        request = cls(**{name: rules[name](name, value) for name, value in values.items()})
         if not request.prompt.strip():
             raise PFBDiffError.about("prompt", "is empty; say what the edited region should show, e.g. 'a dog'")
         if request.mask is None and not request.auto_mask:
             raise PFBDiffError.about("mask", "is required (white = region to change), unless auto_mask finds the region")
-        trained = catalog.training_steps(request.model)
-        if trained is not None and request.steps > trained:
-            raise PFBDiffError.about("steps", f"must be at most {trained}, the number of steps the model was trained "
-                                     f"with, got {request.steps}")
+        checks.steps("steps", request.steps, catalog.training_steps(request.model))  # when its files tell
         request.edit_config  # the settings must make a valid EditConfig
         return request
 
@@ -159,43 +154,6 @@ def _preset(name, value) -> str:
     return value
 
 
-def _integer(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or int(value) != value:
-        raise PFBDiffError.about(name, f"must be an integer, got {value!r}")
-    return int(value)
-
-
-def _integer_in(low: int, high: int | None, detail: str):
-    """The rule for a whole number in [low, high] (no upper bound with ``high=None``), worded as ``detail``."""
-
-    def check(name, value) -> int:
-        value = _integer(name, value)
-        if value < low or (high is not None and value > high):
-            raise PFBDiffError.about(name, f"must be {detail}, got {value}")
-        return value
-
-    return check
-
-
-_steps = _integer_in(1, None, "at least 1")
-_seed = _integer_in(0, MAX_SEED, "between 0 and 2**64 - 1")
-_pixels = _integer_in(0, None, "0 or more pixels")
-
-
-def _finite_number(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PFBDiffError.about(name, f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _threshold(name, value) -> float:
-    value = _finite_number(name, value)
-    if not 0.0 <= value < 1.0:
-        raise PFBDiffError.about(name, f"must be in [0, 1), got {value}")
-    return value
-
-
 def _flag(name, value) -> bool:
     if not isinstance(value, bool):
         raise PFBDiffError.about(name, f"must be true or false, got {value!r}")
@@ -241,9 +199,7 @@ def setting_value(key: str, value):
     expected = kinds.get(type(default))
     if expected and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
         raise PFBDiffError(f"setting {key!r} must be like its default {default!r}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PFBDiffError(f"setting {key!r} must be a finite number, got {value!r}")
-    return value
+    return checks.finite_number(key, value) if isinstance(value, float) else value
 
 
 def setting_text(value) -> str:
@@ -289,6 +245,9 @@ class Inputs:
 def load_inputs(request: EditRequest) -> Inputs:
     """Read the photo and the mask; an all-black mask is an :class:`EmptyMaskError` (nothing to edit)."""
     source = imgs.load_image(request.image)
+    config = request.edit_config
+    checks.within_photo(source.size, grow=config.grow, halo=config.halo, feather=request.feather,
+                        crop_padding=request.crop_padding)
     mask = imgs.load_mask(request.mask, source.size) if request.mask is not None else None
     if mask is not None and imgs.mask_extent(mask) == "empty":
         raise EmptyMaskError("the mask is all black: nothing to edit; paint the region to change in white")

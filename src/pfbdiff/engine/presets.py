@@ -77,16 +77,13 @@ class EditConfig:
             raise PFBDiffError.about("halo", f"must be a number of pixels >= 0, got {self.halo}, e.g. 8")
         if not 0.0 < self.strength <= 1.0:
             raise PFBDiffError.about("strength", f"must be in (0, 1], got {self.strength}, e.g. 0.8")
-        if self.start not in ("inverted", "noise"):
-            raise PFBDiffError(f"start must be 'inverted' or 'noise', got {self.start!r}")
-        if self.latent_reference not in ("inverted", "noised"):
-            raise PFBDiffError(f"latent_reference must be 'inverted' or 'noised', got {self.latent_reference!r}")
-        if self.mask_resize not in RESIZE_MODES:
-            raise PFBDiffError(f"mask_resize must be 'area' or 'bicubic', got {self.mask_resize!r}")
-        if self.latent_mask not in LATENT_MASK_MODES:
-            raise PFBDiffError(f"latent_mask must be 'soft' or 'binary', got {self.latent_mask!r}")
-        if self.auto_words not in (None, "new-inside", "subject-outside"):
-            raise PFBDiffError(f"auto_words must be 'new-inside', 'subject-outside' or None, got {self.auto_words!r}")
+        choices = {"start": ("inverted", "noise"), "latent_reference": ("inverted", "noised"),
+                   "mask_resize": RESIZE_MODES, "latent_mask": LATENT_MASK_MODES,
+                   "auto_words": (None, "new-inside", "subject-outside")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                listed = " or ".join(repr(choice) for choice in allowed).replace("None", "none")
+                raise PFBDiffError.about(name, f"must be {listed}, got {getattr(self, name)!r}")
         return self
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
+from pfbdiff import checks
 from pfbdiff.errors import PFBDiffError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -44,13 +45,8 @@ class DDIMGrid:
 
     @classmethod
     def from_scheduler_config(cls, config, num_inference_steps: int) -> "DDIMGrid":
-        if num_inference_steps < 1:
-            raise PFBDiffError.about("num_inference_steps", f"must be at least 1, got {num_inference_steps}")
         scheduler = DDIMScheduler.from_config(config)
-        trained = scheduler.config.num_train_timesteps
-        if num_inference_steps > trained:
-            raise PFBDiffError.about("num_inference_steps", f"must be at most {trained}, the number of steps the "
-                                     f"model was trained with, got {num_inference_steps}")
+        checks.steps("num_inference_steps", num_inference_steps, scheduler.config.num_train_timesteps)
         prediction_type = scheduler.config.prediction_type
         if prediction_type not in PREDICTION_TYPES:
             raise PFBDiffError(f"unsupported prediction type {prediction_type!r}; use one of {PREDICTION_TYPES}")

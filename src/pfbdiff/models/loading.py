@@ -207,6 +207,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
 
     config_folder = _resolve_config_folder(path, config)
     from diffusers import StableDiffusionPipeline
+    from safetensors import SafetensorError
 
     try:
         pipeline = StableDiffusionPipeline.from_single_file(
@@ -219,7 +220,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    except (ValueError, KeyError, RuntimeError, OSError) as err:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise PFBDiffError(
             f"could not load '{path}' with the configs of '{config_folder}' ({gist(err)}); check that the file "
             "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"

@@ -136,8 +136,12 @@ def _inside_ramp(mask: np.ndarray, feather: int) -> np.ndarray:
         return np.zeros_like(mask)
     current = _as_batch(mask[window.slices])
     total = current.clone()
-    for _ in range(feather):
-        current = -F.max_pool2d(-current, 3, stride=1, padding=1)
+    for step in range(feather):
+        eroded = -F.max_pool2d(-current, 3, stride=1, padding=1)
+        if torch.equal(eroded, current):  # erosion has settled: the remaining steps all add the same map
+            total += current * (feather - step)
+            break
+        current = eroded
         total += current
     ramp = (total / (feather + 1))[0, 0].numpy()
     out = np.zeros_like(mask)

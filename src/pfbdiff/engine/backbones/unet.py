@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from pfbdiff.errors import PFBDiffError
+
 BlockCallback = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -92,19 +94,35 @@ class FeatureUNet:
         modules = _cross_attention_modules(attn)
         return UNetBlock(index, part, level, name, attention_level if modules else None, modules)
 
-    def _levels(self, levels) -> set[int]:
-        """Levels as absolute numbers: 0, 1, ... from the top (those the U-Net lacks are ignored), −1 the deepest."""
-        return {lv if lv >= 0 else self.num_levels + lv for lv in levels if -self.num_levels <= lv < self.num_levels}
+    def _levels(self, levels, setting: str) -> set[int]:
+        """Levels as absolute numbers: 0, 1, ... from the top, −1 the deepest. Levels this U-Net lacks are skipped
+        (the presets name four, for U-Nets of three levels too), but a list that selects none is a mistake."""
+        found = {lv if lv >= 0 else self.num_levels + lv for lv in levels if -self.num_levels <= lv < self.num_levels}
+        if levels and not found:
+            raise PFBDiffError.about(setting, f"selects no level of this U-Net, which has levels 0..{self.num_levels - 1}"
+                                              f" (or -1..-{self.num_levels} from the deepest), got {tuple(levels)}")
+        return found
 
     def blocks_at_levels(self, levels, parts=("encoder", "middle", "decoder")) -> tuple[int, ...]:
         """L numbers of the blocks whose *output* is at one of ``levels``."""
-        wanted = self._levels(levels)
+        wanted = self._levels(levels, "blend_levels")
         return tuple(b.index for b in self.blocks if b.level in wanted and b.part in parts and b.index > 1)
 
     def attention_blocks_at_levels(self, levels) -> tuple[int, ...]:
         """L numbers of the blocks whose cross-attention runs at one of ``levels``."""
-        wanted = self._levels(levels)
+        wanted = self._levels(levels, "attention_levels")
         return tuple(b.index for b in self.blocks if b.attention_level is not None and b.attention_level in wanted)
+
+    def numbered_blocks(self, numbers, setting: str, *, attention: bool = False) -> tuple[int, ...]:
+        """Explicit block numbers L, each of which this U-Net must have (with cross-attention, for ``attention``)."""
+        known = {b.index for b in self.blocks if not attention or b.attention_level is not None}
+        unknown = sorted(set(numbers) - known)
+        if unknown:
+            kind = "blocks with cross-attention" if attention else "blocks"
+            raise PFBDiffError.about(setting, f"names {unknown}, which are not {kind} of this U-Net ({sorted(known)}); "
+                                              "block numbers count an SD 1.x U-Net's blocks (docs/method.md §3), so "
+                                              "the paper-* presets run on SD 1.x models only")
+        return tuple(numbers)
 
     # -- the forward pass ----------------------------------------------------------------------------------
     def __call__(
