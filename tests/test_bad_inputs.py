@@ -149,6 +149,18 @@ def test_a_bad_manifest_line_fails_alone(files, tiny_model_dir, line, fragment):
     assert "1 done" in result.output and fragment in result.output
 
 
+def test_a_manifest_saved_by_a_windows_editor_reads_like_any_other(files, tiny_model_dir):
+    """A byte-order mark and CRLF line ends; an output may name a subfolder of --out, which is created."""
+    folder = files[0]
+    lines = [{"image": "photo.png", "mask": "mask.png", "prompt": "a dog", "steps": 2, "output": name}
+             for name in ("a.png", "sub/b.png")]
+    (folder / "edits.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\r\n" for line in lines).encode())
+    result = runner.invoke(app, ["batch", str(folder / "edits.jsonl"), "-o", str(folder / "out"),
+                                 "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "out" / "a.png").is_file() and (folder / "out" / "sub" / "b.png").is_file()
+
+
 def test_a_user_error_in_accelerate_processes_is_one_line_from_the_launcher(files, tiny_model_dir, tmp_path_factory):
     folder, image, mask = files
     broken = _corrupt_copy(tiny_model_dir, tmp_path_factory.mktemp("models"))
@@ -177,6 +189,13 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
         port = taken.getsockname()[1]
         result = runner.invoke(app, ["ui", "--port", str(port), "--model", str(tmp_path / "no-such-model")])
     _assert_refused(result, f"--port {port} on 127.0.0.1 is in use by another program", tmp_path, {})
+
+
+@pytest.mark.parametrize("host, fragment", [("999.1.1.1", "--host 999.1.1.1 is not an address of this machine"),
+                                            ("8.8.8.8", "--host 8.8.8.8 is not an address of this machine")])
+def test_a_host_this_machine_cannot_serve_is_one_line(tmp_path, host, fragment):
+    result = runner.invoke(app, ["ui", "--host", host, "--model", str(tmp_path / "no-such-model")])
+    _assert_refused(result, fragment, tmp_path, {})
 
 
 def test_the_ui_leaves_no_empty_folder_when_stopped(tiny_pipe, monkeypatch, tmp_path):

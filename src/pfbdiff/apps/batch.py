@@ -189,6 +189,7 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
                 outcome = run_request(request, pipe, load_inputs(request), inversions=inversions,
                                       on_edit_step=lambda _: reporter.step())
                 record = {**outcome.record, "batch_hash": entry.parameters_hash(model)}
+                (out / entry.output).parent.mkdir(parents=True, exist_ok=True)  # "output" may name a subfolder
                 save_png(outcome.result.images[0], out / entry.output, record,
                          protect={"input image": entry.image, "mask": entry.mask})
                 write_json(out / entry.record_name, _record(entry, record))

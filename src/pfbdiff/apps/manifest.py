@@ -108,7 +108,7 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
     if not manifest.is_file():
         raise PFBDiffError(f"manifest not found: {manifest}; pass a .jsonl file with one edit per line")
     try:
-        text = manifest.read_text(encoding="utf-8")
+        text = manifest.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of line 1
     except (OSError, UnicodeDecodeError) as error:
         raise PFBDiffError(f"cannot read manifest {manifest} ({one_line(str(error))}); it must be UTF-8 JSONL") from None
     folder = manifest.resolve().parent

@@ -21,6 +21,7 @@ lays out the page around it; :func:`launch` serves it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -378,7 +379,13 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise _port_in_use(host, port) from error
+            if error.errno == errno.EADDRINUSE:
+                raise _port_in_use(host, port) from error
+            if error.errno == errno.EACCES:
+                raise PFBDiffError.about("port", f"{port} needs administrator rights on this machine; pass a port "
+                                                 "above 1023, e.g. --port 7860") from error
+            raise PFBDiffError.about("host", f"{host} is not an address of this machine ({error.strerror or error}); "
+                                             "pass 127.0.0.1 (this computer) or 0.0.0.0 (every network)") from error
 
 
 def _port_in_use(host: str, port: int) -> PFBDiffError:
