@@ -100,7 +100,13 @@ class AttentionMasking:
 
 
 class MaskedCrossAttention:
-    """Attention processor for one cross-attention layer of block L; defers to the original when idle."""
+    """Attention processor for one cross-attention layer of block L; defers to the original when idle.
+
+    It computes what diffusers' standard processor computes (group norm, cross norm, residual, rescale), with
+    the word bias added to the logits. A mask the model passes itself (a text padding mask) is added to the
+    bias, so both apply: masking never switches off silently. Layers that upcast their scores to float32
+    (``upcast_attention``, SD 2.1-v) get the bias in float32, whatever the model's dtype.
+    """
 
     def __init__(self, controller: AttentionMasking, index: int, original):
         self.controller = controller
@@ -112,20 +118,30 @@ class MaskedCrossAttention:
         bias = None
         if encoder_hidden_states is not None and controller.applies(self.index) and hidden_states.ndim == 3:
             batch, num_pixels, _ = hidden_states.shape
-            bias = controller.bias(num_pixels, encoder_hidden_states.shape[1], batch, hidden_states.dtype)
-        if bias is None or attention_mask is not None or attn.norm_cross or attn.group_norm is not None:
+            score_dtype = torch.float32 if attn.upcast_attention else hidden_states.dtype
+            bias = controller.bias(num_pixels, encoder_hidden_states.shape[1], batch, score_dtype)
+        if bias is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        bias = bias.repeat_interleave(attn.heads, dim=0)
+        if attention_mask is not None:
+            given = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], hidden_states.shape[0])
+            bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
 
+        residual = hidden_states
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probabilities = attn.get_attention_scores(query, key, bias.repeat_interleave(attn.heads, dim=0))
+        probabilities = attn.get_attention_scores(query, key, bias)
         if controller.observer is not None:
             controller.observer(self.index, probabilities.unflatten(0, (-1, attn.heads)))
         out = attn.batch_to_head_dim(torch.bmm(probabilities, value))
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
-            out = out + hidden_states
+            out = out + residual
         return out / attn.rescale_output_factor
 
 

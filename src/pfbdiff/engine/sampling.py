@@ -45,6 +45,12 @@ class DDIMGrid:
 
     @classmethod
     def from_scheduler_config(cls, config, num_inference_steps: int) -> "DDIMGrid":
+        named = config.get("_class_name") or ""
+        if "FlowMatch" in named or "use_dynamic_shifting" in config or "shift_terminal" in config:
+            raise PFBDiffError(
+                f"the model's scheduler{f' ({named})' if named else ''} is a flow-matching one (SD3, Flux), which "
+                "a DDIM grid cannot be read from; pfbdiff edits diffusion models (Stable Diffusion 1.x and 2.x) so far"
+            )
         scheduler = DDIMScheduler.from_config(config)
         checks.steps("num_inference_steps", num_inference_steps, scheduler.config.num_train_timesteps)
         prediction_type = scheduler.config.prediction_type

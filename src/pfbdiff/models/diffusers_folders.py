@@ -75,6 +75,40 @@ def variant_files(folder: Path, component: str, suffix: str, variant: str | None
     return [p for p in files if p.name == stem + suffix or p.name.startswith(stem + "-")]
 
 
+#: What pfbdiff edits today, for the messages that refuse the rest.
+SUPPORTED = "pfbdiff edits Stable Diffusion 1.x and 2.x models (SDXL, SD3 and Flux are planned)"
+#: diffusers pipeline classes of the families pfbdiff cannot edit yet, by the name users know them.
+OTHER_FAMILIES = {"StableDiffusionXL": "an SDXL model", "StableDiffusion3": "a Stable Diffusion 3 model",
+                  "Flux": "a Flux model", "PixArt": "a PixArt model", "Sana": "a Sana model",
+                  "HunyuanDiT": "a HunyuanDiT model", "Kandinsky": "a Kandinsky model", "Wuerstchen": "a Würstchen model",
+                  "StableCascade": "a Stable Cascade model", "Lumina": "a Lumina model", "AuraFlow": "an AuraFlow model"}
+
+
+def family_problem(folder: Path) -> str | None:
+    """Why the diffusers model in ``folder`` is of a family pfbdiff cannot edit (read from its config files
+    only), or ``None``: SDXL, SD3, Flux and other transformers, and U-Nets that take more than a latent
+    (inpainting, depth)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None  # the folder checks say what is wrong with it
+    pipeline = str(index.get("_class_name", ""))
+    family = next((name for prefix, name in OTHER_FAMILIES.items() if pipeline.startswith(prefix)), None)
+    if family is None and ("transformer" in index or "text_encoder_2" in index):
+        family = f"a {pipeline or 'diffusion transformer'} model"
+    if family is not None:
+        return f"'{folder}' is {family} ({pipeline}); {SUPPORTED}: pass an SD 1.x or 2.x model"
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    channels = unet.get("in_channels", 4)
+    if channels != unet.get("out_channels", 4):
+        return (f"'{folder}' is an inpainting or depth model (its U-Net takes {channels} input channels); "
+                f"{SUPPORTED} whose U-Net takes the latent alone: pass the base model it was made from")
+    return None
+
+
 def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
     """Why ``folder`` cannot be loaded as a Stable Diffusion diffusers folder, or ``None`` if it can."""
     if not (folder / "model_index.json").is_file():
@@ -82,11 +116,14 @@ def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
             f"folder '{folder}' is not a diffusers model (no model_index.json); "
             "pass a folder written by save_pretrained, or a .safetensors checkpoint with --config"
         )
+    family = family_problem(folder)
+    if family:
+        return family
     missing = [name for name in COMPONENT_NAMES if not (folder / name).is_dir()]
     if missing:
         return (
             f"diffusers folder '{folder}' lacks the subfolder(s) {', '.join(missing)}; "
-            "pfbdiff needs a complete Stable Diffusion 1.x model (unet, vae, text_encoder, tokenizer, scheduler)"
+            "pfbdiff needs a complete Stable Diffusion 1.x/2.x model (unet, vae, text_encoder, tokenizer, scheduler)"
         )
     for component in WEIGHTED_COMPONENTS:
         problem = _component_weights_problem(folder, component, weights)

@@ -21,6 +21,7 @@ from pfbdiff.models.diffusers_folders import (
     WEIGHT_STEMS,
     WeightChoice,
     diffusers_folder_problem,
+    family_problem,
 )
 
 
@@ -109,6 +110,9 @@ def local_snapshot(repo_id: str, weights: WeightChoice | None, *, revision: str 
     cached = cached_snapshot(repo_id, patterns, **where)
     if usable(cached):
         return cached
+    family = family_problem(cached) if cached is not None else None
+    if family:  # no download can make it editable
+        raise PFBDiffError(family)
 
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     if local_files_only:
@@ -141,5 +145,5 @@ def local_snapshot(repo_id: str, weights: WeightChoice | None, *, revision: str 
         raise PFBDiffError(unreachable) from err
     if not usable(downloaded):
         problem = diffusers_folder_problem(downloaded, weights or WeightChoice())
-        raise PFBDiffError(f"model '{name}' on the hub is not a usable Stable Diffusion 1.x diffusers model: {problem}")
+        raise PFBDiffError(f"model '{name}' on the hub is not a usable Stable Diffusion diffusers model: {problem}")
     return downloaded

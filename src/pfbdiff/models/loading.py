@@ -39,6 +39,7 @@ from pfbdiff.models.diffusers_folders import (
     COMPONENT_NAMES,
     MODEL_HINT,
     SAFETENSORS_SUFFIX,
+    SUPPORTED,
     WEIGHTED_COMPONENTS,
     WeightChoice,
     load_diffusers_folder,
@@ -205,6 +206,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
             f"'{path}' is neither a diffusers folder nor a .safetensors checkpoint; {MODEL_HINT}"
         )
 
+    family = _single_file_family_problem(path) if suffix == SAFETENSORS_SUFFIX else None
+    if family:
+        raise PFBDiffError(family)
     config_folder = _resolve_config_folder(path, config)
     from diffusers import StableDiffusionPipeline
     from safetensors import SafetensorError
@@ -226,6 +230,32 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
             "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
         ) from err
     return pipeline.components
+
+
+#: Weight names that only other families' single-file checkpoints have.
+_OTHER_FAMILY_KEYS = {"conditioner.embedders.1.": "an SDXL checkpoint", "joint_blocks.": "a Stable Diffusion 3 checkpoint",
+                      "double_blocks.": "a Flux checkpoint"}
+_FIRST_UNET_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def _single_file_family_problem(path: Path) -> str | None:
+    """Why the ``.safetensors`` checkpoint is of a family pfbdiff cannot edit, read from its header (weight names
+    and one shape), or ``None``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            names = list(checkpoint.keys())
+            channels = checkpoint.get_slice(_FIRST_UNET_CONV).get_shape()[1] if _FIRST_UNET_CONV in names else 4
+    except (OSError, SafetensorError):
+        return None  # loading it says what is wrong
+    family = next((name for marker, name in _OTHER_FAMILY_KEYS.items() if any(marker in key for key in names)), None)
+    if family:
+        return f"'{path}' is {family}; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint"
+    if channels != 4:
+        return (f"'{path}' is an inpainting or depth checkpoint (its U-Net takes {channels} input channels); "
+                f"{SUPPORTED} whose U-Net takes the latent alone")
+    return None
 
 
 def _resolve_config_folder(checkpoint: Path, config) -> Path:

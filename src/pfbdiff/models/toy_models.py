@@ -181,13 +181,18 @@ SD_VAE_SCALING_FACTOR = 0.18215
 TINY_LATENT_SIZE = 16  # latents of 16x16, i.e. 128x128 images through the factor-8 VAE
 
 
-def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATENT_SIZE) -> dict:
-    """SD 1.x's UNet layout with tiny channel counts.
+FAMILIES = ("sd1", "sd2")
 
-    ``attention_head_dim`` is, for SD 1.x configs in diffusers, the number of heads (a historical naming
-    quirk); 2 heads keep per-head maps meaningful while staying cheap.
+
+def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATENT_SIZE, family: str = "sd1") -> dict:
+    """SD 1.x's (or 2.x's) UNet layout with tiny channel counts.
+
+    ``attention_head_dim`` is, for SD 1.x/2.x configs in diffusers, the number of heads (a historical naming
+    quirk); 2 heads keep per-head maps meaningful while staying cheap. ``family="sd2"`` adds what SD 2.x's
+    U-Net does differently: linear projections in and out of each transformer, a head count per level, and
+    attention scores upcast to float32 (``upcast_attention``, as SD 2.1-768-v ships).
     """
-    return {
+    config = {
         "sample_size": sample_size,
         "in_channels": 4,
         "out_channels": 4,
@@ -200,6 +205,11 @@ def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATE
         "attention_head_dim": 2,
         "cross_attention_dim": cross_attention_dim,
     }
+    if family == "sd2":
+        config.update(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4, 8, 8))
+    elif family != "sd1":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return config
 
 
 def tiny_vae_config(sample_size: int = TINY_LATENT_SIZE * 8) -> dict:
@@ -218,8 +228,9 @@ def tiny_vae_config(sample_size: int = TINY_LATENT_SIZE * 8) -> dict:
     }
 
 
-def tiny_text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 32) -> CLIPTextConfig:
-    """A two-layer CLIP text transformer whose vocabulary and special ids match ``tokenizer``."""
+def tiny_text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, family: str = "sd1") -> CLIPTextConfig:
+    """A two-layer CLIP text transformer whose vocabulary and special ids match ``tokenizer`` (with SD 2.x's
+    OpenCLIP activation for ``family="sd2"``)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -228,7 +239,7 @@ def tiny_text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 32) ->
         num_hidden_layers=2,
         num_attention_heads=2,
         max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act="quick_gelu",
+        hidden_act="gelu" if family == "sd2" else "quick_gelu",
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -260,19 +271,20 @@ def tiny_sd_components(
     words: Iterable[str] = TINY_WORDS,
     tokenizer_directory: str | Path | None = None,
     sample_size: int = TINY_LATENT_SIZE,
+    family: str = "sd1",
 ) -> dict:
-    """Random-weight Stable Diffusion 1.x components with tiny channels, in eval mode.
+    """Random-weight Stable Diffusion 1.x (or, with ``family="sd2"``, 2.x) components with tiny channels.
 
-    Returns a dict with ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``. The same
-    ``seed`` always gives the same weights. ``sample_size`` is the latent size (images are 8x larger).
+    Returns a dict with ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` and ``scheduler``, in eval mode.
+    The same ``seed`` always gives the same weights. ``sample_size`` is the latent size (images are 8x larger).
     Weights are fp32 (torch's default dtype; no cast is made, which would make diffusers warn).
     """
     tokenizer = build_clip_tokenizer(words, tokenizer_directory)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, sample_size))
+    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, sample_size, family))
     vae = AutoencoderKL(**tiny_vae_config(sample_size * 8))
-    text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim))
+    text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim, family=family))
     _scale_unet_output_to_unit_std(unet, cross_attention_dim, seed)
 
     for module in (unet, vae, text_encoder):
