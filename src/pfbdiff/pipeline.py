@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
@@ -67,8 +68,13 @@ class PFBDiffOutput(BaseOutput):
     latent_masks: torch.Tensor | None = None
 
 
-class PFBDiffPipeline(DiffusionPipeline):
-    """Text-driven local image editing with Progressive Feature Blending (Huang et al., arXiv 2306.16894)."""
+class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+    """Text-driven local image editing with Progressive Feature Blending (Huang et al., arXiv 2306.16894).
+
+    LoRAs and textual-inversion embeddings load through diffusers' own mixins (``load_lora_weights``,
+    ``set_adapters``, ``fuse_lora``, ``load_textual_inversion``); the feature walker runs the layers they
+    install, and an embedding's token is a word like any other for attention masking.
+    """
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
         super().__init__()
@@ -105,6 +111,7 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        prompts = self._as_encoded(prompts)
         for prompt in dict.fromkeys(prompts):
             _, cut = split_at_token_limit(self.tokenizer, prompt)
             if cut is not None:
@@ -130,8 +137,18 @@ class PFBDiffPipeline(DiffusionPipeline):
 
     def check_words(self, prompt, config: EditConfig) -> None:
         """Every confined word of ``config`` must occur in each prompt: a misspelt word is named at once."""
-        for prompt_text in _as_list(prompt):
+        config = self._as_encoded(config)
+        for prompt_text in self._as_encoded(_as_list(prompt)):
             positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
+
+    def _as_encoded(self, texts):
+        """Prompts, words or a config's words as the text encoder reads them: a multi-vector textual-inversion token
+        ``<t>`` stands for ``<t> <t>_1 …`` (diffusers' ``maybe_convert_prompt``), in prompts and words alike."""
+        if isinstance(texts, EditConfig):
+            return texts.replace(**{side: tuple(self._as_encoded(list(getattr(texts, side)))) for side in ("inside", "outside")})
+        if isinstance(texts, dict):
+            return dict(zip(self._as_encoded(list(texts)), texts.values()))
+        return [self.maybe_convert_prompt(t, self.tokenizer) if isinstance(t, str) else t for t in texts]
 
     # -- where the edit happens ----------------------------------------------------------------------------
     def crop_plan(self, image_size, mask_image=None, *, crop="auto", crop_padding: int | None = None, grow: int = 0,
@@ -334,7 +351,8 @@ class PFBDiffPipeline(DiffusionPipeline):
         else:
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
         masking = AttentionMasking(
-            token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words),
+            token_regions(self.tokenizer, self._as_encoded(config), self._as_encoded(source_prompts),
+                          self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),
             latent_size, attention_blocks, mask_uncond=config.mask_uncond)
         masking.observer = attention_observer
 
@@ -447,16 +465,19 @@ class PFBDiffPipeline(DiffusionPipeline):
         )
 
 
-def load_pipeline(model, *, quiet: bool = False, **kwargs) -> PFBDiffPipeline:
-    """A :class:`PFBDiffPipeline` for ``model`` (arguments of :meth:`PFBDiffPipeline.from_pretrained`).
+def load_pipeline(model, *, quiet: bool = False, loras=(), embeddings=(), **kwargs) -> PFBDiffPipeline:
+    """A :class:`PFBDiffPipeline` for ``model`` (arguments of :meth:`PFBDiffPipeline.from_pretrained`), with
+    ``loras`` (``{"path", "scale"}``) and textual-inversion ``embeddings`` (``{"path", "token"}``) applied.
 
     ``quiet=True`` is for callers with their own progress display (the CLI, the UI, batch runs): no "Loading
     weights" bars from diffusers or transformers while loading, and no denoising bar when the pipeline runs.
     """
+    from pfbdiff.models import adapters
     from pfbdiff.models.loading import library_progress_bars_off
 
     with library_progress_bars_off() if quiet else contextlib.nullcontext():
         pipe = PFBDiffPipeline.from_pretrained(model, **kwargs)
+        adapters.apply(pipe, loras, embeddings, allow_pickle=kwargs.get("allow_pickle", False))
     if quiet:
         pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pfbdiff.apps.manifest import BadLine, BatchLine, json_key, read_manifest
-from pfbdiff.apps.request import InversionCache, load_inputs, run_request
+from pfbdiff.apps.request import InversionCache, adapter_fields, load_inputs, run_request
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import outputs
 from pfbdiff.io.images import one_line
@@ -305,7 +305,7 @@ def launcher_command(num_processes: int, batch_args: list[str]) -> list[str]:
 
 def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: int, guidance: float,
                       device: str | None, dtype: str | None, allow_pickle: bool, config: str | None,
-                      console) -> int:
+                      console, loras=(), embeddings=()) -> int:
     """``pfbdiff batch`` in this process (one shard when launched by accelerate); return the exit code."""
     from rich.progress import (
         BarColumn,
@@ -323,7 +323,8 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
     if model is None:
         model, _ = default_model()  # the loader prints a note when that is the random-weight 'tiny'
     model = model_reference(model)  # a local folder as an absolute path, as in `pfbdiff edit` records
-    lines, bad = read_manifest(manifest, steps=steps, guidance=guidance, model=model)
+    adapters = adapter_fields(loras, embeddings)
+    lines, bad = read_manifest(manifest, steps=steps, guidance=guidance, model=model, adapters=adapters)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise PFBDiffError(f"--out {out} is a file; give a folder (it is created if missing)")
@@ -355,7 +356,7 @@ def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: in
     try:
         with progress:
             summary = run_shard(mine, bad, out, model=model, reporter=reporter, report_bad=index == 0,
-                                load_pipe=lambda: load_pipeline(model, torch_dtype=dtype, device=device,
+                                load_pipe=lambda: load_pipeline(model, torch_dtype=dtype, device=device, **adapters,
                                                                 allow_pickle=allow_pickle, config=config, quiet=True))
     except PFBDiffError as error:
         if count == 1:

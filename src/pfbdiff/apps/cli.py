@@ -78,7 +78,8 @@ PRESET_LIST = ", ".join(PRESET_HELP) + " (see `pfbdiff presets`)"
 
 
 #: Request fields whose command-line flag is not ``--`` + the field name with dashes.
-FLAGS = {"guidance_scale": "--guidance", "settings": "--set", "image": "IMAGE"}
+FLAGS = {"guidance_scale": "--guidance", "settings": "--set", "image": "IMAGE", "loras": "--lora",
+         "embeddings": "--embedding"}
 
 
 #: Method settings with a flag of their own; the others are given as ``--set NAME=VALUE``.
@@ -143,6 +144,8 @@ def edit(
     save_json: bool = typer.Option(False, "--save-json", help="Also write the edit's record (the PNG's metadata) as OUTPUT.json."),
     from_json: Optional[Path] = typer.Option(None, "--from-json", help="Re-run the edit recorded in a --save-json file or a pfbdiff PNG; options given here override the record."),
     copy_if_empty: bool = typer.Option(False, "--copy-if-empty", help="With an all-black mask, write a copy of the photo instead of failing."),
+    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA .safetensors file, FILE or FILE:SCALE (default scale 1); repeat for several."),
+    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding, FILE or FILE:TOKEN (default: the file's token, else <file name>); repeat for several."),
 ):
     """Edit the masked region of IMAGE to show PROMPT, keeping the rest."""
     from pfbdiff.apps import provenance
@@ -151,15 +154,18 @@ def edit(
     given = dict(image=image, mask=mask, prompt=prompt, source_prompt=source_prompt, preset=preset, inside=inside,
                  outside=outside, steps=steps, guidance_scale=guidance, negative_prompt=negative_prompt, seed=seed,
                  model=model, config=config, device=device, dtype=dtype, paste_back=paste_back, feather=feather,
-                 crop=crop, crop_padding=crop_padding, auto_mask=auto_mask, auto_mask_threshold=auto_mask_threshold)
+                 crop=crop, crop_padding=crop_padding, auto_mask=auto_mask, auto_mask_threshold=auto_mask_threshold,
+                 loras=loras or [], embeddings=embeddings or [])
     settings = dict(strength=strength, start=start, grow=grow, settings=settings)
     with user_errors():
         request, record = _edit_request(ctx, given, settings, from_json, output)
         side_files = _check_outputs(request, output, save_json)
         if record is not None:
+            same_adapters = (request.loras, request.embeddings) == (record.get("loras", []), record.get("embeddings", []))
             provenance.check_inputs({**record, "image": request.image, "mask": request.mask,
                                      "image_sha256": record.get("image_sha256") if request.image == record.get("image") else None,
-                                     "mask_sha256": record.get("mask_sha256") if request.mask == record.get("mask") else None})
+                                     "mask_sha256": record.get("mask_sha256") if request.mask == record.get("mask") else None,
+                                     "adapter_sha256": record.get("adapter_sha256") if same_adapters else None})
         protect = {"input image": request.image, "mask": request.mask}
         try:
             inputs = requests.load_inputs(request)
@@ -171,7 +177,8 @@ def edit(
             written = outputs.save_png(source, output, note, protect=protect)
             console.print(f"[yellow]note:[/] the mask is all black; copied the photo unchanged to {written}", highlight=False)
             return
-        pipe = _load(request.model, request.device, request.dtype, allow_pickle, request.config)
+        pipe = _load(request.model, request.device, request.dtype, allow_pickle, request.config, request.loras,
+                     request.embeddings)
         with _progress() as progress:
             k = request.edit_steps()
             inverting = progress.add_task("inverting", total=k)
@@ -264,7 +271,7 @@ def _check_outputs(request, output, save_json) -> dict:
     return side
 
 
-def _load(model, device, dtype, allow_pickle, config):
+def _load(model, device, dtype, allow_pickle, config, loras=(), embeddings=()):
     from pfbdiff.pipeline import load_pipeline
 
     if model == "tiny":
@@ -272,7 +279,7 @@ def _load(model, device, dtype, allow_pickle, config):
                       "works, not a meaningful picture. Pass --model for a real one.", highlight=False)
     with console.status(f"loading {model}"):
         return load_pipeline(model, torch_dtype=dtype, device=device, allow_pickle=allow_pickle, config=config,
-                             quiet=True)
+                             loras=loras, embeddings=embeddings, quiet=True)
 
 
 bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
@@ -418,6 +425,8 @@ def batch(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
     config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
+    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA for every line, FILE or FILE:SCALE; repeat for several."),
+    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding for every line, FILE or FILE:TOKEN; repeat for several."),
 ):
     """Run every edit of a MANIFEST; rerun to resume (lines already done with the same parameters are skipped).
 
@@ -439,6 +448,8 @@ def batch(
                     args += [option, value]
             if allow_pickle:
                 args.append("--allow-pickle")
+            args += [arg for lora in loras or [] for arg in ("--lora", lora)]
+            args += [arg for embedding in embeddings or [] for arg in ("--embedding", embedding)]
             console.print(f"launching {num_processes} processes with accelerate", highlight=False)
             code, errors = batch_module.launch_processes(num_processes, args)
             for error in errors:
@@ -447,7 +458,7 @@ def batch(
     try:
         code = batch_module.run_batch_command(
             manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
-            allow_pickle=allow_pickle, config=config, console=console,
+            allow_pickle=allow_pickle, config=config, console=console, loras=loras or [], embeddings=embeddings or [],
         )
     except PFBDiffError as error:
         if not launched:
@@ -468,6 +479,8 @@ def ui(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
     config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
+    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA, FILE or FILE:SCALE; repeat for several."),
+    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding, FILE or FILE:TOKEN; repeat for several."),
 ):
     """Open the web page: upload a photo, paint the mask, type a prompt, press Run (needs pip install 'pfbdiff\\[ui]')."""
     with user_errors():
@@ -482,7 +495,7 @@ def ui(
             raise PFBDiffError("the web UI needs gradio: pip install 'pfbdiff[ui]'") from None
 
         launch(model, host=host, port=port, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
-               echo=lambda text: console.print(f"[yellow]{text}[/]", highlight=False, soft_wrap=True))
+               loras=loras or [], embeddings=embeddings or [], echo=lambda text: console.print(f"[yellow]{text}[/]", highlight=False, soft_wrap=True))
 
 
 def main():

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pfbdiff.apps import provenance
 from pfbdiff.apps.request import SETTING_NAMES, EditRequest
 from pfbdiff.engine.presets import EditConfig
 from pfbdiff.errors import PFBDiffError
@@ -76,7 +77,8 @@ class BatchLine:
 
     def parameters_hash(self, model: str) -> str:
         """A hash of everything that decides the output's pixels (file contents, not their paths)."""
-        decisive = self.request_for(model).to_dict()
+        request = self.request_for(model)
+        decisive = {**request.to_dict(), "adapter_sha256": provenance.adapter_digests(request)}
         decisive.update(image=self.image_digest, mask=self.mask_digest, device=None, dtype=None,
                         effective=_jsonable(dataclasses.asdict(self.config)))
         return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -96,12 +98,13 @@ def json_key(parameter: str) -> str:
     return f'"{"guidance" if parameter == "guidance_scale" else parameter}"'
 
 
-def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5,
-                  model: str = "") -> tuple[list[BatchLine], list[BadLine]]:
+def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5, model: str = "",
+                  adapters: dict | None = None) -> tuple[list[BatchLine], list[BadLine]]:
     """Parse and check every line of the manifest at ``path`` without loading a model.
 
     ``steps`` and ``guidance`` are the defaults for lines that do not set them; ``model`` is the batch's model, when
-    known, which a line is checked against as far as its files allow (steps within its training steps). A missing or unreadable manifest
+    known, which a line is checked against as far as its files allow (steps within its training steps), and
+    ``adapters`` its LoRAs and embeddings (:func:`~pfbdiff.apps.request.adapter_fields`). A missing or unreadable manifest
     is a :class:`PFBDiffError`; a bad line is returned as a :class:`BadLine` (the rest still run).
     """
     manifest = Path(path).expanduser()
@@ -120,7 +123,7 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         try:
-            entry = _parse_line(raw, line_no, folder, steps, guidance, model, digests)
+            entry = _parse_line(raw, line_no, folder, steps, guidance, model, adapters or {}, digests)
         except PFBDiffError as error:
             bad.append(BadLine(line_no, str(error), _output_name_or_none(raw, line_no)))
             continue
@@ -136,7 +139,7 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
     return lines, bad
 
 
-def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, model: str,
+def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, model: str, adapters: dict,
                 digests: dict) -> BatchLine:
     try:
         data = json.loads(raw)
@@ -165,7 +168,7 @@ def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: floa
     fields.setdefault("steps", steps)
     fields.setdefault("guidance_scale", guidance)
     try:
-        request = EditRequest.checked(model=model, **fields)
+        request = EditRequest.checked(model=model, **adapters, **fields)
     except PFBDiffError as error:
         raise PFBDiffError(one_line(error.naming(json_key))) from None
     return BatchLine(

@@ -19,8 +19,10 @@ from a record (a record from someone else must not be able to run a pickle); pas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -75,6 +77,7 @@ def make_record(request, config, pipe, result, size, *, image_sha256: str, unet_
         crop_box=list(result.crop_box) if result.crop_box is not None else None, unet_calls=unet_calls,
         shared_inversion=shared_inversion, image_sha256=image_sha256,
         mask_sha256=file_sha256(request.mask) if request.mask else None,
+        adapter_sha256=adapter_digests(request),
         device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).replace("torch.", ""),
         versions=library_versions(),
     )
@@ -101,8 +104,28 @@ def load_record(path: str | Path) -> dict:
     return record
 
 
+def adapter_digests(request) -> dict:
+    """SHA-256 of every LoRA and embedding file of ``request``, by path (they decide the pixels like the model).
+    A file is read once while it keeps its size and modification time: a batch asks for every line."""
+    digests = {}
+    for item in [*request.loras, *request.embeddings]:
+        status = os.stat(item["path"])
+        digests[item["path"]] = _remembered_sha256(item["path"], status.st_size, status.st_mtime_ns)
+    return digests
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_sha256(path: str, size: int, modified_ns: int) -> str:
+    return file_sha256(path)
+
+
 def check_inputs(record: dict) -> None:
-    """The record's input files must still exist and have the recorded SHA-256."""
+    """The record's input files (and LoRA / embedding files) must still exist and have the recorded SHA-256."""
+    for path, expected in (record.get("adapter_sha256") or {}).items():
+        imgs.check_readable_file(Path(path), "LoRA or embedding")
+        if file_sha256(path) != expected:
+            raise PFBDiffError(f"the LoRA or embedding file {path} has changed since the record was written "
+                               "(SHA-256 differs); the result would differ")
     for key in ("image", "mask"):
         path, expected = record.get(key), record.get(f"{key}_sha256")
         if not path:

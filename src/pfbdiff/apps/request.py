@@ -65,6 +65,8 @@ class EditRequest:
     crop_padding: int | None = None
     auto_mask: bool = False
     auto_mask_threshold: float = 0.5
+    loras: list = field(default_factory=list)  # [{"path", "scale"}]: part of the model, applied when it loads
+    embeddings: list = field(default_factory=list)  # [{"path", "token"}]: textual-inversion embeddings
 
     # -- building and checking ---------------------------------------------------------------------------------
     @classmethod
@@ -84,7 +86,8 @@ class EditRequest:
             "guidance_scale": checks.finite_number, "seed": checks.seed, "model": _text, "config": _optional(_text),
             "device": _optional(_text), "dtype": _optional(_text), "settings": _settings, "paste_back": _flag,
             "feather": _optional(checks.pixels), "crop": _crop, "crop_padding": _optional(checks.pixels),
-            "auto_mask": _flag, "auto_mask_threshold": checks.unit_threshold,
+            "auto_mask": _flag, "auto_mask_threshold": checks.unit_threshold, "loras": _loras,
+            "embeddings": _embeddings,
         }
         request = cls(**{name: rules[name](name, value) for name, value in values.items()})
         if not request.prompt.strip():
@@ -164,6 +167,53 @@ def _crop(name, value):
     if value not in ("auto", True, False) or (value in (0, 1) and not isinstance(value, bool)):
         raise PFBDiffError.about(name, f'must be "auto", true or false, got {value!r}')
     return value
+
+
+def adapter_fields(loras=(), embeddings=()) -> dict:
+    """``loras`` and ``embeddings`` as a request holds them (checked, paths absolute), for faces that load the
+    model once for many requests (batch, the web UI)."""
+    return {"loras": _loras("loras", list(loras)), "embeddings": _embeddings("embeddings", list(embeddings))}
+
+
+def _loras(name, value) -> list[dict]:
+    """LoRAs as ``"FILE[:SCALE]"`` texts or ``{"path", "scale"}`` objects (scale 1 by default)."""
+    return [_adapter(name, item, "scale") for item in _listed(name, value)]
+
+
+def _embeddings(name, value) -> list[dict]:
+    """Embeddings as ``"FILE[:TOKEN]"`` texts or ``{"path", "token"}`` objects (token: from the file)."""
+    return [_adapter(name, item, "token") for item in _listed(name, value)]
+
+
+def _listed(name, value) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise PFBDiffError.about(name, f"must be a list of files, got {value!r}")
+    return list(value)
+
+
+def _adapter(name, item, extra: str) -> dict:
+    if isinstance(item, str):
+        path, sep, tail = item.rpartition(":")
+        if not sep or (extra == "scale" and not _is_number(tail)) or (extra == "token" and (not tail or "/" in tail)):
+            path, tail = item, None  # no suffix (a colon of a path, e.g. C:\)
+        item = {"path": path, extra: float(tail) if extra == "scale" and tail is not None else tail}
+    if not isinstance(item, dict) or set(item) - {"path", extra} or not isinstance(item.get("path"), str):
+        raise PFBDiffError.about(name, f"must name files as \"FILE[:{extra.upper()}]\" or {{\"path\", \"{extra}\"}}, "
+                                       f"got {item!r}")
+    value = item.get(extra)
+    if extra == "scale":
+        value = checks.finite_number(name, 1.0 if value is None else value)
+    elif value is not None and not isinstance(value, str):
+        raise PFBDiffError.about(name, f"token must be text such as \"<my-style>\", got {value!r}")
+    return {"path": str(Path(item["path"]).expanduser().resolve()), extra: value}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def words(name, value) -> list[str]:
@@ -378,6 +428,6 @@ def replay(record: dict | str | Path, *, pipe=None, allow_pickle: bool = False) 
     if pipe is None:
         from pfbdiff.pipeline import load_pipeline
 
-        pipe = load_pipeline(request.model, torch_dtype=request.dtype, device=request.device,
-                             allow_pickle=allow_pickle, config=request.config, quiet=True)
+        pipe = load_pipeline(request.model, torch_dtype=request.dtype, device=request.device, loras=request.loras,
+                             embeddings=request.embeddings, allow_pickle=allow_pickle, config=request.config, quiet=True)
     return run_request(request, pipe)

@@ -78,11 +78,12 @@ class EditSession:
     """
 
     def __init__(self, pipe, model_name: str, output_dir: str | os.PathLike | None = None,
-                 cache_size: int = INVERSION_CACHE_SIZE):
+                 cache_size: int = INVERSION_CACHE_SIZE, adapters: dict | None = None):
         from pfbdiff.apps.request import InversionCache
 
         self.pipe = pipe
         self.model_name = model_name
+        self.adapters = adapters or {}  # the LoRAs and embeddings loaded into pipe, for the records
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="pfbdiff-ui-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.inversions = InversionCache(cache_size)
@@ -121,7 +122,7 @@ class EditSession:
                 image=self._saved_input(image, "photo"), mask=self._saved_input(mask, "mask"), prompt=prompt or "",
                 source_prompt=source_prompt or "", preset=preset, inside=inside, outside=outside, steps=steps,
                 guidance_scale=guidance, seed=seed, model=self.model_name, settings=overrides, paste_back=paste_back,
-                feather=feather,
+                feather=feather, **self.adapters,
             )
             k = request.edit_steps()
             started = time.perf_counter()
@@ -336,8 +337,10 @@ def _display_name(model: str) -> str:
 
 
 def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
-           allow_pickle: bool = False, config: str | None = None, block: bool = True, echo: Callable[[str], None] = print):
-    """Load the model, build the page and serve it; returns ``(demo, url)`` when ``block`` is False."""
+           allow_pickle: bool = False, config: str | None = None, loras=(), embeddings=(), block: bool = True,
+           echo: Callable[[str], None] = print):
+    """Load the model (with ``loras`` and ``embeddings``, as ``pfbdiff edit`` takes them), build the page and serve
+    it; returns ``(demo, url)`` when ``block`` is False."""
     from pfbdiff.models.catalog import default_model
 
     note = None
@@ -349,11 +352,14 @@ def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int = 786
         echo(f"warning: --host {host} makes the page reachable from other machines, with no login; anyone who "
              f"can reach port {port} can run edits on this computer. Use --host 127.0.0.1 to keep it local.")
     from pfbdiff.apps.provenance import model_reference
+    from pfbdiff.apps.request import adapter_fields
     from pfbdiff.pipeline import load_pipeline
 
     check_port_free(host, port)  # before the model loads, not after
-    pipe = load_pipeline(model, torch_dtype=dtype, device=device, allow_pickle=allow_pickle, config=config, quiet=True)
-    session = EditSession(pipe, model_reference(model))  # records name the model as pfbdiff edit's do
+    adapters = adapter_fields(loras, embeddings)
+    pipe = load_pipeline(model, torch_dtype=dtype, device=device, allow_pickle=allow_pickle, config=config, quiet=True,
+                         **adapters)
+    session = EditSession(pipe, model_reference(model), adapters=adapters)  # records name the model as edit's do
     demo = build_app(session, model_note=note)
     try:
         demo.launch(

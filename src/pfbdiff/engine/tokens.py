@@ -30,9 +30,20 @@ def tokenizer_words(tokenizer, text: str) -> list[str]:
     for CLIP, runs of letters of any script, single digits, runs of other symbols, and contractions (``'s``)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.pre_tokenizer is None:
-        return _CLIP_WORD.findall(unicodedata.normalize("NFC", text).lower())
-    normal = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-    return [normal[start:end] for _, (start, end) in backend.pre_tokenizer.pre_tokenize_str(normal)]
+        normal, split = unicodedata.normalize("NFC", text).lower(), _CLIP_WORD.findall
+    else:
+        normal = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        split = lambda part: [part[a:b] for _, (a, b) in backend.pre_tokenizer.pre_tokenize_str(part)]  # noqa: E731
+    # tokens added to the vocabulary (a textual-inversion "<my-token>") are whole words, as the tokenizer sees them
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    added = sorted((t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t not in special), key=len, reverse=True)
+    if not added:
+        return split(normal)
+    words, start = [], 0
+    for match in re.finditer("|".join(map(re.escape, added)), normal):
+        words += split(normal[start:match.start()]) + [match.group()]
+        start = match.end()
+    return words + split(normal[start:])
 
 
 def content_words(tokenizer, text: str) -> list[str]:
