@@ -34,6 +34,7 @@ from pfbdiff.engine import automask
 from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, token_regions
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import noised_reference
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.inversion import Inversion, ddim_invert
 from pfbdiff.engine.loop import (
     BlendPlan,
@@ -110,7 +111,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return self.feature_unet.calls
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
         prompts = self._as_encoded(prompts)
         for prompt in dict.fromkeys(prompts):
             _, cut = split_at_token_limit(self.tokenizer, prompt)
@@ -120,7 +121,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.unet.dtype)
+        return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.unet.dtype))
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -337,7 +338,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                                              config.cache_source, repeats)
 
         # 4. text conditioning: source, target and (with guidance) unconditional prompts
-        prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats, 0),
+        prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats),
                           target=self.encode_prompt(prompts_list), unconditional=None)
         if guidance_scale > 1.0:
             negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.sampling import DDIMGrid, ddim_move, split_prediction
 from pfbdiff.errors import PFBDiffError
 
@@ -37,7 +38,7 @@ DEFAULT_SEED = 0
 
 
 @torch.no_grad()
-def difference_map(unet, z0: torch.Tensor, source_embeddings: torch.Tensor, target_embeddings: torch.Tensor,
+def difference_map(unet, z0: torch.Tensor, source_embeddings: Conditioning, target_embeddings: Conditioning,
                    grid: DDIMGrid, *, draws: int = DEFAULT_DRAWS, level: float = DEFAULT_LEVEL,
                    seed: int = DEFAULT_SEED) -> torch.Tensor:
     """The averaged prediction difference Δ (B×1×h×w, float32), before rescaling and thresholding."""
@@ -50,7 +51,7 @@ def difference_map(unet, z0: torch.Tensor, source_embeddings: torch.Tensor, targ
     generator = torch.Generator().manual_seed(int(seed))
     batch = z0.shape[0]
     total = torch.zeros((batch, 1, *z0.shape[-2:]), dtype=torch.float32, device=z0.device)
-    embeddings = torch.cat([source_embeddings, target_embeddings]).to(z0.dtype)
+    embeddings = Conditioning.cat([source_embeddings, target_embeddings]).to(z0.dtype)
     for _ in range(draws):
         noise = torch.randn(tuple(z0.shape), generator=generator, dtype=torch.float32).to(z0.device, z0.dtype)
         noisy = ddim_move(z0, noise, alpha)

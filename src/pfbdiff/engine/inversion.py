@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pfbdiff.engine.backbones.unet import FeatureUNet
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.sampling import DDIMGrid, ddim_step
 
 
@@ -49,7 +50,7 @@ class Inversion:
     features: list[dict[int, torch.Tensor]]
     recorded_blocks: frozenset[int]
     grid: DDIMGrid
-    source_embeddings: torch.Tensor
+    source_embeddings: Conditioning  # the source prompts, as encoded for the inversion
     source_prompt: list[str]
     image: torch.Tensor
     original_sizes: list[tuple[int, int]] = field(default_factory=list)

@@ -22,6 +22,7 @@ import torch
 from pfbdiff.engine.attention import AttentionMasking
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import FeatureBlender, blend_latents, inverted_reference, latent_blend_is_open
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.inversion import FeatureRecorder
 from pfbdiff.engine.sampling import DDIMGrid, classifier_free_guidance, ddim_step
@@ -45,11 +46,11 @@ class BlendPlan:
 
 @dataclass
 class Prompts:
-    """Text embeddings of the branches, one row per edited image."""
+    """The text conditioning of the branches, one row per edited image."""
 
-    source: torch.Tensor
-    target: torch.Tensor
-    unconditional: torch.Tensor | None  # None when guidance is off (scale ≤ 1)
+    source: Conditioning | None
+    target: Conditioning
+    unconditional: Conditioning | None  # None when guidance is off (scale ≤ 1)
 
 
 def cached_source_features(features: list[dict[int, torch.Tensor]], repeats: int) -> Callable:
@@ -98,7 +99,7 @@ def guided_prediction(unet, x, t, prompts: Prompts, hook, guidance_scale, *, bat
     if prompts.unconditional is None:
         return run(x, prompts.target, 0)
     if batch_cfg:
-        uncond, cond = run(torch.cat([x, x]), torch.cat([prompts.unconditional, prompts.target]), x.shape[0]).chunk(2)
+        uncond, cond = run(torch.cat([x, x]), Conditioning.cat([prompts.unconditional, prompts.target]), x.shape[0]).chunk(2)
     else:
         uncond = run(x, prompts.unconditional, x.shape[0])
         cond = run(x, prompts.target, 0)

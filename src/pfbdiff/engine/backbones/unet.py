@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.errors import PFBDiffError
 
 BlockCallback = Callable[[int, torch.Tensor], torch.Tensor]
@@ -129,13 +130,16 @@ class FeatureUNet:
         self,
         sample: torch.Tensor,
         timestep,
-        encoder_hidden_states: torch.Tensor,
+        conditioning: Conditioning | torch.Tensor,
         on_block: BlockCallback | None = None,
         *,
         blend_skips: bool = False,
-        added_cond_kwargs: dict | None = None,
     ) -> torch.Tensor:
-        """The U-Net's prediction for ``sample``; ``on_block(L, h)`` may replace each block's main-path output."""
+        """The U-Net's prediction for ``sample`` under ``conditioning`` (a :class:`Conditioning`, or token embeddings
+        alone); ``on_block(L, h)`` may replace each block's main-path output."""
+        if not isinstance(conditioning, Conditioning):
+            conditioning = Conditioning(conditioning)
+        encoder_hidden_states, added_cond_kwargs = conditioning.tokens, conditioning.added_cond_kwargs()
         self.calls += 1
         self.evaluations += sample.shape[0]
         unet = self.unet

@@ -1,0 +1,51 @@
+"""The text conditioning of a batch of U-Net rows, as one record the whole method passes along.
+
+For Stable Diffusion 1.x/2.x it is the text encoder's token embeddings (rows × tokens × width). SDXL adds two
+things its U-Net reads besides the tokens: the pooled text vector and the size/crop ids (``time_ids``), both
+added to the time embedding. Every branch of an edit (inversion, source, target, unconditional) carries its own
+record, and rows are joined (:meth:`cat`) and repeated exactly like the latents they go with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    tokens: torch.Tensor  # rows × tokens × width: what cross-attention attends to
+    pooled: torch.Tensor | None = None  # rows × width₂: SDXL's pooled text vector
+    time_ids: torch.Tensor | None = None  # rows × 6: SDXL's (original size, crop top-left, target size)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """The rows of ``parts`` one after the other (a batched guidance pass: unconditional, then conditional)."""
+        def joined(name):
+            values = [getattr(part, name) for part in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Conditioning(joined("tokens"), joined("pooled"), joined("time_ids"))
+
+    def map(self, function) -> Conditioning:
+        """``function`` applied to every tensor of the record (repeat rows, select rows, cast)."""
+        return Conditioning(*(None if value is None else function(value)
+                              for value in (self.tokens, self.pooled, self.time_ids)))
+
+    def repeat_interleave(self, repeats: int) -> Conditioning:
+        return self.map(lambda value: value.repeat_interleave(repeats, dim=0))
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        """Token and pooled embeddings in ``dtype``; the ids stay as they are."""
+        return Conditioning(self.tokens.to(dtype), None if self.pooled is None else self.pooled.to(dtype),
+                            self.time_ids)
+
+    def added_cond_kwargs(self) -> dict | None:
+        """What an SDXL U-Net takes beside the tokens (``None`` for SD 1.x/2.x)."""
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled, "time_ids": self.time_ids}
