@@ -1,4 +1,4 @@
-"""Honest limits: a model of a family pfbdiff cannot edit yet (SDXL, SD3, Flux, PixArt, inpainting U-Nets) is
+"""Honest limits: a model of a family pfbdiff cannot edit yet (SD3, Flux, PixArt, an SDXL refiner, inpainting U-Nets) is
 named in one line, from a folder, a hub id or a single file, before any weights load; a flow-matching schedule is
 never read as a DDPM one; the paper presets' SD 1.x block numbers are refused on another layout."""
 
@@ -31,8 +31,9 @@ def _variant_of(tiny_model_dir, folder, index_changes, unet_changes=None):
 
 
 FOLDERS = {
-    "sdxl": (dict(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
-             None, "is an SDXL model (StableDiffusionXLPipeline)"),
+    "sdxl refiner": (dict(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None],
+                          text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
+                     None, "is an SDXL refiner (it has no first text encoder)"),
     "flux": (dict(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"]), None,
              "is a Flux model (FluxPipeline)"),
     "sd3": (dict(_class_name="StableDiffusion3Pipeline"), None, "is a Stable Diffusion 3 model"),
@@ -46,7 +47,7 @@ FOLDERS = {
 def test_a_folder_of_another_family_is_named_in_one_line(tiny_model_dir, tmp_path, family, files):
     index_changes, unet_changes, fragment = FOLDERS[family]
     folder = _variant_of(tiny_model_dir, tmp_path / family, index_changes, unet_changes)
-    with pytest.raises(PFBDiffError, match="pfbdiff edits Stable Diffusion 1.x and 2.x models") as error:
+    with pytest.raises(PFBDiffError, match="pfbdiff edits Stable Diffusion 1.x, 2.x and SDXL models") as error:
         load_components(str(folder), device="cpu")
     assert fragment in str(error.value) and "\n" not in str(error.value)
     _, image, mask = files
@@ -69,7 +70,8 @@ def test_a_cached_hub_id_of_another_family_is_named_without_trying_the_network(m
 
 
 @pytest.mark.parametrize("weights, fragment", [
-    ({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, "is an SDXL checkpoint"),
+    ({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, "is an SDXL checkpoint, which pfbdiff loads "
+                                                                         "from a diffusers folder only so far"),
     ({"model.diffusion_model.joint_blocks.0.x.weight": torch.zeros(2)}, "is a Stable Diffusion 3 checkpoint"),
     ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "is a Flux checkpoint"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)},
@@ -78,7 +80,7 @@ def test_a_cached_hub_id_of_another_family_is_named_without_trying_the_network(m
 def test_a_single_file_of_another_family_is_named_from_its_header(tmp_path, tiny_model_dir, weights, fragment):
     path = tmp_path / "model.safetensors"
     save_file(weights, str(path))
-    with pytest.raises(PFBDiffError, match="pfbdiff edits Stable Diffusion 1.x and 2.x") as error:
+    with pytest.raises(PFBDiffError, match="pfbdiff") as error:
         load_components(str(path), config=str(tiny_model_dir), device="cpu")
     assert fragment in str(error.value)
 

@@ -77,10 +77,18 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
     install, and an embedding's token is a word like any other for attention masking.
     """
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None,
+                 force_zeros_for_empty_prompt: bool = True):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        # SDXL's unconditional rows are zeros when the negative prompt is empty (its model_index.json says so)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.feature_unet = FeatureUNet(unet)
+        if text_encoder_2 is not None and getattr(vae.config, "force_upcast", False) and vae.dtype == torch.float16:
+            vae.to(torch.float32)  # SDXL's VAE overflows in float16; the U-Net stays in half precision
 
     @classmethod
     def from_pretrained(cls, model, **kwargs):
@@ -111,17 +119,35 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return self.feature_unet.calls
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None, *,
+                      negative: bool = False) -> Conditioning:
+        """The conditioning of ``prompts``. For SDXL: both text encoders' penultimate hidden states side by side,
+        the second one's pooled vector, and size ids for a ``size`` = (height, width) image (default: the model's
+        native size) seen whole; ``negative`` rows with an empty prompt are zeros where the model asks for it."""
         prompts = self._as_encoded(prompts)
         for prompt in dict.fromkeys(prompts):
             _, cut = split_at_token_limit(self.tokenizer, prompt)
             if cut is not None:
                 warnings.warn(f"the prompt is longer than the text encoder's {self.tokenizer.model_max_length} tokens, "
                               f"so the model does not see its end: {cut!r}", stacklevel=2)
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return Conditioning(self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.unet.dtype))
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0].to(self.unet.dtype))
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            output = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # the projecting second encoder's text embedding
+        tokens, pooled = torch.cat(hidden, dim=-1).to(self.unet.dtype), pooled.to(self.unet.dtype)
+        if negative and self.config.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=tokens.device)
+            tokens, pooled = tokens.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+        height, width = size or (regions.native_side(self.unet, self.vae_scale_factor),) * 2
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=tokens.dtype, device=tokens.device)
+        return Conditioning(tokens, pooled, time_ids.repeat(len(prompts), 1))
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.text_encoder.device)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -200,7 +226,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), plan.model_size)
                             for im in pil_images])
         source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
-        embeddings = self.encode_prompt(source_prompts)
+        embeddings = self.encode_prompt(source_prompts, tuple(pixels.shape[-2:]))
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
         inverted_steps = edit_steps(grid.num_steps, strength)
         with self.progress_bar(total=inverted_steps) as bar:
@@ -252,7 +278,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         estimate = None
         if auto_mask:
             def estimate(box):
-                target = self.encode_prompt(_broadcast(prompt, n, "prompt"))
+                target = self.encode_prompt(_broadcast(prompt, n, "prompt"), tuple(inversion.image.shape[-2:]))
                 return automask.estimate_masks(
                     self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
                     [box.size] * n, draws=auto_mask_draws, threshold=auto_mask_threshold, seed=auto_mask_seed)
@@ -309,8 +335,8 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         # 1. the settings and the step count K
         config = _resolve(preset, {**overrides, "inside": inside, "outside": outside})
         checks.finite_number("guidance_scale", guidance_scale)
-        for size in inversion.original_sizes:
-            checks.within_photo(size, grow=config.grow, halo=config.halo, feather=feather)
+        for photo_size in inversion.original_sizes:
+            checks.within_photo(photo_size, grow=config.grow, halo=config.halo, feather=feather)
         grid = inversion.grid
         steps = edit_steps(grid.num_steps, config.strength)
         if steps > inversion.inverted_steps:
@@ -338,11 +364,12 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                                              config.cache_source, repeats)
 
         # 4. text conditioning: source, target and (with guidance) unconditional prompts
+        model_size = tuple(inversion.image.shape[-2:])
         prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats),
-                          target=self.encode_prompt(prompts_list), unconditional=None)
+                          target=self.encode_prompt(prompts_list, model_size), unconditional=None)
         if guidance_scale > 1.0:
             negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")
-            prompts.unconditional = self.encode_prompt(_rows(negatives, repeats))
+            prompts.unconditional = self.encode_prompt(_rows(negatives, repeats), model_size, negative=True)
 
         # 5. attention masking: which tokens may be attended to where
         latent_size = tuple(inversion.latents[0].shape[-2:])
@@ -434,9 +461,10 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         prompts_list = _as_list(prompt)
         grid = self.ddim_grid(num_inference_steps)
         checks.finite_number("guidance_scale", guidance_scale)
-        prompts = Prompts(source=None, target=self.encode_prompt(prompts_list), unconditional=None)
+        prompts = Prompts(source=None, target=self.encode_prompt(prompts_list, (height, width)), unconditional=None)
         if guidance_scale > 1.0:
-            prompts.unconditional = self.encode_prompt(_broadcast(negative_prompt or "", len(prompts_list), "negative_prompt"))
+            negatives = _broadcast(negative_prompt or "", len(prompts_list), "negative_prompt")
+            prompts.unconditional = self.encode_prompt(negatives, (height, width), negative=True)
         if latents is None:
             shape = (len(prompts_list), self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             latents = _randn(shape, generator, self.unet.device, self.unet.dtype)

@@ -68,7 +68,7 @@ class OneLineErrors(typer.core.TyperGroup):
 
 app = typer.Typer(
     cls=OneLineErrors,
-    help="PFB-Diff: edit part of a photo from a text prompt and a mask, with any Stable Diffusion 1.x/2.x model.",
+    help="PFB-Diff: edit part of a photo from a text prompt and a mask, with any Stable Diffusion 1.x, 2.x or SDXL model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

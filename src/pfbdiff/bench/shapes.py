@@ -33,6 +33,7 @@ from pfbdiff.bench.metrics import (
     ssim,
     text_to_image_success,
 )
+from pfbdiff.engine.backbones.unet import SD1_BLOCK_COUNT
 from pfbdiff.engine.presets import EditConfig, get_preset
 from pfbdiff.engine.sampling import edit_steps
 from pfbdiff.errors import PFBDiffError
@@ -41,7 +42,6 @@ from pfbdiff.photo.halo import absorb_halo
 TASK_PRESET = {"object": "object", "attribute": "attribute", "background": "background", "multi-object": "multi-object"}
 PAPER_PRESET = {"object": "paper-object", "attribute": "paper-object", "background": "paper-background",
                 "multi-object": "paper-object"}
-SD1_BLOCK_COUNT = 25  # the paper presets' block numbers are SD 1.x's (docs/method.md §3)
 DEFAULT_GUIDANCE = 4.0  # the bundled shapes model's evaluation guidance (pfbdiff.shapes.evaluate)
 SDEDIT_STRENGTHS = (0.5, 0.7, 0.9)
 QUICK_CASES, FULL_CASES = 20, 200  # cases per task of --quick and of the full run

@@ -20,11 +20,14 @@ from pfbdiff.errors import PFBDiffError, gist
 
 COMPONENT_NAMES = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+#: What SDXL has besides: a second, projecting text encoder and its tokenizer.
+SDXL_COMPONENT_NAMES = ("text_encoder_2", "tokenizer_2")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 # Weight file stems of each component in a diffusers folder (transformers and diffusers name them differently).
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model"}
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
+PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model"}
 
 #: How to name a local model instead: the end of every message about a model that cannot be found or used.
 MODEL_HINT = "pass --model /path/to/a/diffusers-folder or /path/to/model.safetensors"
@@ -76,9 +79,9 @@ def variant_files(folder: Path, component: str, suffix: str, variant: str | None
 
 
 #: What pfbdiff edits today, for the messages that refuse the rest.
-SUPPORTED = "pfbdiff edits Stable Diffusion 1.x and 2.x models (SDXL, SD3 and Flux are planned)"
+SUPPORTED = "pfbdiff edits Stable Diffusion 1.x, 2.x and SDXL models (SD3 and Flux are planned)"
 #: diffusers pipeline classes of the families pfbdiff cannot edit yet, by the name users know them.
-OTHER_FAMILIES = {"StableDiffusionXL": "an SDXL model", "StableDiffusion3": "a Stable Diffusion 3 model",
+OTHER_FAMILIES = {"StableDiffusion3": "a Stable Diffusion 3 model",
                   "Flux": "a Flux model", "PixArt": "a PixArt model", "Sana": "a Sana model",
                   "HunyuanDiT": "a HunyuanDiT model", "Kandinsky": "a Kandinsky model", "Wuerstchen": "a Würstchen model",
                   "StableCascade": "a Stable Cascade model", "Lumina": "a Lumina model", "AuraFlow": "an AuraFlow model"}
@@ -94,10 +97,12 @@ def family_problem(folder: Path) -> str | None:
         return None  # the folder checks say what is wrong with it
     pipeline = str(index.get("_class_name", ""))
     family = next((name for prefix, name in OTHER_FAMILIES.items() if pipeline.startswith(prefix)), None)
-    if family is None and ("transformer" in index or "text_encoder_2" in index):
+    if family is None and "transformer" in index:
         family = f"a {pipeline or 'diffusion transformer'} model"
+    if family is None and "text_encoder_2" in index and not (index.get("text_encoder") or [None])[0]:
+        family = "an SDXL refiner (it has no first text encoder)"
     if family is not None:
-        return f"'{folder}' is {family} ({pipeline}); {SUPPORTED}: pass an SD 1.x or 2.x model"
+        return f"'{folder}' is {family} ({pipeline}); {SUPPORTED}: pass an SD 1.x, 2.x or SDXL base model"
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text("utf-8"))
     except (OSError, ValueError):
@@ -107,6 +112,22 @@ def family_problem(folder: Path) -> str | None:
         return (f"'{folder}' is an inpainting or depth model (its U-Net takes {channels} input channels); "
                 f"{SUPPORTED} whose U-Net takes the latent alone: pass the base model it was made from")
     return None
+
+
+def is_sdxl(folder: Path) -> bool:
+    """Whether the folder's model_index.json names SDXL's second text encoder."""
+    try:
+        return "text_encoder_2" in json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def component_names(folder: Path) -> tuple[str, ...]:
+    return COMPONENT_NAMES + (SDXL_COMPONENT_NAMES if is_sdxl(folder) else ())
+
+
+def weighted_components(folder: Path) -> tuple[str, ...]:
+    return WEIGHTED_COMPONENTS + (("text_encoder_2",) if is_sdxl(folder) else ())
 
 
 def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
@@ -119,13 +140,14 @@ def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
     family = family_problem(folder)
     if family:
         return family
-    missing = [name for name in COMPONENT_NAMES if not (folder / name).is_dir()]
+    missing = [name for name in component_names(folder) if not (folder / name).is_dir()]
     if missing:
         return (
             f"diffusers folder '{folder}' lacks the subfolder(s) {', '.join(missing)}; "
-            "pfbdiff needs a complete Stable Diffusion 1.x/2.x model (unet, vae, text_encoder, tokenizer, scheduler)"
+            "pfbdiff needs a complete Stable Diffusion model (unet, vae, text_encoder, tokenizer, scheduler; for SDXL "
+            "also text_encoder_2, tokenizer_2)"
         )
-    for component in WEIGHTED_COMPONENTS:
+    for component in weighted_components(folder):
         problem = _component_weights_problem(folder, component, weights)
         if problem:
             return problem
@@ -167,9 +189,10 @@ def _variant(folder: Path, component: str, suffix: str) -> str | None:
 
 
 def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoice) -> dict:
-    """Load the five components from a local diffusers folder, with the weight files ``weights`` allows."""
+    """Load the components from a local diffusers folder (five, and SDXL's second text encoder and tokenizer),
+    with the weight files ``weights`` allows."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     problem = diffusers_folder_problem(folder, weights)
     if problem:
@@ -193,7 +216,16 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoic
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         "scheduler": lambda: _load_scheduler(folder),
     }
-    return {component: _damage_named(folder, component, load) for component, load in loaders.items()}
+    if is_sdxl(folder):
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder, dtype=dtype, **weight_kwargs("text_encoder_2"))
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2",
+                                                                       local_files_only=True)
+    components = {component: _damage_named(folder, component, load) for component, load in loaders.items()}
+    if is_sdxl(folder):
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+        components["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
+    return components
 
 
 def _damage_named(folder: Path, component: str, load):

@@ -40,7 +40,7 @@ def file_patterns(weights: WeightChoice | None) -> list[str]:
     or EMA weights: an SD repo holds several gigabytes of each.
     """
     patterns = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]
-    patterns += ["tokenizer/*", "scheduler/*"]
+    patterns += ["tokenizer/*", "scheduler/*", "text_encoder_2/config.json", "tokenizer_2/*"]  # SDXL's, if any
     if weights is None:
         return patterns
     stem_tables = [WEIGHT_STEMS] + ([PICKLE_WEIGHT_STEMS] if weights.pickle_allowed else [])

@@ -39,6 +39,7 @@ from pfbdiff.models.diffusers_folders import (
     COMPONENT_NAMES,
     MODEL_HINT,
     SAFETENSORS_SUFFIX,
+    SDXL_COMPONENT_NAMES,
     SUPPORTED,
     WEIGHTED_COMPONENTS,
     WeightChoice,
@@ -122,9 +123,12 @@ def _refuse_unknown(unknown: dict) -> None:
 
 
 def _prepare(components: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Keep the five SD components, on ``device`` in ``dtype``, ready for inference."""
-    prepared = {name: components[name] for name in COMPONENT_NAMES}
-    for name in WEIGHTED_COMPONENTS:
+    """Keep the SD components (SDXL's extra ones too), on ``device`` in ``dtype``, ready for inference."""
+    sdxl = components.get("text_encoder_2") is not None
+    prepared = {name: components[name] for name in COMPONENT_NAMES + (SDXL_COMPONENT_NAMES if sdxl else ())}
+    if "force_zeros_for_empty_prompt" in components:
+        prepared["force_zeros_for_empty_prompt"] = components["force_zeros_for_empty_prompt"]
+    for name in WEIGHTED_COMPONENTS + (("text_encoder_2",) if sdxl else ()):
         module = prepared[name]
         if module.dtype != dtype:  # loaders already give ``dtype``; cast only if one did not
             module = module.to(dtype=dtype)
@@ -250,6 +254,9 @@ def _single_file_family_problem(path: Path) -> str | None:
     except (OSError, SafetensorError):
         return None  # loading it says what is wrong
     family = next((name for marker, name in _OTHER_FAMILY_KEYS.items() if any(marker in key for key in names)), None)
+    if family == "an SDXL checkpoint":
+        return (f"'{path}' is an SDXL checkpoint, which pfbdiff loads from a diffusers folder only so far; pass the "
+                "model's diffusers folder or hub id (or save it as one with diffusers' from_single_file)")
     if family:
         return f"'{path}' is {family}; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint"
     if channels != 4:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # --------------------------------------------------------------------------------------------------- tokenizer
 
@@ -181,7 +181,7 @@ SD_VAE_SCALING_FACTOR = 0.18215
 TINY_LATENT_SIZE = 16  # latents of 16x16, i.e. 128x128 images through the factor-8 VAE
 
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATENT_SIZE, family: str = "sd1") -> dict:
@@ -207,6 +207,14 @@ def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATE
     }
     if family == "sd2":
         config.update(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4, 8, 8))
+    elif family == "sdxl":  # three levels, no cross-attention at the top one, the pooled text and size ids added
+        config.update(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+            cross_attention_dim=2 * cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + cross_attention_dim,
+        )
     elif family != "sd1":
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return config
@@ -256,8 +264,12 @@ def _scale_unet_output_to_unit_std(unet: UNet2DConditionModel, cross_attention_d
     probe = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     latents = torch.randn(1, unet.config.in_channels, size, size, generator=probe)
-    context = torch.randn(1, CLIP_MAX_LENGTH, cross_attention_dim, generator=probe)
-    output = unet(latents, 500, encoder_hidden_states=context).sample
+    context = torch.randn(1, CLIP_MAX_LENGTH, unet.config.cross_attention_dim, generator=probe)
+    added = None
+    if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled vector and the six size ids
+        added = {"text_embeds": torch.randn(1, cross_attention_dim, generator=probe),
+                 "time_ids": torch.tensor([[float(size * 8)] * 2 + [0.0] * 2 + [float(size * 8)] * 2])}
+    output = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added).sample
     scale = 1.0 / output.std().clamp_min(1e-6)
     unet.conv_out.weight.mul_(scale)
     unet.conv_out.bias.mul_(scale)
@@ -283,19 +295,22 @@ def tiny_sd_components(
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim, sample_size, family))
-    vae = AutoencoderKL(**tiny_vae_config(sample_size * 8))
+    vae_config = tiny_vae_config(sample_size * 8)
+    if family == "sdxl":  # SDXL's VAE latents are scaled differently, and it overflows in float16
+        vae_config.update(scaling_factor=0.13025, force_upcast=True)
+    vae = AutoencoderKL(**vae_config)
     text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim, family=family))
+    components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
+                  "scheduler": make_sd_scheduler(prediction_type)}
+    if family == "sdxl":  # a second (projecting) text encoder; its pooled output goes to the time embedding
+        components["tokenizer_2"] = tokenizer
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim, family=family))
     _scale_unet_output_to_unit_std(unet, cross_attention_dim, seed)
-
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": make_sd_scheduler(prediction_type),
-    }
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in components:
+            components[name].eval().requires_grad_(False)
+    return components
 
 
 def save_tiny_model(directory: str | Path, **kwargs) -> Path:
@@ -304,12 +319,14 @@ def save_tiny_model(directory: str | Path, **kwargs) -> Path:
     The folder, with safetensors weights, loads with ``StableDiffusionPipeline.from_pretrained(directory)``.
     """
     directory = Path(directory)
-    pipeline = StableDiffusionPipeline(
-        **tiny_sd_components(**kwargs),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = tiny_sd_components(**kwargs)
+    if "text_encoder_2" in components:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(**components)
+    else:
+        pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
 

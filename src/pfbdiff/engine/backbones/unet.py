@@ -15,6 +15,7 @@ written in levels carries over to other U-Nets.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +23,9 @@ import torch
 
 from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.errors import PFBDiffError
+
+#: Blocks of the SD 1.x (and 2.x) U-Net, whose numbers the paper-* presets use (docs/method.md §3).
+SD1_BLOCK_COUNT = 25
 
 BlockCallback = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -123,6 +127,10 @@ class FeatureUNet:
             raise PFBDiffError.about(setting, f"names {unknown}, which are not {kind} of this U-Net ({sorted(known)}); "
                                               "block numbers count an SD 1.x U-Net's blocks (docs/method.md §3), so "
                                               "the paper-* presets run on SD 1.x models only")
+        if numbers and len(self.blocks) != SD1_BLOCK_COUNT:
+            warnings.warn(f"{setting} numbers an SD 1.x U-Net's blocks (docs/method.md §3), but this U-Net is laid out "
+                          "differently, so they name other blocks here: the paper-* presets reproduce the official "
+                          "SD 1.x code only", stacklevel=3)
         return tuple(numbers)
 
     # -- the forward pass ----------------------------------------------------------------------------------
