@@ -30,7 +30,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLo
 from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
-from pfbdiff.engine import automask
+from pfbdiff.engine import automask, conditioning
 from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, token_regions
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import noised_reference
@@ -131,23 +131,11 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                 warnings.warn(f"the prompt is longer than the text encoder's {self.tokenizer.model_max_length} tokens, "
                               f"so the model does not see its end: {cut!r}", stacklevel=2)
         if self.text_encoder_2 is None:
-            return Conditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0].to(self.unet.dtype))
-        hidden, pooled = [], None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            output = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            pooled = output[0]  # the projecting second encoder's text embedding
-        tokens, pooled = torch.cat(hidden, dim=-1).to(self.unet.dtype), pooled.to(self.unet.dtype)
-        if negative and self.config.force_zeros_for_empty_prompt:
-            empty = torch.tensor([p == "" for p in prompts], device=tokens.device)
-            tokens, pooled = tokens.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
-        height, width = size or (regions.native_side(self.unet, self.vae_scale_factor),) * 2
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=tokens.dtype, device=tokens.device)
-        return Conditioning(tokens, pooled, time_ids.repeat(len(prompts), 1))
-
-    def _token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.text_encoder.device)
+            return conditioning.encode_sd(self.tokenizer, self.text_encoder, prompts, self.unet.dtype)
+        return conditioning.encode_sdxl(
+            ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)), prompts, self.unet.dtype,
+            size or (regions.native_side(self.unet, self.vae_scale_factor),) * 2,
+            zeros_for_empty=negative and self.config.force_zeros_for_empty_prompt)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -49,3 +49,34 @@ class Conditioning:
         if self.pooled is None:
             return None
         return {"text_embeds": self.pooled, "time_ids": self.time_ids}
+
+
+def token_ids(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    """The prompts' token ids, padded and cut to the tokenizer's length, as the text encoders read them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def encode_sd(tokenizer, text_encoder, prompts: list[str], dtype: torch.dtype) -> Conditioning:
+    """Stable Diffusion 1.x/2.x: the text encoder's last hidden states."""
+    return Conditioning(text_encoder(token_ids(tokenizer, prompts, text_encoder.device))[0].to(dtype))
+
+
+def encode_sdxl(encoders, prompts: list[str], dtype: torch.dtype, size: tuple[int, int], *,
+                zeros_for_empty: bool = False) -> Conditioning:
+    """SDXL: the penultimate hidden states of both ``encoders`` ((tokenizer, text encoder) pairs) side by side,
+    the second (projecting) encoder's pooled vector, and size ids for a ``size`` = (height, width) image seen whole
+    (original size = target size, crop at 0, 0). With ``zeros_for_empty`` (the negative prompt of a model whose
+    config asks for it) rows with an empty prompt are zeros."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in encoders:
+        output = encoder(token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output[0]  # the projecting encoder's text embedding
+    tokens, pooled = torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+    if zeros_for_empty:
+        empty = torch.tensor([prompt == "" for prompt in prompts], device=tokens.device)
+        tokens, pooled = tokens.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    height, width = size
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=tokens.device)
+    return Conditioning(tokens, pooled, time_ids.repeat(len(prompts), 1))
