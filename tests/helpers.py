@@ -1,4 +1,4 @@
-"""Assertions shared by the tests."""
+"""Assertions and fixtures' makers shared by the tests."""
 
 import pytest
 from PIL import Image
@@ -17,3 +17,20 @@ def assert_user_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> None:
 
 def pixel(image: Image.Image, x: int = 0, y: int = 0) -> tuple[int, ...]:
     return tuple(image.getpixel((x, y)))
+
+
+def random_lora(components, folder):
+    """A random (non-zero) LoRA on every attention projection of ``components``' U-Net, saved as diffusers saves
+    one (the same file layout for SD 1.x/2.x and SDXL U-Net LoRAs)."""
+    import torch
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = components["unet"]
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionLoraLoaderMixin.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import random_lora
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -18,26 +19,11 @@ from pfbdiff.pipeline import load_pipeline
 runner = CliRunner()
 
 
-def _lora_for(components, folder):
-    """A random (non-zero) LoRA on every attention projection of ``components``' U-Net, saved as diffusers does."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    unet = components["unet"]
-    torch.manual_seed(1)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
-
-
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     from pfbdiff.models.toy_models import tiny_sd_components
 
-    return _lora_for(tiny_sd_components(seed=0), tmp_path_factory.mktemp("lora"))
+    return random_lora(tiny_sd_components(seed=0), tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +101,7 @@ def test_a_changed_lora_file_stops_a_replay(files, tiny_model_dir, lora_file, tm
 def test_a_lora_for_another_model_is_one_line(files, tiny_model_dir, tmp_path):
     from pfbdiff.models.toy_models import tiny_sd_components
 
-    wider = _lora_for(tiny_sd_components(seed=0, cross_attention_dim=64), tmp_path)
+    wider = random_lora(tiny_sd_components(seed=0, cross_attention_dim=64), tmp_path)
     folder, image, mask = files
     result = runner.invoke(app, ["edit", str(image), "-m", str(mask), "-p", "a dog", "--model", str(tiny_model_dir),
                                  "--lora", str(wider), "-o", str(folder / "x.png")])

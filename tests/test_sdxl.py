@@ -103,3 +103,23 @@ def test_the_cli_edits_an_sdxl_folder_and_replays_it(sdxl_model_dir, files):
     assert json.loads((folder / "xl.json").read_text())["model"] == str(sdxl_model_dir)
     assert runner.invoke(app, ["edit", "--from-json", str(out), "-o", str(folder / "again.png")]).exit_code == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(folder / "again.png")))
+
+
+def test_an_sdxl_lora_changes_the_edit_and_an_sd1_one_is_one_line(sdxl_model_dir, tmp_path, photo, box_mask):
+    from helpers import random_lora
+
+    from pfbdiff.errors import PFBDiffError
+    from pfbdiff.models.toy_models import tiny_sd_components
+
+    lora = random_lora(tiny_sd_components(seed=2, family="sdxl"), tmp_path / "xl")
+    base = load_pipeline(str(sdxl_model_dir), quiet=True)
+    styled = load_pipeline(str(sdxl_model_dir), quiet=True, loras=[{"path": str(lora), "scale": 1.0}])
+    assert type(styled).__name__ == "PFBDiffXLPipeline"  # SDXL's LoRA loader
+    edits = [np.asarray(pipe(photo, box_mask, "a dog", "a cat", num_inference_steps=2, output_type="np").images)
+             for pipe in (base, styled)]
+    assert np.abs(edits[1] - edits[0]).max() > 0.05
+    sd1_lora = random_lora(tiny_sd_components(seed=0), tmp_path / "sd1")
+    with pytest.raises(PFBDiffError, match="cannot apply the LoRA"):
+        load_pipeline(str(sdxl_model_dir), quiet=True, loras=[{"path": str(sd1_lora), "scale": 1.0}])
+    with pytest.raises(PFBDiffError, match="embeddings on SDXL models are not supported yet"):
+        load_pipeline(str(sdxl_model_dir), quiet=True, embeddings=[{"path": str(sd1_lora), "token": None}])

@@ -26,7 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.loaders import (
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
@@ -100,7 +104,9 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         """
         from pfbdiff.models.loading import load_components
 
-        return cls(**load_components(model, **kwargs))
+        components = load_components(model, **kwargs)
+        sdxl = components.get("text_encoder_2") is not None
+        return (PFBDiffXLPipeline if sdxl and not issubclass(cls, PFBDiffXLPipeline) else cls)(**components)
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         """Not supported: the feature walker runs the U-Net's blocks one by one, never ``unet.forward``, which is
@@ -480,6 +486,11 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
             masks=None if alphas is None else [tensors.to_grey(mask_set.on_canvas(a, box, size)) for a in alphas],
             auto_masks=None if masks.auto is None else [tensors.to_grey(m) for m in masks.auto],
         )
+
+
+class PFBDiffXLPipeline(StableDiffusionXLLoraLoaderMixin, PFBDiffPipeline):
+    """The same pipeline for SDXL models: only its LoRA loader differs (an SDXL LoRA may also change the second
+    text encoder). :meth:`PFBDiffPipeline.from_pretrained` picks it for an SDXL model."""
 
 
 def load_pipeline(model, *, quiet: bool = False, loras=(), embeddings=(), **kwargs) -> PFBDiffPipeline:

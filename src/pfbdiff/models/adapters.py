@@ -17,6 +17,9 @@ from pfbdiff.models.diffusers_folders import SAFETENSORS_SUFFIX
 
 def apply(pipe, loras=(), embeddings=(), *, allow_pickle: bool = False) -> None:
     """Load ``loras`` (active together, at their scales) and ``embeddings`` into ``pipe``."""
+    if embeddings and getattr(pipe, "text_encoder_2", None) is not None:
+        raise PFBDiffError("textual-inversion embeddings on SDXL models are not supported yet (they need both text "
+                           "encoders); leave out --embedding, or use an SD 1.x/2.x model")
     for embedding in embeddings:
         path = _checked_file(embedding["path"], "embedding", allow_pickle)
         try:
@@ -33,11 +36,11 @@ def apply(pipe, loras=(), embeddings=(), *, allow_pickle: bool = False) -> None:
             with _library_notes_off():  # "no LoRA keys for the text encoder … safe to ignore" and the like
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, RuntimeError, OSError, KeyError) as error:
-            raise PFBDiffError(f"cannot apply the LoRA {path} to this model ({gist(error)}); is it made for "
-                               "Stable Diffusion 1.x/2.x and this model's size?") from error
+            raise PFBDiffError(f"cannot apply the LoRA {path} to this model ({gist(error)}); is it made for this "
+                               "model's family (SD 1.x, 2.x or SDXL) and size?") from error
         if _parameter_count(pipe) == before:
-            raise PFBDiffError(f"the LoRA {path} changes no layer of this model; is it made for Stable Diffusion "
-                               "1.x/2.x (not SDXL or another family)?")
+            raise PFBDiffError(f"the LoRA {path} changes no layer of this model; is it made for this model's family "
+                               "(SD 1.x, 2.x or SDXL)?")
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[lora["scale"] for lora in loras])
