@@ -86,6 +86,13 @@ FLAGS = {"guidance_scale": "--guidance", "settings": "--set", "image": "IMAGE", 
 SETTING_FLAGS = ("strength", "start", "grow")
 
 
+# Options of every command that loads a model, declared once (edit, batch, ui).
+ALLOW_PICKLE = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files).")
+CONFIG = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file.")
+LORAS = typer.Option(None, "--lora", help="A LoRA .safetensors file, FILE or FILE:SCALE (default scale 1); repeat for several.")
+EMBEDDINGS = typer.Option(None, "--embedding", help="A textual-inversion embedding, FILE or FILE:TOKEN (default: the file's token, else <file name>); repeat for several.")
+
+
 def flag(parameter: str) -> str:
     """The command-line spelling of a library parameter: ``crop_padding`` → ``--crop-padding``, ``halo`` →
     ``--set halo``."""
@@ -129,10 +136,10 @@ def edit(
     seed: int = typer.Option(0, "--seed", help="Seed for the noise start (--start noise)."),
     start: Optional[str] = typer.Option(None, "--start", help="'inverted' (default: the DDIM-inverted photo) or 'noise' (seeded)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, or .safetensors file (default: 'shapes', the bundled ShapesWorld model; 'tiny' is a random test model)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
+    config: Optional[str] = CONFIG,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
+    allow_pickle: bool = ALLOW_PICKLE,
     settings: Optional[list[str]] = typer.Option(None, "--set", help="Any method setting as KEY=VALUE, e.g. --set t_combine=200 --set blend_levels=-1,-2 (see `pfbdiff presets`)."),
     grow: Optional[int] = typer.Option(None, "--grow", help="Grow (+) or shrink (-) the mask by this many pixels of the photo. Default: the preset's (0)."),
     feather: Optional[int] = typer.Option(None, "--feather", help="Soften the pasted-back edge over this many pixels, inside the mask. Default: from the mask's size (0 for a grey, soft mask)."),
@@ -144,8 +151,8 @@ def edit(
     save_json: bool = typer.Option(False, "--save-json", help="Also write the edit's record (the PNG's metadata) as OUTPUT.json."),
     from_json: Optional[Path] = typer.Option(None, "--from-json", help="Re-run the edit recorded in a --save-json file or a pfbdiff PNG; options given here override the record."),
     copy_if_empty: bool = typer.Option(False, "--copy-if-empty", help="With an all-black mask, write a copy of the photo instead of failing."),
-    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA .safetensors file, FILE or FILE:SCALE (default scale 1); repeat for several."),
-    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding, FILE or FILE:TOKEN (default: the file's token, else <file name>); repeat for several."),
+    loras: Optional[list[str]] = LORAS,
+    embeddings: Optional[list[str]] = EMBEDDINGS,
 ):
     """Edit the masked region of IMAGE to show PROMPT, keeping the rest."""
     from pfbdiff.apps import provenance
@@ -423,10 +430,10 @@ def batch(
     num_processes: int = typer.Option(1, "--num-processes", "-j", help="Processes to run side by side on this machine (one per GPU; on a CPU they share its cores). Uses accelerate launch."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: best available; one GPU per process when launched by accelerate)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
-    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA for every line, FILE or FILE:SCALE; repeat for several."),
-    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding for every line, FILE or FILE:TOKEN; repeat for several."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    config: Optional[str] = CONFIG,
+    loras: Optional[list[str]] = LORAS,
+    embeddings: Optional[list[str]] = EMBEDDINGS,
 ):
     """Run every edit of a MANIFEST; rerun to resume (lines already done with the same parameters are skipped).
 
@@ -455,16 +462,17 @@ def batch(
             for error in errors:
                 print_error(error)
             raise typer.Exit(2 if errors else code)
-    try:
-        code = batch_module.run_batch_command(
-            manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
-            allow_pickle=allow_pickle, config=config, console=console, loras=loras or [], embeddings=embeddings or [],
-        )
-    except PFBDiffError as error:
-        if not launched:
-            print_error(error.naming(flag))
-            raise typer.Exit(2) from None
-        batch_module.end_launched_process(2, error.naming(flag))
+    with user_errors():
+        try:
+            code = batch_module.run_batch_command(
+                manifest, out, model=model, steps=steps, guidance=guidance, device=device, dtype=dtype,
+                allow_pickle=allow_pickle, config=config, console=console, loras=loras or [],
+                embeddings=embeddings or [],
+            )
+        except PFBDiffError as error:
+            if launched:  # the launching process prints it, once for all processes
+                batch_module.end_launched_process(2, error.naming(flag))
+            raise
     if launched:
         batch_module.end_launched_process(code)
     raise typer.Exit(code)
@@ -477,10 +485,10 @@ def ui(
     port: int = typer.Option(7860, "--port", help="Port to listen on."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin pickle checkpoints (they can run code: only for trusted files)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Diffusers folder or hub id with the configs for a single .safetensors file."),
-    loras: Optional[list[str]] = typer.Option(None, "--lora", help="A LoRA, FILE or FILE:SCALE; repeat for several."),
-    embeddings: Optional[list[str]] = typer.Option(None, "--embedding", help="A textual-inversion embedding, FILE or FILE:TOKEN; repeat for several."),
+    allow_pickle: bool = ALLOW_PICKLE,
+    config: Optional[str] = CONFIG,
+    loras: Optional[list[str]] = LORAS,
+    embeddings: Optional[list[str]] = EMBEDDINGS,
 ):
     """Open the web page: upload a photo, paint the mask, type a prompt, press Run (needs pip install 'pfbdiff\\[ui]')."""
     with user_errors():

@@ -121,16 +121,12 @@ def _remembered_sha256(path: str, size: int, modified_ns: int) -> str:
 
 def check_inputs(record: dict) -> None:
     """The record's input files (and LoRA / embedding files) must still exist and have the recorded SHA-256."""
-    for path, expected in (record.get("adapter_sha256") or {}).items():
-        imgs.check_readable_file(Path(path), "LoRA or embedding")
-        if file_sha256(path) != expected:
-            raise PFBDiffError(f"the LoRA or embedding file {path} has changed since the record was written "
-                               "(SHA-256 differs); the result would differ")
-    for key in ("image", "mask"):
-        path, expected = record.get(key), record.get(f"{key}_sha256")
+    files = [(key, record.get(key), record.get(f"{key}_sha256")) for key in ("image", "mask")]
+    files += [("LoRA or embedding", path, digest) for path, digest in (record.get("adapter_sha256") or {}).items()]
+    for what, path, expected in files:
         if not path:
             continue
-        imgs.check_readable_file(Path(path), key)
+        imgs.check_readable_file(Path(path), what)
         if expected and file_sha256(path) != expected:
-            raise PFBDiffError(f"the {key} file {path} has changed since the record was written (SHA-256 differs); "
+            raise PFBDiffError(f"the {what} file {path} has changed since the record was written (SHA-256 differs); "
                                "the result would differ")

@@ -341,20 +341,6 @@ class Outcome:
     shared_inversion: bool
 
 
-def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inversions: InversionCache | None = None,
-                on_invert_step: Callable[[int], None] | None = None,
-                on_edit_step: Callable[[int], None] | None = None) -> Outcome:
-    """Run ``request`` on ``pipe`` (invert, or reuse a cached inversion, then edit) and record it.
-
-    ``inputs`` are :func:`load_inputs` of the request when already loaded. ``on_invert_step(k)`` /
-    ``on_edit_step(k)`` are called after each inversion / edit step.
-    """
-    import torch
-
-    with _named_as_request_fields():
-        return _run(request, pipe, inputs, inversions, on_invert_step, on_edit_step, torch.Generator())
-
-
 #: Pipeline parameters whose request field has another name.
 _REQUEST_FIELDS = {"num_inference_steps": "steps"}
 
@@ -371,7 +357,17 @@ def _named_as_request_fields():
         raise PFBDiffError.about(_REQUEST_FIELDS[error.parameter], error.detail) from None
 
 
-def _run(request, pipe, inputs, inversions, on_invert_step, on_edit_step, generator) -> Outcome:
+@_named_as_request_fields()
+def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inversions: InversionCache | None = None,
+                on_invert_step: Callable[[int], None] | None = None,
+                on_edit_step: Callable[[int], None] | None = None) -> Outcome:
+    """Run ``request`` on ``pipe`` (invert, or reuse a cached inversion, then edit) and record it.
+
+    ``inputs`` are :func:`load_inputs` of the request when already loaded. ``on_invert_step(k)`` /
+    ``on_edit_step(k)`` are called after each inversion / edit step.
+    """
+    import torch
+
     inputs = inputs or load_inputs(request)
     config = request.edit_config
     pipe.check_words(request.prompt, config)  # a misspelt word, before the costly inversion
@@ -400,7 +396,7 @@ def _run(request, pipe, inputs, inversions, on_invert_step, on_edit_step, genera
 
     result = pipe.edit(
         inversion, inputs.mask, request.prompt, preset=config, guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt or None, generator=generator.manual_seed(request.seed),
+        negative_prompt=request.negative_prompt or None, generator=torch.Generator().manual_seed(request.seed),
         callback_on_step_end=on_step, paste_back=request.paste_back, feather=request.feather,
         auto_mask=request.auto_mask, auto_mask_threshold=request.auto_mask_threshold,
     )

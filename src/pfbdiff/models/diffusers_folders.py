@@ -89,7 +89,7 @@ OTHER_FAMILIES = {"StableDiffusion3": "a Stable Diffusion 3 model",
 
 def family_problem(folder: Path) -> str | None:
     """Why the diffusers model in ``folder`` is of a family pfbdiff cannot edit (read from its config files
-    only), or ``None``: SDXL, SD3, Flux and other transformers, and U-Nets that take more than a latent
+    only), or ``None``: SD3, Flux and other transformers, SDXL refiners, and U-Nets that take more than a latent
     (inpainting, depth)."""
     try:
         index = json.loads((folder / "model_index.json").read_text("utf-8"))
@@ -216,13 +216,14 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoic
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         "scheduler": lambda: _load_scheduler(folder),
     }
-    if is_sdxl(folder):
+    sdxl = is_sdxl(folder)
+    if sdxl:
         loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
             folder, dtype=dtype, **weight_kwargs("text_encoder_2"))
         loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2",
                                                                        local_files_only=True)
     components = {component: _damage_named(folder, component, load) for component, load in loaders.items()}
-    if is_sdxl(folder):
+    if sdxl:
         index = json.loads((folder / "model_index.json").read_text("utf-8"))
         components["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
     return components

@@ -236,9 +236,13 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
     return pipeline.components
 
 
-#: Weight names that only other families' single-file checkpoints have.
-_OTHER_FAMILY_KEYS = {"conditioner.embedders.1.": "an SDXL checkpoint", "joint_blocks.": "a Stable Diffusion 3 checkpoint",
-                      "double_blocks.": "a Flux checkpoint"}
+#: Weight names that only other families' single-file checkpoints have, and what to say of such a file.
+_OTHER_FAMILY_KEYS = {
+    "conditioner.embedders.1.": "an SDXL checkpoint, which pfbdiff loads from a diffusers folder only so far; pass the "
+                                "model's diffusers folder or hub id (or save it as one with diffusers' from_single_file)",
+    "joint_blocks.": f"a Stable Diffusion 3 checkpoint; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint",
+    "double_blocks.": f"a Flux checkpoint; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint",
+}
 _FIRST_UNET_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 
@@ -253,12 +257,9 @@ def _single_file_family_problem(path: Path) -> str | None:
             channels = checkpoint.get_slice(_FIRST_UNET_CONV).get_shape()[1] if _FIRST_UNET_CONV in names else 4
     except (OSError, SafetensorError):
         return None  # loading it says what is wrong
-    family = next((name for marker, name in _OTHER_FAMILY_KEYS.items() if any(marker in key for key in names)), None)
-    if family == "an SDXL checkpoint":
-        return (f"'{path}' is an SDXL checkpoint, which pfbdiff loads from a diffusers folder only so far; pass the "
-                "model's diffusers folder or hub id (or save it as one with diffusers' from_single_file)")
+    family = next((what for marker, what in _OTHER_FAMILY_KEYS.items() if any(marker in key for key in names)), None)
     if family:
-        return f"'{path}' is {family}; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint"
+        return f"'{path}' is {family}"
     if channels != 4:
         return (f"'{path}' is an inpainting or depth checkpoint (its U-Net takes {channels} input channels); "
                 f"{SUPPORTED} whose U-Net takes the latent alone")
