@@ -81,4 +81,6 @@ def _token_of(path: Path) -> str | None:
 
 
 def _parameter_count(pipe) -> int:
-    return sum(p.numel() for module in (pipe.unet, pipe.text_encoder) for p in module.parameters())
+    """Parameters of every network a LoRA may change (SDXL's second text encoder too)."""
+    networks = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    return sum(p.numel() for module in networks if module is not None for p in module.parameters())
