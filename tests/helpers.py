@@ -34,3 +34,24 @@ def random_lora(components, folder):
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionLoraLoaderMixin.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def assert_confined_to(seen, latent_mask, positions):
+    """Every observed cross-attention map (``seen``: block → heads × pixels × tokens of one conditional row) gives
+    the tokens at ``positions`` exactly zero attention outside ``latent_mask``'s region, and some attention inside
+    it somewhere."""
+    import torch
+
+    from pfbdiff.engine.attention import AttentionMasking
+    from pfbdiff.engine.edit_mask import EditMask
+
+    assert seen, "no cross-attention was masked"
+    grid = AttentionMasking([], tuple(latent_mask.shape[-2:]), ())  # the engine's map sizes for each pixel count
+    inside_somewhere = False
+    for index, probabilities in seen.items():
+        size = grid.spatial_size(probabilities.shape[-2])
+        inside = EditMask(latent_mask[:1]).binary_at(size).reshape(-1)
+        on_words = probabilities[..., positions]
+        assert torch.all(on_words[:, ~inside] == 0), index
+        inside_somewhere |= bool((on_words[:, inside] > 0).any())
+    assert inside_somewhere

@@ -5,10 +5,12 @@ folder through the real loading code."""
 import numpy as np
 import pytest
 import torch
+from helpers import assert_confined_to
 
 from pfbdiff import PFBDiffPipeline
 from pfbdiff.engine.attention import AttentionMasking, MaskedCrossAttention, TokenRegion
 from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.loop import Prompts, plain_sampling_loop
 from pfbdiff.engine.presets import PRESETS
 from pfbdiff.engine.tokens import positions_of
 from pfbdiff.models.toy_models import save_tiny_model
@@ -53,6 +55,11 @@ def test_every_preset_edits_an_sd2_model_with_its_words_masked(sd2_pipe, photo, 
                       source_prompt, preset=preset, num_inference_steps=2, attention_observer=observe, **regions)
     image = np.asarray(result.images[0])
     assert image.shape == photo.shape and np.isfinite(image).all()
+    keep = np.asarray(result.masks[0]) == 0
+    assert np.array_equal(image[keep], photo[keep])  # paste-back: bit for bit outside the mask
+    if preset in ("object", "attribute"):  # the new words: exactly zero outside the edit mask, in every block
+        assert_confined_to(seen, result.latent_masks,
+                           list(positions_of(sd2_pipe.tokenizer, prompt, words)))
     if not words:
         return
     assert seen, "no cross-attention was masked"
@@ -60,6 +67,15 @@ def test_every_preset_edits_an_sd2_model_with_its_words_masked(sd2_pipe, photo, 
                 for index, probabilities in seen.items()}
     assert all((attention == 0).any() for attention in on_words.values())
     assert any((attention > 0).any() for attention in on_words.values())  # a deep 2×2 map may lie all outside
+
+
+def test_no_op_config_is_exactly_plain_sampling_from_the_inverted_latent(sd2_pipe, photo, box_mask):
+    inv = sd2_pipe.invert(photo, "a cat", num_inference_steps=4)
+    edited = sd2_pipe.edit(inv, box_mask, "a dog", output_type="latent", blend_blocks=(), attention_masking=False,
+                           latent_blend=0.98).images
+    prompts = Prompts(None, sd2_pipe.encode_prompt(["a dog"]), sd2_pipe.encode_prompt([""], negative=True))
+    assert torch.equal(edited, plain_sampling_loop(sd2_pipe.feature_unet, inv.latents[-1], sd2_pipe.ddim_grid(4),
+                                                   prompts, 7.5))
 
 
 def test_a_mask_the_model_passes_is_merged_with_the_word_mask_not_dropped(sd2_pipe):

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_confined_to
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -83,7 +84,10 @@ def test_every_preset_edits_with_its_words_masked_and_the_rest_of_the_photo_kept
     image = np.asarray(result.images[0])
     keep = np.asarray(result.masks[0]) == 0
     assert np.array_equal(image[keep], photo[keep])  # paste-back: bit for bit outside the mask
-    on_words = [p[..., list(positions_of(sdxl_pipe.tokenizer, prompt, words))] for p in seen.values()]
+    positions = list(positions_of(sdxl_pipe.tokenizer, prompt, words))
+    if preset in ("object", "attribute"):  # the new words: exactly zero outside the edit mask, in every block
+        assert_confined_to(seen, result.latent_masks, positions)
+    on_words = [p[..., positions] for p in seen.values()]
     assert on_words and all((a == 0).any() for a in on_words) and any((a > 0).any() for a in on_words)
 
 
