@@ -1,4 +1,4 @@
-"""Test helper: write diffusers SD 1.x components as an original CompVis/LDM single-file checkpoint.
+"""Test helper: write diffusers SD 1.x, 2.x or SDXL components as an original CompVis/LDM single-file checkpoint.
 
 Real single-file Stable Diffusion checkpoints (``v1-5-pruned-emaonly.safetensors`` and the like) use the key
 names of the original latent-diffusion code, not diffusers'. To test loading such files offline, this module
@@ -10,7 +10,11 @@ renames the tiny model's weights into that layout:
 * VAE ``first_stage_model.*``: ``encoder.down.{i}.block.{j}``, ``decoder.up.{i}`` numbered from the lowest
   resolution upward (the reverse of diffusers' ``up_blocks``), ``mid.block_1`` / ``mid.attn_1``, and the
   mid attention's q/k/v/proj_out stored as 1x1 convolutions.
-* Text encoder ``cond_stage_model.transformer.text_model.*``: the Hugging Face CLIP names under a prefix.
+* Text encoder ``cond_stage_model.transformer.text_model.*``: the Hugging Face CLIP names under a prefix (SD 1.x);
+  SD 2.x's OpenCLIP encoder ``cond_stage_model.model.*`` has its own names (``resblocks``, one ``in_proj`` for
+  queries, keys and values, ``text_projection`` stored transposed); SDXL's two are
+  ``conditioner.embedders.0.transformer.*`` (CLIP names) and ``conditioner.embedders.1.model.*`` (OpenCLIP's).
+* SDXL's pooled-vector and size-id embedding ``add_embedding`` is ``label_emb.0``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from safetensors.torch import save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers module path -> LDM module path, for the UNet parts that are not inside a block
 UNET_TOP_LEVEL = {
@@ -31,6 +38,8 @@ UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 UNET_RESNET_LAYERS = {
     "norm1": "in_layers.0",
@@ -148,30 +157,59 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return converted
 
 
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """The CLIP text encoder's weights under ``cond_stage_model.transformer.text_model.``."""
+def text_encoder_to_ldm(text_encoder, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """The CLIP text encoder's weights under ``prefix`` with the Hugging Face names."""
     converted = {}
     for key, tensor in text_encoder.state_dict().items():
         # Recent transformers drop the ``text_model.`` level inside CLIPTextModel; older ones keep it.
-        converted[CLIP_PREFIX + key.removeprefix("text_model.")] = tensor
+        converted[prefix + key.removeprefix("text_model.")] = tensor
     return converted
 
 
-def components_to_ldm(components: dict) -> dict[str, torch.Tensor]:
-    """One LDM-layout state dict holding the UNet, VAE and text encoder of ``components``."""
-    state_dict = {
-        **unet_to_ldm(components["unet"]),
-        **vae_to_ldm(components["vae"]),
-        **text_encoder_to_ldm(components["text_encoder"]),
-    }
+OPEN_CLIP_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                         "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_TOP_LEVEL = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                       "embeddings.position_embedding.weight": "positional_embedding",
+                       "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def text_encoder_to_open_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's weights with OpenCLIP's names under ``prefix`` (SD 2.x, SDXL's second encoder)."""
+    weights = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()}
+    converted = {prefix + new: weights.pop(old) for old, new in OPEN_CLIP_TOP_LEVEL.items()}
+    if "text_projection.weight" in weights:  # OpenCLIP multiplies by the projection from the right
+        converted[prefix + "text_projection"] = weights.pop("text_projection.weight").T
+    weights.pop("embeddings.position_ids", None)
+    for layer in range(text_encoder.config.num_hidden_layers):
+        old, new = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            converted[f"{new}attn.in_proj_{kind}"] = torch.cat(
+                [weights.pop(f"{old}self_attn.{part}_proj.{kind}") for part in ("q", "k", "v")])
+            for old_name, new_name in OPEN_CLIP_LAYER_NAMES.items():
+                converted[f"{new}{new_name}.{kind}"] = weights.pop(f"{old}{old_name}.{kind}")
+    assert not weights, f"weights left without an OpenCLIP name: {sorted(weights)}"
+    return converted
+
+
+def components_to_ldm(components: dict, family: str = "sd1") -> dict[str, torch.Tensor]:
+    """One LDM-layout state dict holding the UNet, VAE and text encoder(s) of ``components`` (``family``: "sd1",
+    "sd2" or "sdxl")."""
+    if family == "sdxl":
+        text = {**text_encoder_to_ldm(components["text_encoder"], SDXL_CLIP_PREFIX),
+                **text_encoder_to_open_clip(components["text_encoder_2"], SDXL_OPEN_CLIP_PREFIX)}
+    elif family == "sd2":
+        text = text_encoder_to_open_clip(components["text_encoder"], OPEN_CLIP_PREFIX)
+    else:
+        text = text_encoder_to_ldm(components["text_encoder"])
+    state_dict = {**unet_to_ldm(components["unet"]), **vae_to_ldm(components["vae"]), **text}
     # safetensors refuses tensors that share memory or are views, so store independent contiguous copies
     return {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in state_dict.items()}
 
 
-def write_ldm_safetensors(components: dict, path: str | Path) -> Path:
+def write_ldm_safetensors(components: dict, path: str | Path, family: str = "sd1") -> Path:
     """Write ``components`` as a single-file LDM ``.safetensors`` checkpoint and return its path."""
     path = Path(path)
-    save_file(components_to_ldm(components), str(path))
+    save_file(components_to_ldm(components, family), str(path))
     return path
 
 

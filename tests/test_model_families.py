@@ -70,8 +70,7 @@ def test_a_cached_hub_id_of_another_family_is_named_without_trying_the_network(m
 
 
 @pytest.mark.parametrize("weights, fragment", [
-    ({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, "is an SDXL checkpoint, which pfbdiff loads "
-                                                                         "from a diffusers folder only so far"),
+    ({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2)}, "is an SDXL refiner checkpoint"),
     ({"model.diffusion_model.joint_blocks.0.x.weight": torch.zeros(2)}, "is a Stable Diffusion 3 checkpoint"),
     ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "is a Flux checkpoint"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)},

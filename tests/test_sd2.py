@@ -103,3 +103,17 @@ def test_a_mask_the_model_passes_is_merged_with_the_word_mask_not_dropped(sd2_pi
     assert torch.all(probabilities[:, outside][..., [2, 3]] == 0)
     assert torch.all(probabilities[:, ~outside][..., [2, 3]] > 0)
     torch.testing.assert_close(probabilities.sum(-1), torch.ones(probabilities.shape[:2]), atol=1e-2, rtol=0)
+
+
+def test_a_single_file_sd2_checkpoint_with_its_openclip_encoder_loads_exactly(sd2_model_dir, tmp_path):
+    from ldm_checkpoint import write_ldm_safetensors
+
+    from pfbdiff.models.loading import load_components
+
+    folder = load_components(str(sd2_model_dir), device="cpu")
+    path = write_ldm_safetensors(folder, tmp_path / "sd2.safetensors", family="sd2")
+    loaded = load_components(path, config=str(sd2_model_dir), device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        reference = folder[name].state_dict()
+        assert all(torch.equal(value, reference[key]) for key, value in loaded[name].state_dict().items()), name
+    assert loaded["unet"].config.upcast_attention and loaded["scheduler"].config.prediction_type == "v_prediction"

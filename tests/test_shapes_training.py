@@ -103,7 +103,7 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
                                                       "text_encoder", "unet", "vae"}
     assert "single-object fully right" in (tmp_path / "model_card.md").read_text()
     info = json.loads((export_dir / "training.json").read_text())
-    assert set(info) == {"unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",
+    assert set(info) == {"family", "warm_start", "unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",
                          "hardware", "quick_eval", "unet_phases", "exported"}
     assert [phase["steps"] for phase in info["unet_phases"]] == [[0, 5]]
     assert info["unet_steps"] == 5 and info["vae"]["decoder_steps"] == 2 and info["quick_eval"]["step"] == "5"
@@ -135,6 +135,56 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     phases = json.loads((export_dir / "training.json").read_text())["unet_phases"]
     assert [(phase["steps"], phase["object_weight"]) for phase in phases] == [([0, 5], 0.0), ([5, 6], 2.0)]
     assert "steps 5-6: batch 2; learning rate 0.0005" in (tmp_path / "model_card.md").read_text()
+
+
+def test_an_sdxl_layout_model_starts_from_the_sd1_one_with_sdxls_additions_silent(tmp_path, tiny_training):
+    """The SDXL-layout ShapesWorld model is warm-started from the bundled SD-1-layout one: at step 0 the second
+    text encoder's columns and the pooled vector and size ids change nothing (their weights are zeros), and the
+    attention the layouts share reads the first encoder with the SD-1 weights. Then it trains and exports an SDXL
+    folder that the pipeline loads and edits with."""
+    from diffusers import UNet2DConditionModel
+
+    from pfbdiff.models.catalog import BUNDLED_SHAPES_MODEL
+    from pfbdiff.pipeline import PFBDiffXLPipeline, load_pipeline
+    from pfbdiff.shapes.train import main
+    from pfbdiff.shapes.training_setup import POOLED_WIDTH, build_unet_stage, warm_start_from_sd1
+
+    components = build_unet_stage(tmp_path, 0, "sdxl")
+    warm_start_from_sd1(components, BUNDLED_SHAPES_MODEL)
+    unet, width = components["unet"], components["text_encoder"].config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    latents, tokens = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, width + POOLED_WIDTH,
+                                                                                   generator=generator)
+    others = tokens.clone()
+    others[..., width:] = torch.randn(1, 77, POOLED_WIDTH, generator=generator)
+
+    def predict(tokens, pooled, size):
+        added = {"text_embeds": pooled, "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]])}
+        with torch.no_grad():
+            return unet(latents, 500, encoder_hidden_states=tokens, added_cond_kwargs=added).sample
+
+    first = predict(tokens, torch.randn(1, POOLED_WIDTH, generator=generator), 64.0)
+    assert torch.equal(first, predict(others, torch.randn(1, POOLED_WIDTH, generator=generator), 1024.0))
+    sd1 = UNet2DConditionModel.from_pretrained(BUNDLED_SHAPES_MODEL / "unet").float()
+    shared, old = unet.down_blocks[1].attentions[0], sd1.down_blocks[1].attentions[0]
+    key = shared.transformer_blocks[0].attn2.to_k.weight
+    assert torch.equal(key[:, :width], old.transformer_blocks[0].attn2.to_k.weight) and not key[:, width:].any()
+    assert torch.equal(shared.proj_in.weight, old.proj_in.weight.flatten(1))  # a 1 x 1 convolution, now linear
+
+    out, export_dir = tmp_path / "run", tmp_path / "model_sdxl"
+    main(["--out", str(out), "--stage", "unet", "--family", "sdxl", "--init-from", str(BUNDLED_SHAPES_MODEL),
+          "--batch", "2", "--unet-steps", "2", "--eval-minutes", "0", "--export-dir", str(export_dir)])
+    info = json.loads((export_dir / "training.json").read_text())
+    assert info["family"] == "sdxl" and info["unet_steps"] == 2 and info["warm_start"]["unet_steps"] > 0
+    assert "Warm start: from the SD-1-layout ShapesWorld model" in (tmp_path / "model_sdxl_card.md").read_text()
+    pipe = load_pipeline(str(export_dir), quiet=True)
+    assert isinstance(pipe, PFBDiffXLPipeline) and not pipe.config.force_zeros_for_empty_prompt
+    photo = torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()
+    mask = torch.zeros(64, 64).numpy()
+    mask[16:48, 16:48] = 1
+    result = pipe(photo, mask, "a red circle on a plain blue background", "a plain black background",
+                  num_inference_steps=2, guidance_scale=4.0)
+    assert result.images[0].size == (64, 64)
 
 
 def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():

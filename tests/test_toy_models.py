@@ -7,13 +7,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pfbdiff.models.full_size import random_unet, sd15_unet_config, sdxl_unet_config
 from pfbdiff.models.toy_models import (
     TINY_WORDS,
     build_clip_tokenizer,
     bytes_to_unicode,
     make_sd_scheduler,
-    sd15_random_unet,
-    sd15_unet_config,
     sd_scheduler_config,
     tiny_sd_components,
 )
@@ -215,7 +214,7 @@ def test_sd15_unet_config_matches_published_numbers():
 
 
 def test_sd15_random_unet_structure_on_meta_device():
-    unet = sd15_random_unet(device="meta")
+    unet = random_unet(sd15_unet_config(), device="meta")
     assert next(unet.parameters()).device.type == "meta"
     assert sum(p.numel() for p in unet.parameters()) == pytest.approx(859.52e6, rel=1e-3)
     assert len(unet.down_blocks) == 4 and len(unet.up_blocks) == 4
@@ -226,3 +225,12 @@ def test_sd15_random_unet_structure_on_meta_device():
     assert (input_blocks, 1, output_blocks) == (12, 1, 12)
     attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
     assert len(attn2) == 16 and all(m.heads == 8 for m in attn2)
+
+
+def test_sdxl_random_unet_structure_on_meta_device():
+    unet = random_unet(sdxl_unet_config(), device="meta")
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL 1.0 base's published U-Net
+    attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    assert len(attn2) == 2 * 2 + 2 * 10 + 10 + 3 * 2 + 3 * 10  # down 1 and 2, mid, up 0 and 1 (3 resnets each)
+    assert {m.heads for m in attn2} == {10, 20}  # 64-wide heads at 640 and 1280 channels
+

@@ -77,9 +77,9 @@ def test_call_counter_counts_passes_and_rows(unet):
 
 
 def test_full_size_sd15_unet_blend_point_shapes():
-    from pfbdiff.models.toy_models import sd15_random_unet
+    from pfbdiff.models.full_size import random_unet, sd15_unet_config
 
-    unet = FeatureUNet(sd15_random_unet(seed=0))
+    unet = FeatureUNet(random_unet(sd15_unet_config(), seed=0))
     shapes = {}
 
     def record_shape(index, h):
@@ -93,3 +93,33 @@ def test_full_size_sd15_unet_blend_point_shapes():
     assert shapes[10] == (1280, 8, 8) and shapes[12] == shapes[13] == (1280, 8, 8)
     assert shapes[16] == (1280, 16, 16) and shapes[19] == (1280, 32, 32)
     assert shapes[22] == (640, 64, 64) and shapes[25] == (320, 64, 64)
+
+
+def test_full_size_sdxl_unet_blocks_attention_and_blend_point_shapes():
+    """SDXL's 19 blocks (docs/method.md §12): three levels of 320, 640 and 1280 channels, cross-attention only at
+    the two deeper ones (2 and 10 transformer layers) and in the middle, walked with the pooled vector and size ids."""
+    from pfbdiff.engine.conditioning import Conditioning
+    from pfbdiff.models.full_size import random_unet, sdxl_unet_config
+
+    unet = FeatureUNet(random_unet(sdxl_unet_config(), seed=0, dtype=torch.bfloat16))
+    assert len(unet.blocks) == 19 and unet.middle_index == 10 and unet.num_levels == 3
+    assert unet.attention_blocks_at_levels([0]) == ()
+    assert unet.attention_blocks_at_levels([1]) == (5, 6, 14, 15, 16)
+    assert unet.attention_blocks_at_levels([2]) == (8, 9, 10, 11, 12, 13)
+    layers = {b.index: len(b.cross_attentions) for b in unet.blocks if b.cross_attentions}
+    assert {layers[i] for i in (5, 6, 14, 15, 16)} == {2} and {layers[i] for i in (8, 9, 10, 11, 12, 13)} == {10}
+    assert unet.blocks_at_levels([-1]) == (7, 8, 9, 10, 11, 12) == unet.blocks_at_levels([2])  # by output size
+    shapes = {}
+
+    def record_shape(index, h):
+        shapes[index] = tuple(h.shape[1:])
+        return h
+
+    conditioning = Conditioning(torch.randn(1, 77, 2048, dtype=torch.bfloat16), torch.randn(1, 1280, dtype=torch.bfloat16),
+                                torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]], dtype=torch.bfloat16))
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 32, 32, dtype=torch.bfloat16), 981, conditioning, on_block=record_shape)
+    assert out.shape == (1, 4, 32, 32) and torch.isfinite(out).all()
+    assert shapes[1] == shapes[3] == (320, 32, 32) and shapes[4] == (320, 16, 16)
+    assert shapes[5] == (640, 16, 16) and shapes[7] == (640, 8, 8) and shapes[8] == shapes[10] == (1280, 8, 8)
+    assert shapes[13] == (1280, 16, 16) and shapes[16] == (640, 32, 32) and shapes[19] == (320, 32, 32)

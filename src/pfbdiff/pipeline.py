@@ -125,11 +125,12 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return self.feature_unet.calls
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None, *,
-                      negative: bool = False) -> Conditioning:
+    def encode_prompt(self, prompts: list[str], size: tuple[int, int] | None = None, *, negative: bool = False,
+                      original_size: tuple[int, int] | None = None) -> Conditioning:
         """The conditioning of ``prompts``. For SDXL: both text encoders' penultimate hidden states side by side,
         the second one's pooled vector, and size ids for a ``size`` = (height, width) image (default: the model's
-        native size) seen whole; ``negative`` rows with an empty prompt are zeros where the model asks for it."""
+        native size) made from an image of ``original_size`` (default: seen whole); ``negative`` rows with an
+        empty prompt are zeros where the model asks for it."""
         prompts = self._as_encoded(prompts)
         for prompt in dict.fromkeys(prompts):
             _, cut = split_at_token_limit(self.tokenizer, prompt)
@@ -140,7 +141,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
             return conditioning.encode_sd(self.tokenizer, self.text_encoder, prompts, self.unet.dtype)
         return conditioning.encode_sdxl(
             ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)), prompts, self.unet.dtype,
-            size or (regions.native_side(self.unet, self.vae_scale_factor),) * 2,
+            size or (regions.native_side(self.unet, self.vae_scale_factor),) * 2, original_size=original_size,
             zeros_for_empty=negative and self.config.force_zeros_for_empty_prompt)
 
     @torch.no_grad()
@@ -198,7 +199,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
     def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None,
                callback=None, *, mask_image=None, plan: regions.RegionPlan | None = None, crop="auto",
                crop_padding: int | None = None, grow: int = 0, feather: int | None = None,
-               feather_placement: str = compositing.DEFAULT_PLACEMENT) -> Inversion:
+               feather_placement: str = compositing.DEFAULT_PLACEMENT, size_ids: str = "model") -> Inversion:
         """Encode ``image`` (one or a list), DDIM-invert it with ``source_prompt`` and record source features.
 
         ``record_blocks`` (block numbers L) defaults to every block any preset blends; an edit that needs
@@ -220,7 +221,8 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), plan.model_size)
                             for im in pil_images])
         source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
-        embeddings = self.encode_prompt(source_prompts, tuple(pixels.shape[-2:]))
+        box = (plan.box.height, plan.box.width) if size_ids == "box" else None
+        embeddings = self.encode_prompt(source_prompts, tuple(pixels.shape[-2:]), original_size=box)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
         inverted_steps = edit_steps(grid.num_steps, strength)
         with self.progress_bar(total=inverted_steps) as bar:
@@ -235,7 +237,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                 blocks, callback=on_step,
             )
         return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes,
-                         crop_box=plan.box, source_images=pil_images)
+                         crop_box=plan.box, source_images=pil_images, size_ids=size_ids)
 
     def _default_record_blocks(self) -> frozenset[int]:
         return frozenset(b for cfg in PRESETS.values() if cfg.cache_source for b in self.blend_plan(cfg).source_blocks)
@@ -272,7 +274,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         estimate = None
         if auto_mask:
             def estimate(box):
-                target = self.encode_prompt(_broadcast(prompt, n, "prompt"), tuple(inversion.image.shape[-2:]))
+                target = self.encode_prompt(_broadcast(prompt, n, "prompt")).borrowing(inversion.source_embeddings)
                 return automask.estimate_masks(
                     self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
                     [box.size] * n, draws=auto_mask_draws, threshold=auto_mask_threshold, seed=auto_mask_seed)
@@ -333,6 +335,9 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
             checks.within_photo(photo_size, grow=config.grow, halo=config.halo, feather=feather)
         grid = inversion.grid
         steps = edit_steps(grid.num_steps, config.strength)
+        if config.size_ids != inversion.size_ids:
+            raise PFBDiffError.about("size_ids", f"is {config.size_ids!r} but the inversion was made with "
+                                     f"{inversion.size_ids!r}: invert with size_ids={config.size_ids!r}")
         if steps > inversion.inverted_steps:
             raise PFBDiffError(
                 f"the edit needs {steps} inverted steps but the inversion has {inversion.inverted_steps}; "
@@ -358,12 +363,13 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                                              config.cache_source, repeats)
 
         # 4. text conditioning: source, target and (with guidance) unconditional prompts
-        model_size = tuple(inversion.image.shape[-2:])
-        prompts = Prompts(source=inversion.source_embeddings.repeat_interleave(repeats),
-                          target=self.encode_prompt(prompts_list, model_size), unconditional=None)
+        #    (every branch with the inversion's SDXL size ids; the pooled vector from the pooled_from prompt)
+        source = inversion.source_embeddings.repeat_interleave(repeats)
+        target = self.encode_prompt(prompts_list).borrowing(source, pooled=config.pooled_from == "source")
+        prompts = Prompts(source=source, target=target, unconditional=None)
         if guidance_scale > 1.0:
             negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")
-            prompts.unconditional = self.encode_prompt(_rows(negatives, repeats), model_size, negative=True)
+            prompts.unconditional = self.encode_prompt(_rows(negatives, repeats), negative=True).borrowing(source)
 
         # 5. attention masking: which tokens may be attended to where
         latent_size = tuple(inversion.latents[0].shape[-2:])
@@ -444,7 +450,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         inversion = self.invert(
             images, source_prompt, num_inference_steps, strength=config.strength, plan=plan,
             record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
-            callback=inversion_callback,
+            callback=inversion_callback, size_ids=config.size_ids,
         )
         return self.edit(inversion, mask_image, prompt, preset=config, **edit_kwargs)
 

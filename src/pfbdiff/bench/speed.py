@@ -5,30 +5,40 @@ Four timed jobs on one model, measured in one run and reported as ratios to (a):
 (a) text-to-image with the same number of steps (the floor: 2 U-Net evaluations per step, batched);
 (b) a first edit, inversion included (K inversion passes + K batched guided passes);
 (c) a second edit of the same inversion (K batched guided passes: the source features are cached);
-(d) the ``paper-object`` preset, which follows the official code's sequential path (K + 3K passes).
+(d) the ``paper-object`` preset, which follows the official code's sequential path (K + 3K passes); SD 1.x
+    layouts only, since its block numbers are SD 1.x's.
 
-Each job runs once untimed (warm-up); then the four jobs take turns ``repeats`` times and the median wall time of
-each is reported.
+Each job runs once untimed (warm-up), in the order above, and its peak memory is taken then: on a GPU
+``torch.cuda.max_memory_allocated``; on a CPU the process's peak resident memory during the job, sampled, weights
+included (memory a job frees may stay with the process, so a later job's peak is never understated: the ratios
+to (a) are upper bounds). Then the four jobs take turns ``repeats`` times and the median wall time of each is
+reported.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pfbdiff.engine.backbones.unet import SD1_BLOCK_COUNT
 from pfbdiff.pipeline import PFBDiffPipeline
 
 PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
 
 
 def benchmark_pipeline(name: str) -> PFBDiffPipeline:
-    from pfbdiff.models import toy_models
+    from pfbdiff.models import full_size, toy_models
 
     if name == "sd15-random":
-        components = toy_models.sd15_random_components()
+        components = full_size.sd15_random_components()
+    elif name == "sdxl-random":
+        components = full_size.sdxl_random_components()
     elif name == "tiny":
         components = toy_models.tiny_sd_components()
     else:
@@ -56,16 +66,46 @@ def _time_once(pipe, job) -> tuple[float, int, int]:
     return time.perf_counter() - start, pipe.feature_unet.calls - calls, pipe.feature_unet.evaluations - rows
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux), or None where /proc is not there."""
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.exists() else None
+
+
+def _peak_memory(job, device: torch.device) -> int | None:
+    """Bytes at the peak of ``job``: allocated on a CUDA device, resident (sampled every 2 ms) on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        job()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    peak, done = [_resident_bytes()], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak.append(_resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        job()
+    finally:
+        done.set()
+        sampler.join()
+    return None if peak[0] is None else max(peak)
+
+
 def _time_in_rounds(pipe, jobs: dict, repeats: int) -> dict:
-    """Median wall time of each job; the jobs take turns in every round, so a load that comes and goes on
-    the machine falls on all of them alike and the ratios stay fair."""
-    for job in jobs.values():
-        job()  # warm-up
+    """Peak memory of each job in its warm-up run, then the median wall time of each; the jobs take turns in every
+    round, so a load that comes and goes on the machine falls on all of them alike and the ratios stay fair."""
+    peaks = {name: _peak_memory(job, pipe.unet.device) for name, job in jobs.items()}
     samples = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():
             samples[name].append(_time_once(pipe, job))
-    return {name: (statistics.median(s[0] for s in runs), runs[-1][1], runs[-1][2]) for name, runs in samples.items()}
+    return {name: (statistics.median(s[0] for s in runs), runs[-1][1], runs[-1][2], peaks[name])
+            for name, runs in samples.items()}
 
 
 @torch.no_grad()
@@ -73,31 +113,43 @@ def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats:
     pipe = benchmark_pipeline(model)
     repeats = repeats or 5
     image, mask = _inputs(size)
-    # crop=False: every job works on the whole image at the size text-to-image makes
-    inversion = pipe.invert(image, SOURCE_PROMPT, steps, crop=False)
+    # crop=False: every job works on the whole image at the size text-to-image makes. The second edit's inversion
+    # is made on its first run, so that it does not weigh on the memory of the jobs before it.
+    inversions = []
+
+    def second_edit():
+        if not inversions:
+            inversions.append(pipe.invert(image, SOURCE_PROMPT, steps, crop=False))
+        return pipe.edit(inversions[0], mask, PROMPT)
+
     jobs = {
         "(a) txt2img": lambda: pipe.text_to_image(PROMPT, height=size, width=size, num_inference_steps=steps,
                                                   generator=torch.Generator().manual_seed(0)),
         "(b) first edit incl. inversion": lambda: pipe(image, mask, PROMPT, SOURCE_PROMPT, num_inference_steps=steps,
                                                        crop=False),
-        "(c) second edit, same inversion": lambda: pipe.edit(inversion, mask, PROMPT),
-        "(d) paper preset, sequential": lambda: pipe(image, mask, PROMPT, SOURCE_PROMPT, preset="paper-object",
-                                                     num_inference_steps=steps, crop=False),
+        "(c) second edit, same inversion": second_edit,
     }
+    if len(pipe.feature_unet.blocks) == SD1_BLOCK_COUNT:  # the paper presets' block numbers are SD 1.x's
+        jobs["(d) paper preset, sequential"] = lambda: pipe(image, mask, PROMPT, SOURCE_PROMPT, preset="paper-object",
+                                                            num_inference_steps=steps, crop=False)
     rows = []
-    for job, (seconds, passes, evaluations) in _time_in_rounds(pipe, jobs, repeats).items():
+    for job, (seconds, passes, evaluations, peak) in _time_in_rounds(pipe, jobs, repeats).items():
         rows.append(dict(model=model, size=size, steps=steps, job=job, seconds=seconds, unet_passes=passes,
-                         unet_evaluations=evaluations))
-    floor = rows[0]["seconds"]
+                         unet_evaluations=evaluations, peak_memory_gb=None if peak is None else peak / 2**30,
+                         memory="allocated" if pipe.unet.device.type == "cuda" else "resident"))
+    floor, floor_memory = rows[0]["seconds"], rows[0]["peak_memory_gb"]
     for row in rows:
         row["ratio"] = row["seconds"] / floor
+        row["memory_ratio"] = row["peak_memory_gb"] / floor_memory if floor_memory else None
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | size | steps | job | U-Net passes | U-Net evaluations | wall s | ratio to (a) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | size | steps | job | U-Net passes | U-Net evaluations | wall s | ratio to (a) | peak memory GiB "
+             "| memory ratio to (a) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        memory = ("n/a | n/a" if r["peak_memory_gb"] is None
+                  else f"{r['peak_memory_gb']:.2f} ({r['memory']}) | {r['memory_ratio']:.2f}×")
         lines.append(f"| {r['model']} | {r['size']}² | {r['steps']} | {r['job']} | {r['unet_passes']} | "
-                     f"{r['unet_evaluations']} | {r['seconds']:.3f} | {r['ratio']:.2f}× |")
+                     f"{r['unet_evaluations']} | {r['seconds']:.3f} | {r['ratio']:.2f}× | {memory} |")
     return "\n".join(lines)

@@ -44,6 +44,12 @@ class Conditioning:
         return Conditioning(self.tokens.to(dtype), None if self.pooled is None else self.pooled.to(dtype),
                             self.time_ids)
 
+    def borrowing(self, other: Conditioning, *, pooled: bool = False) -> Conditioning:
+        """These rows' tokens with ``other``'s size ids, and with ``pooled`` its pooled vector too (rows matched
+        one to one). Every edit branch borrows the inversion's size ids, so the recorded source features were
+        computed under the ids the edit runs with; the pooled vector is the ``pooled_from`` setting."""
+        return Conditioning(self.tokens, other.pooled if pooled else self.pooled, other.time_ids)
+
     def added_cond_kwargs(self) -> dict | None:
         """What an SDXL U-Net takes beside the tokens (``None`` for SD 1.x/2.x)."""
         if self.pooled is None:
@@ -63,11 +69,12 @@ def encode_sd(tokenizer, text_encoder, prompts: list[str], dtype: torch.dtype) -
 
 
 def encode_sdxl(encoders, prompts: list[str], dtype: torch.dtype, size: tuple[int, int], *,
-                zeros_for_empty: bool = False) -> Conditioning:
+                original_size: tuple[int, int] | None = None, zeros_for_empty: bool = False) -> Conditioning:
     """SDXL: the penultimate hidden states of both ``encoders`` ((tokenizer, text encoder) pairs) side by side,
-    the second (projecting) encoder's pooled vector, and size ids for a ``size`` = (height, width) image seen whole
-    (original size = target size, crop at 0, 0). With ``zeros_for_empty`` (the negative prompt of a model whose
-    config asks for it) rows with an empty prompt are zeros."""
+    the second (projecting) encoder's pooled vector, and size ids for a ``size`` = (height, width) image, crop at
+    (0, 0), made from an image of ``original_size`` (default: ``size``, an image seen whole). With
+    ``zeros_for_empty`` (the negative prompt of a model whose config asks for it) rows with an empty prompt are
+    zeros."""
     hidden, pooled = [], None
     for tokenizer, encoder in encoders:
         output = encoder(token_ids(tokenizer, prompts, encoder.device), output_hidden_states=True)
@@ -77,6 +84,6 @@ def encode_sdxl(encoders, prompts: list[str], dtype: torch.dtype, size: tuple[in
     if zeros_for_empty:
         empty = torch.tensor([prompt == "" for prompt in prompts], device=tokens.device)
         tokens, pooled = tokens.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
-    height, width = size
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=tokens.device)
+    ids = [*(original_size or size), 0, 0, *size]
+    time_ids = torch.tensor([ids], dtype=dtype, device=tokens.device)
     return Conditioning(tokens, pooled, time_ids.repeat(len(prompts), 1))

@@ -56,6 +56,7 @@ class Inversion:
     original_sizes: list[tuple[int, int]] = field(default_factory=list)
     crop_box: object = None  # photo.regions.CropBox of the inverted part, None = the whole image
     source_images: list = field(default_factory=list)
+    size_ids: str = "model"  # SDXL's size-id policy the source was encoded with (EditConfig.size_ids)
 
     @property
     def inverted_steps(self) -> int:

@@ -56,6 +56,12 @@ class EditConfig:
     strength: float = 1.0  # ratio K / N of the steps that are inverted and re-generated, in (0, 1]
     grow: int = 0  # grow (+) or shrink (−) the edit mask by this many pixels of the input image
     halo: int = 0  # grow the mask up to this many pixels into kept pixels that continue its colours (halo.py)
+    # -- SDXL's added conditioning (docs/method.md §12)
+    # the pooled text vector modulates every block, blended or not: "target" (the edit's prompt) or "source"
+    pooled_from: str = "target"
+    # the size ids of a crop-to-mask edit: "model" (the crop seen whole at the model size) or "box" (the model size
+    # made from a box of the photo's pixel size); fixed by the inversion, which every edit of it shares
+    size_ids: str = "model"
     # -- compute
     cache_source: bool = True  # take source features from the inversion instead of re-running the source
     batch_cfg: bool = True  # unconditional and conditional rows in one U-Net call
@@ -79,7 +85,8 @@ class EditConfig:
             raise PFBDiffError.about("strength", f"must be in (0, 1], got {self.strength}, e.g. 0.8")
         choices = {"start": ("inverted", "noise"), "latent_reference": ("inverted", "noised"),
                    "mask_resize": RESIZE_MODES, "latent_mask": LATENT_MASK_MODES,
-                   "auto_words": (None, "new-inside", "subject-outside")}
+                   "auto_words": (None, "new-inside", "subject-outside"), "pooled_from": ("target", "source"),
+                   "size_ids": ("model", "box")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 listed = " or ".join(repr(choice) for choice in allowed).replace("None", "none")

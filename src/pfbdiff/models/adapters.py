@@ -1,7 +1,9 @@
 """LoRAs and textual-inversion embeddings on a loaded pipeline, through diffusers' own loader mixins.
 
 A LoRA is ``{"path", "scale"}`` and an embedding ``{"path", "token"}`` (``token`` ``None``: the file's own
-token, else its file name as ``<name>``, the A1111 convention). Several LoRAs are active at once, each with its
+token, else its file name as ``<name>``, the A1111 convention). An SDXL embedding holds vectors for both text
+encoders (``clip_l`` and ``clip_g``, the format SDXL trainers write); each goes into its encoder under the same
+token, so the word takes the same token positions in both halves of the conditioning. Several LoRAs are active at once, each with its
 scale (``set_adapters``). Safetensors only, unless pickles are allowed. A file that does not fit the model (a
 LoRA for another family, an embedding of another width) is one line naming it.
 """
@@ -17,16 +19,21 @@ from pfbdiff.models.diffusers_folders import SAFETENSORS_SUFFIX
 
 def apply(pipe, loras=(), embeddings=(), *, allow_pickle: bool = False) -> None:
     """Load ``loras`` (active together, at their scales) and ``embeddings`` into ``pipe``."""
-    if embeddings and getattr(pipe, "text_encoder_2", None) is not None:
-        raise PFBDiffError("textual-inversion embeddings on SDXL models are not supported yet (they need both text "
-                           "encoders); leave out --embedding, or use an SD 1.x/2.x model")
     for embedding in embeddings:
         path = _checked_file(embedding["path"], "embedding", allow_pickle)
+        token = embedding.get("token") or _token_of(path)
         try:
-            pipe.load_textual_inversion(str(path), token=embedding.get("token") or _token_of(path))
+            if getattr(pipe, "text_encoder_2", None) is None:
+                pipe.load_textual_inversion(str(path), token=token)
+            else:
+                vectors = _sdxl_vectors(path)
+                for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                                ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+                    pipe.load_textual_inversion(vectors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
         except (ValueError, RuntimeError, OSError, KeyError) as error:
             raise PFBDiffError(f"cannot load the embedding {path} into this model ({gist(error)}); is it made for "
-                               "this model's text encoder (SD 1.x: 768 wide, SD 2.x: 1024)?") from error
+                               "this model's text encoder (SD 1.x: 768 wide, SD 2.x: 1024, SDXL: clip_l and "
+                               "clip_g)?") from error
     names = []
     for number, lora in enumerate(loras):
         path = _checked_file(lora["path"], "LoRA", allow_pickle)
@@ -66,6 +73,22 @@ def _checked_file(path, kind: str, allow_pickle: bool) -> Path:
         raise PFBDiffError(f"the {kind} {path} is not a .safetensors file; a pickle can run code when loaded: "
                            "convert it, or pass --allow-pickle for a file you trust")
     return path
+
+
+def _sdxl_vectors(path: Path) -> dict:
+    """An SDXL embedding's ``clip_l`` and ``clip_g`` vectors (ValueError naming them when the file lacks them)."""
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+
+        vectors = load_file(str(path))
+    else:  # a pickle, allowed by the user (_checked_file)
+        import torch
+
+        vectors = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"clip_l", "clip_g"} - set(vectors)
+    if missing:
+        raise ValueError(f"it has no {' and '.join(sorted(missing))} vectors")
+    return vectors
 
 
 def _token_of(path: Path) -> str | None:

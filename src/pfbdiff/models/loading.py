@@ -43,6 +43,7 @@ from pfbdiff.models.diffusers_folders import (
     SUPPORTED,
     WEIGHTED_COMPONENTS,
     WeightChoice,
+    is_sdxl,
     load_diffusers_folder,
 )
 
@@ -68,6 +69,7 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 # Used as the config of a single-file checkpoint when none is given, if it happens to be in the local cache.
 DEFAULT_SD1_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -210,45 +212,54 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
             f"'{path}' is neither a diffusers folder nor a .safetensors checkpoint; {MODEL_HINT}"
         )
 
-    family = _single_file_family_problem(path) if suffix == SAFETENSORS_SUFFIX else None
-    if family:
-        raise PFBDiffError(family)
-    config_folder = _resolve_config_folder(path, config)
-    from diffusers import StableDiffusionPipeline
+    sdxl = _single_file_is_sdxl(path) if suffix == SAFETENSORS_SUFFIX else None  # a pickle: as its configs say
+    config_folder = _resolve_config_folder(path, config, sdxl)
+    if sdxl is None:
+        sdxl = is_sdxl(config_folder)
+    elif sdxl != is_sdxl(config_folder):
+        kinds = ("an SDXL", "an SD 1.x/2.x") if sdxl else ("an SD 1.x/2.x", "an SDXL")
+        raise PFBDiffError(f"'{path}' is {kinds[0]} checkpoint but --config '{config_folder}' is {kinds[1]} model "
+                           "folder; pass the diffusers folder or hub id of a model of the checkpoint's family")
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import SafetensorError
 
+    family, loader, extra = (("SDXL", StableDiffusionXLPipeline, {}) if sdxl else
+                             ("Stable Diffusion 1.x/2.x", StableDiffusionPipeline,
+                              dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)))
     try:
-        pipeline = StableDiffusionPipeline.from_single_file(
+        pipeline = loader.from_single_file(
             str(path),
             config=str(config_folder),
             local_files_only=True,
             # fp32 is what the file is usually stored in; asking for it anyway makes diffusers cast and warn
             torch_dtype=None if dtype == torch.float32 else dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **extra,
         )
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
         raise PFBDiffError(
             f"could not load '{path}' with the configs of '{config_folder}' ({gist(err)}); check that the file "
-            "is a Stable Diffusion 1.x checkpoint and that --config is a matching SD 1.x diffusers folder"
+            f"is a {family} checkpoint and that --config is the matching diffusers folder"
         ) from err
-    return pipeline.components
+    components = pipeline.components
+    if sdxl:
+        components["force_zeros_for_empty_prompt"] = pipeline.config.force_zeros_for_empty_prompt
+    return components
 
 
 #: Weight names that only other families' single-file checkpoints have, and what to say of such a file.
 _OTHER_FAMILY_KEYS = {
-    "conditioner.embedders.1.": "an SDXL checkpoint, which pfbdiff loads from a diffusers folder only so far; pass the "
-                                "model's diffusers folder or hub id (or save it as one with diffusers' from_single_file)",
-    "joint_blocks.": f"a Stable Diffusion 3 checkpoint; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint",
-    "double_blocks.": f"a Flux checkpoint; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint",
+    "conditioner.embedders.0.model.text_projection": f"an SDXL refiner checkpoint; {SUPPORTED}: pass a base model",
+    "joint_blocks.": f"a Stable Diffusion 3 checkpoint; {SUPPORTED}: pass an SD 1.x, 2.x or SDXL checkpoint",
+    "double_blocks.": f"a Flux checkpoint; {SUPPORTED}: pass an SD 1.x, 2.x or SDXL checkpoint",
 }
+_SDXL_KEY = "conditioner.embedders.1."
 _FIRST_UNET_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 
-def _single_file_family_problem(path: Path) -> str | None:
-    """Why the ``.safetensors`` checkpoint is of a family pfbdiff cannot edit, read from its header (weight names
-    and one shape), or ``None``."""
+def _single_file_is_sdxl(path: Path) -> bool | None:
+    """Whether the ``.safetensors`` checkpoint is SDXL (else SD 1.x/2.x), read from its header (weight names and one
+    shape); ``None`` when the header cannot be read (loading it says what is wrong). A family pfbdiff cannot edit
+    is a one-line error."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -256,25 +267,28 @@ def _single_file_family_problem(path: Path) -> str | None:
             names = list(checkpoint.keys())
             channels = checkpoint.get_slice(_FIRST_UNET_CONV).get_shape()[1] if _FIRST_UNET_CONV in names else 4
     except (OSError, SafetensorError):
-        return None  # loading it says what is wrong
+        return None
     family = next((what for marker, what in _OTHER_FAMILY_KEYS.items() if any(marker in key for key in names)), None)
     if family:
-        return f"'{path}' is {family}"
+        raise PFBDiffError(f"'{path}' is {family}")
     if channels != 4:
-        return (f"'{path}' is an inpainting or depth checkpoint (its U-Net takes {channels} input channels); "
-                f"{SUPPORTED} whose U-Net takes the latent alone")
-    return None
+        raise PFBDiffError(f"'{path}' is an inpainting or depth checkpoint (its U-Net takes {channels} input "
+                           f"channels); {SUPPORTED} whose U-Net takes the latent alone")
+    return any(key.startswith(_SDXL_KEY) for key in names)
 
 
-def _resolve_config_folder(checkpoint: Path, config) -> Path:
-    """A local diffusers folder with the component configs a single-file checkpoint needs."""
+def _resolve_config_folder(checkpoint: Path, config, sdxl: bool | None) -> Path:
+    """A local diffusers folder with the component configs a single-file checkpoint needs (when none is named:
+    the SD 1.5 or SDXL base model, if it is in the local cache)."""
     if config is None:
-        cached = hub.cached_snapshot(DEFAULT_SD1_CONFIG_REPO, hub.file_patterns(None))
+        repo = DEFAULT_SDXL_CONFIG_REPO if sdxl else DEFAULT_SD1_CONFIG_REPO
+        cached = hub.cached_snapshot(repo, hub.file_patterns(None))
         if cached is not None:
             return cached
+        example = "SDXL base" if sdxl else "Stable Diffusion 1.5"
         raise PFBDiffError(
             f"'{checkpoint}' is a single-file checkpoint, which holds weights but no component configs; pass "
-            "--config /path/to/a/diffusers-folder (e.g. a saved Stable Diffusion 1.5 model) to supply them"
+            f"--config /path/to/a/diffusers-folder (e.g. a saved {example} model) to supply them"
         )
     name = os.fspath(config)
     folder = Path(name).expanduser()

@@ -11,8 +11,9 @@ Stable Diffusion 1.x's *shape* with random weights:
   cross-attention mid block, a plain up block and three cross-attention up blocks, two layers per block), so
   code that walks SD's attention layers sees the same structure; only the channel counts are tiny.
 * :func:`save_tiny_model` writes those components as a standard diffusers Stable Diffusion folder.
-* :func:`sd15_unet_config` / :func:`sd15_random_unet` give the full-size SD 1.5 UNet with random weights, for
-  smoke tests and speed benchmarks.
+
+The full-size architectures with random weights (SD 1.5, SDXL), for smoke tests and speed benchmarks, are in
+:mod:`pfbdiff.models.full_size`.
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATE
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64, 64),
             transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
-            cross_attention_dim=2 * cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + cross_attention_dim,
+            cross_attention_dim=3 * cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 2 * cross_attention_dim,
         )
     elif family != "sd1":
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -267,7 +268,7 @@ def _scale_unet_output_to_unit_std(unet: UNet2DConditionModel, cross_attention_d
     context = torch.randn(1, CLIP_MAX_LENGTH, unet.config.cross_attention_dim, generator=probe)
     added = None
     if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled vector and the six size ids
-        added = {"text_embeds": torch.randn(1, cross_attention_dim, generator=probe),
+        added = {"text_embeds": torch.randn(1, 2 * cross_attention_dim, generator=probe),
                  "time_ids": torch.tensor([[float(size * 8)] * 2 + [0.0] * 2 + [float(size * 8)] * 2])}
     output = unet(latents, 500, encoder_hidden_states=context, added_cond_kwargs=added).sample
     scale = 1.0 / output.std().clamp_min(1e-6)
@@ -302,10 +303,10 @@ def tiny_sd_components(
     text_encoder = CLIPTextModel(tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim, family=family))
     components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet,
                   "scheduler": make_sd_scheduler(prediction_type)}
-    if family == "sdxl":  # a second (projecting) text encoder; its pooled output goes to the time embedding
-        components["tokenizer_2"] = tokenizer
+    if family == "sdxl":  # a second (projecting) text encoder, twice as wide as the first as OpenCLIP-bigG is wider
+        components["tokenizer_2"] = tokenizer  # than CLIP-L; its pooled output goes to the time embedding
         components["text_encoder_2"] = CLIPTextModelWithProjection(
-            tiny_text_encoder_config(tokenizer, hidden_size=cross_attention_dim, family=family))
+            tiny_text_encoder_config(tokenizer, hidden_size=2 * cross_attention_dim, family=family))
     _scale_unet_output_to_unit_std(unet, cross_attention_dim, seed)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if name in components:
@@ -329,73 +330,6 @@ def save_tiny_model(directory: str | Path, **kwargs) -> Path:
                                            requires_safety_checker=False)
     pipeline.save_pretrained(directory, safe_serialization=True)
     return directory
-
-
-# --------------------------------------------------------------------------------------------------- SD 1.5 size
-
-
-def sd15_unet_config() -> dict:
-    """The UNet config of Stable Diffusion 1.5 (about 859.5M parameters)."""
-    return {
-        "sample_size": 64,
-        "in_channels": 4,
-        "out_channels": 4,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": SD1_DOWN_BLOCKS,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": SD1_UP_BLOCKS,
-        "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-    }
-
-
-def sd15_random_unet(
-    seed: int = 0,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> UNet2DConditionModel:
-    """A full-size SD 1.5 UNet with random weights, built directly on ``device``, in eval mode.
-
-    ``device="meta"`` builds the structure without allocating weights (for counting parameters); building on
-    ``"cuda"`` avoids a 3.4 GB fp32 copy in host memory.
-    """
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**sd15_unet_config())
-    if dtype != unet.dtype:  # casting only when needed avoids diffusers' warning about casting with .to()
-        unet = unet.to(dtype)
-    return unet.eval().requires_grad_(False)
-
-
-def sd15_random_components(seed: int = 0) -> dict:
-    """Every SD 1.5 component at full size with random weights (UNet, VAE, a CLIP ViT-L/14-sized text
-    encoder on the tiny tokenizer): the real architecture's cost, for the speed benchmark."""
-    tokenizer = build_clip_tokenizer(TINY_WORDS)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
-        scaling_factor=SD_VAE_SCALING_FACTOR,
-    )
-    text_config = tiny_text_encoder_config(tokenizer, hidden_size=768)
-    text_config.intermediate_size, text_config.num_hidden_layers, text_config.num_attention_heads = 3072, 12, 12
-    components = dict(
-        unet=sd15_random_unet(seed), vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
-        scheduler=make_sd_scheduler(),
-    )
-    for name in ("vae", "text_encoder"):
-        components[name].eval().requires_grad_(False)
-    return components
 
 
 def tiny_model_path() -> Path:

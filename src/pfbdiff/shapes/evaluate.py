@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.shapes.oracles import analyse
 from pfbdiff.shapes.training_loop import hardware
+from pfbdiff.shapes.training_setup import caption_conditioning
 from pfbdiff.shapes.world import caption, parse_caption, render, sample_scene
 
 # Seeds of evaluation scenes and of their initial noise. Training draws its scenes from
@@ -68,14 +70,6 @@ def evaluation_captions(count: int, tag: int = EVAL_SCENE_TAG) -> list[dict]:
 # --------------------------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
-def encode_captions(tokenizer, text_encoder, captions: Sequence[str]) -> torch.Tensor:
-    """CLIP hidden states (no attention mask, padded to the tokenizer's length), as Stable Diffusion does."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
 def initial_latents(seeds: Sequence[int], unet, device=None, dtype=torch.float32) -> torch.Tensor:
     """Unit Gaussian latents, one per seed, drawn on the CPU so results do not depend on the device."""
     size = unet.config.sample_size
@@ -98,20 +92,19 @@ def generate(components: dict, captions: Sequence[str], seeds: Sequence[int], *,
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
     vae, unet = components["vae"], components["unet"]
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     scheduler = DDIMScheduler.from_config(components["scheduler"].config)
     dtype = unet.dtype
-    uncond = encode_captions(tokenizer, text_encoder, [""]).to(dtype)
+    uncond = caption_conditioning(components, [""])
     images = []
     for start in range(0, len(captions), batch_size):
         chunk = list(captions[start:start + batch_size])
-        cond = encode_captions(tokenizer, text_encoder, chunk).to(dtype)
-        context = torch.cat([uncond.expand(len(chunk), -1, -1), cond])
+        context = Conditioning.cat([uncond.repeat_interleave(len(chunk)), caption_conditioning(components, chunk)])
         latents = initial_latents(seeds[start:start + batch_size], unet, dtype=dtype) * scheduler.init_noise_sigma
         scheduler.set_timesteps(steps, device=unet.device)
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            out = unet(model_input, t, encoder_hidden_states=context).sample
+            out = unet(model_input, t, encoder_hidden_states=context.tokens,
+                       added_cond_kwargs=context.added_cond_kwargs()).sample
             out_uncond, out_cond = out.chunk(2)
             prediction = out_uncond + guidance * (out_cond - out_uncond)
             if guidance_rescale > 0:

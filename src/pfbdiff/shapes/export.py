@@ -21,25 +21,27 @@ from pfbdiff.shapes.training_setup import (
     build_unet_stage,
     count_parameters,
     load_vae,
+    trained_modules,
     unet_config,
     vae_config,
 )
 from pfbdiff.shapes.world import HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS
 
 
-def ema_components(out: Path, seed: int, ema_shadow=None) -> dict:
+def ema_components(out: Path, seed: int, ema_shadow=None, family: str = "sd1") -> dict:
     """Components with the EMA weights of the checkpoint (or of ``ema_shadow``), in eval mode, fp32."""
-    tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, seed)
+    components = build_unet_stage(out, seed, family)
     if ema_shadow is None:
         ema_shadow = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
-    targets = [p for m in (unet, text_encoder) for p in m.parameters()]
+    modules = trained_modules(components)
+    targets = [p for m in modules for p in m.parameters()]
     with torch.no_grad():
         for target, value in zip(targets, ema_shadow, strict=True):
             target.copy_(value)
-    vae = load_vae(out)
-    for module in (unet, text_encoder, vae):
+    components["vae"] = load_vae(out)
+    for module in (*modules, components["vae"]):
         module.eval().requires_grad_(False)
-    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    return components
 
 
 def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = torch.float16) -> Path:
@@ -48,13 +50,17 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     The weights are stored in ``dtype`` but every config keeps fp32 as the default dtype, so a plain
     ``StableDiffusionPipeline.from_pretrained(folder)`` loads everything in fp32 on the CPU.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file, save_file
 
     seed = args.seed if args is not None else 0
-    components = ema_components(out, seed)
-    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    family = getattr(args, "family", "sd1")
+    components = ema_components(out, seed, family=family)
+    if family == "sdxl":  # trained with empty captions encoded, so the unconditional rows are not zeros
+        pipeline = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=False)
+    else:
+        pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
     export_dir = Path(export_dir)
     tmp = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -65,13 +71,17 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     state = torch.load(out / "unet_checkpoint.pt", map_location="cpu", weights_only=True)
     vae_info = json.loads((out / "vae" / "training.json").read_text())
     phases = unet_phases(out, state)
+    warm_start = out / "warm_start.json"
     info = {
+        "family": family,
+        "warm_start": json.loads(warm_start.read_text()) if warm_start.exists() else None,
         "unet_steps": state["step"],
         "unet_batch_size": args.batch if args is not None else None,
         "unet_seconds": round(state["elapsed"], 1),
         "unet_cpu_seconds": round(state.get("cpu_seconds", 0.0), 1) or None,
         "vae": vae_info,
-        "parameters": {name: count_parameters(components[name]) for name in ("unet", "text_encoder", "vae")},
+        "parameters": {name: count_parameters(components[name])
+                       for name in ("unet", "text_encoder", "text_encoder_2", "vae") if name in components},
         "hardware": " + ".join(dict.fromkeys(p["hardware"] for p in phases if p.get("hardware"))) or hardware(),
         "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
         "unet_phases": phases,
@@ -135,16 +145,23 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
     """Write ``model_card.md`` (next to the model folder unless ``card_path``) from ``<model_dir>/training.json``."""
     model_dir = Path(model_dir)
     info = json.loads((model_dir / "training.json").read_text())
-    card_path = Path(card_path) if card_path else model_dir.parent / "model_card.md"
+    card_path = Path(card_path) if card_path else model_dir.parent / f"{model_dir.name}_card.md"
     vae = info["vae"]
     params = info["parameters"]
+    sdxl = info.get("family") == "sdxl"
     lines = [
-        "# ShapesWorld text-to-image model (bundled with pfbdiff)",
+        "# ShapesWorld text-to-image model, SDXL layout" if sdxl
+        else "# ShapesWorld text-to-image model (bundled with pfbdiff)",
         "",
-        "A small latent diffusion model with exactly Stable Diffusion's component types (`AutoencoderKL`, "
-        "`CLIPTextModel` + `CLIPTokenizer`, `UNet2DConditionModel`, `DDIMScheduler`), trained from scratch "
-        "(hardware below) so that the PFB-Diff editing code can be run and scored without downloading Stable Diffusion. "
-        "Folder: `src/pfbdiff/shapes/model/` (diffusers layout, fp16 safetensors on disk, configs default to fp32).",
+        ("A small latent diffusion model with SDXL's component types and layout (`AutoencoderKL`, `CLIPTextModel` + "
+         "`CLIPTextModelWithProjection` with their `CLIPTokenizer`s, `UNet2DConditionModel` with the pooled vector "
+         "and size ids, `DDIMScheduler`), so that PFB-Diff on SDXL can be scored without downloading SDXL. "
+         if sdxl else
+         "A small latent diffusion model with exactly Stable Diffusion's component types (`AutoencoderKL`, "
+         "`CLIPTextModel` + `CLIPTokenizer`, `UNet2DConditionModel`, `DDIMScheduler`), trained from scratch "
+         "(hardware below) so that the PFB-Diff editing code can be run and scored without downloading Stable "
+         "Diffusion. ")
+        + f"Folder: `{model_dir.name}/` (diffusers layout, fp16 safetensors on disk, configs default to fp32).",
         "",
         "## Data",
         "",
@@ -160,11 +177,7 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
         f"* VAE: `AutoencoderKL`, block_out_channels {list(vae_config()['block_out_channels'])}, downscale factor 4 "
         f"(64 x 64 x 3 -> 16 x 16 x 4), {params['vae'] / 1e6:.2f}M parameters, scaling_factor "
         f"{vae['scaling_factor']} (1 / measured latent std).",
-        f"* Text encoder: `CLIPTextModel`, hidden 128, 3 layers, 4 heads, {params['text_encoder'] / 1e6:.2f}M "
-        "parameters; tokenizer: CLIP BPE in which every ShapesWorld word is one token, max length 77.",
-        f"* U-Net: `UNet2DConditionModel`, block_out_channels {list(unet_config()['block_out_channels'])}, "
-        "CrossAttnDownBlock2D x2 + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x2, "
-        f"layers_per_block {unet_config()['layers_per_block']}, {params['unet'] / 1e6:.2f}M parameters.",
+        *_component_lines(params, sdxl),
         "* Scheduler: `DDIMScheduler`, SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction, "
         "trailing timestep spacing.",
         "",
@@ -172,7 +185,9 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
         "",
         f"* VAE: {vae['steps']} steps of batch {vae['batch_size']} ({vae['seconds'] / 60:.1f} min); L1 + L2 + "
         "image-gradient L1 + 1e-5 KL; AdamW, cosine decay.",
-        f"* U-Net + text encoder (jointly, from scratch): {info['unet_steps']} steps "
+        *_warm_start_lines(info.get("warm_start")),
+        f"* U-Net + text encoder{'s' if sdxl else ''} (jointly, "
+        f"{'from the model above' if info.get('warm_start') else 'from scratch'}): {info['unet_steps']} steps "
         f"({info['unet_seconds'] / 60:.1f} min; batch sizes by phase below); v-prediction, min-SNR-5 weights "
         "(for v: min(snr + 1, 5) / (snr + 1)), AdamW with warm-up, 10 % empty captions, EMA weights exported.",
         *[f"  * {_phase_text(phase)}." for phase in info.get("unet_phases", [])],
@@ -204,6 +219,34 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
     lines += ["", *quality_bar_section(vae["psnr_mean"], evaluation), "", f"Exported {info['exported']}.", ""]
     card_path.write_text("\n".join(lines))
     return card_path
+
+
+def _component_lines(params: dict, sdxl: bool) -> list[str]:
+    tokenizer = "tokenizer: CLIP BPE in which every ShapesWorld word is one token, max length 77"
+    if sdxl:
+        return [f"* Text encoders: `CLIPTextModel`, hidden 128, 4 layers (the penultimate is read), 4 heads, "
+                f"{params['text_encoder'] / 1e6:.2f}M parameters; `CLIPTextModelWithProjection`, hidden 64, 2 layers, "
+                f"{params['text_encoder_2'] / 1e6:.2f}M parameters (its pooled vector goes to the U-Net); both on one "
+                f"{tokenizer}.",
+                f"* U-Net: `UNet2DConditionModel`, block_out_channels {list(unet_config()['block_out_channels'])}, "
+                "DownBlock2D + CrossAttnDownBlock2D x2, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D x2 + UpBlock2D "
+                "(SDXL's: no cross-attention at the top level), linear projections, `text_time` added conditioning "
+                f"(pooled vector and six size ids), {params['unet'] / 1e6:.2f}M parameters."]
+    return [f"* Text encoder: `CLIPTextModel`, hidden 128, 3 layers, 4 heads, {params['text_encoder'] / 1e6:.2f}M "
+            f"parameters; {tokenizer}.",
+            f"* U-Net: `UNet2DConditionModel`, block_out_channels {list(unet_config()['block_out_channels'])}, "
+            "CrossAttnDownBlock2D x2 + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x2, "
+            f"layers_per_block {unet_config()['layers_per_block']}, {params['unet'] / 1e6:.2f}M parameters."]
+
+
+def _warm_start_lines(warm_start: dict | None) -> list[str]:
+    if not warm_start:
+        return []
+    return [f"* Warm start: from the SD-1-layout ShapesWorld model `{Path(warm_start['from']).name}/` "
+            f"({warm_start['unet_steps']} steps on {warm_start['hardware']}): what both layouts share was copied "
+            "(first text encoder, U-Net convolutions and resnets, the 8 x 8 and mid-block attention); SDXL's "
+            "additions (second text encoder, pooled/size embedding, 4 x 4 attention) started as no-ops "
+            "(`training_setup.warm_start_from_sd1`)."]
 
 
 #: The quality the bundled model is meant to reach (single-object and two-object captions fully right, VAE PSNR).

@@ -50,6 +50,7 @@ import torch
 
 from pfbdiff.shapes.export import export_model
 from pfbdiff.shapes.training_loop import StopFlag, hardware
+from pfbdiff.shapes.training_setup import FAMILIES
 from pfbdiff.shapes.unet_stage import train_unet
 from pfbdiff.shapes.vae_stages import train_decoder, train_vae
 
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="accepted for clarity: an existing checkpoint in --out is always resumed")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="sd1",
+                        help="the U-Net and text-encoder layout: sd1 (the bundled model) or sdxl (two text encoders, "
+                             "pooled vector, size ids, no cross-attention at the top level); an sdxl run started "
+                             "--init-from an sd1 export is warm-started from it")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="where the U-Net stage trains (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--workers", type=int, default=0,

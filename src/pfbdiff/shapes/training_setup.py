@@ -18,6 +18,11 @@ from pfbdiff.shapes.world import VOCABULARY, caption, render, sample_scene
 # Second word of each stage's data-stream entropy (see training_batch); never reuse a code.
 STAGE_CODES = {"vae": 1, "unet": 2, "decoder": 3}
 EMPTY_CAPTION = ""
+FAMILIES = ("sd1", "sdxl")
+# The SDXL-layout model's second (projecting) text encoder: its width is that of the pooled vector.
+POOLED_WIDTH = 64
+SIZE_ID_WIDTH = 8  # sinusoidal width of each of SDXL's six size ids
+IMAGE_SIZE = 64  # ShapesWorld scenes are 64 x 64, the size every SDXL size id names
 
 # ------------------------------------------------------------------------------------------------ model configs
 
@@ -39,12 +44,15 @@ def vae_config() -> dict:
     }
 
 
-def unet_config(cross_attention_dim: int = 128) -> dict:
+def unet_config(cross_attention_dim: int = 128, family: str = "sd1") -> dict:
     """UNet2DConditionModel on 16 x 16 x 4 latents; cross-attention at 16 x 16, 8 x 8 and in the 4 x 4 mid block.
 
-    ``attention_head_dim`` is the number of heads here (the SD 1.x naming quirk of diffusers).
+    ``attention_head_dim`` is the number of heads here (the SD 1.x naming quirk of diffusers). ``family="sdxl"``
+    lays the same channels out as SDXL does: no cross-attention at the top (16 x 16) level, cross-attention at
+    8 x 8, 4 x 4 and in the mid block, linear projections, and the pooled text vector and six size ids added to
+    the time embedding (``cross_attention_dim`` is then both text encoders' widths together).
     """
-    return {
+    config = {
         "sample_size": 16,
         "in_channels": 4,
         "out_channels": 4,
@@ -59,10 +67,24 @@ def unet_config(cross_attention_dim: int = 128) -> dict:
         "flip_sin_to_cos": True,
         "freq_shift": 0,
     }
+    if family == "sdxl":
+        config.update(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SIZE_ID_WIDTH,
+            projection_class_embeddings_input_dim=6 * SIZE_ID_WIDTH + POOLED_WIDTH,
+        )
+    elif family != "sd1":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return config
 
 
 def text_encoder_config(tokenizer, hidden_size: int = 128, layers: int = 3):
-    """A small CLIP text transformer whose vocabulary and special token ids match ``tokenizer``."""
+    """A small CLIP text transformer whose vocabulary and special token ids match ``tokenizer``.
+
+    The SDXL-layout model has two: the first with 4 layers (SDXL reads the penultimate layer, so the first three
+    are the ones used, as in the SD-1-layout model), the second ``POOLED_WIDTH`` wide with 2 layers.
+    """
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -104,19 +126,50 @@ def count_parameters(module: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------ components
 
 
-def build_unet_stage(out: Path, seed: int):
-    """Tokenizer, text encoder, UNet and scheduler of a fresh model (weights seeded)."""
+def build_unet_stage(out: Path, seed: int, family: str = "sd1") -> dict:
+    """The trained components of a fresh model (weights seeded): ``tokenizer``, ``text_encoder``, ``unet``,
+    ``scheduler``, and for ``family="sdxl"`` also ``tokenizer_2`` and ``text_encoder_2``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from pfbdiff.models.toy_models import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
-    scheduler = DDIMScheduler.from_config(scheduler_config())
-    return tokenizer, text_encoder, unet, scheduler
+    components = {"tokenizer": tokenizer, "scheduler": DDIMScheduler.from_config(scheduler_config())}
+    if family == "sdxl":
+        components["text_encoder"] = CLIPTextModel(text_encoder_config(tokenizer, layers=4))
+        components["tokenizer_2"] = tokenizer
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            text_encoder_config(tokenizer, hidden_size=POOLED_WIDTH, layers=2))
+        width = components["text_encoder"].config.hidden_size + POOLED_WIDTH
+    else:
+        components["text_encoder"] = CLIPTextModel(text_encoder_config(tokenizer))
+        width = components["text_encoder"].config.hidden_size
+    components["unet"] = UNet2DConditionModel(**unet_config(width, family))
+    return components
+
+
+TRAINED = ("unet", "text_encoder", "text_encoder_2")
+
+
+def trained_modules(components: dict) -> list[torch.nn.Module]:
+    """The modules the U-Net stage trains, in a fixed order (the order of the EMA and checkpoint lists)."""
+    return [components[name] for name in TRAINED if name in components]
+
+
+def caption_conditioning(components: dict, captions: list[str]):
+    """The captions' text conditioning as the model's family reads it (:mod:`pfbdiff.engine.conditioning`):
+    SD's last hidden states, or SDXL's two penultimate layers, pooled vector and the 64 x 64 size ids.
+    Gradients flow (the training calls it too)."""
+    from pfbdiff.engine.conditioning import encode_sd, encode_sdxl
+
+    dtype = components["unet"].dtype
+    if "text_encoder_2" in components:
+        encoders = [(components["tokenizer"], components["text_encoder"]),
+                    (components["tokenizer_2"], components["text_encoder_2"])]
+        return encode_sdxl(encoders, list(captions), dtype, (IMAGE_SIZE, IMAGE_SIZE))
+    return encode_sd(components["tokenizer"], components["text_encoder"], list(captions), dtype)
 
 
 def load_vae(out: Path):
@@ -172,3 +225,39 @@ def sample_latents(posterior, generator: torch.Generator) -> torch.Tensor:
     repeat it on any device)."""
     noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
     return posterior.mean + posterior.std * noise
+
+
+@torch.no_grad()
+def warm_start_from_sd1(components: dict, model_dir: Path) -> None:
+    """Start an SDXL-layout model from an exported SD-1-layout one (the bundled model), so that it need not
+    learn ShapesWorld from scratch.
+
+    What exists in both layouts is copied: the first text encoder's three layers, the U-Net's convolutions,
+    resnets, time embedding and the attention of the 8 x 8 level and the mid block (a 1 x 1 projection
+    convolution becomes the equal linear map; the cross-attention keys and values read the second encoder's new
+    columns with zero weights). What SDXL adds starts as a no-op: the new 4 x 4 attention blocks and the
+    pooled/size embedding output zero, so the warm-started model first behaves as the SD-1 one without its
+    16 x 16 attention, which SDXL's layout lacks.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    source_text = CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict()
+    missing = components["text_encoder"].load_state_dict(source_text, strict=False).missing_keys
+    assert all(".layers.3." in key for key in missing), missing
+    source = UNet2DConditionModel.from_pretrained(model_dir / "unet").float().state_dict()
+    unet = components["unet"]
+    for name, value in unet.state_dict().items():
+        old = source.get(name)
+        if old is None:
+            continue
+        if old.shape == value.shape or old.numel() == value.numel():
+            value.copy_(old.reshape(value.shape))
+        elif name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+            value.zero_()[:, :old.shape[1]] = old
+    for name, module in unet.named_modules():
+        fresh = (name.startswith(("down_blocks.2.attentions", "up_blocks.0.attentions")) and name.endswith("proj_out")
+                 or name == "add_embedding.linear_2")
+        if fresh:
+            module.weight.zero_()
+            module.bias.zero_()

@@ -34,9 +34,12 @@ from pfbdiff.shapes.training_setup import (
     EMPTY_CAPTION,
     batch_stream,
     build_unet_stage,
+    caption_conditioning,
     count_parameters,
     load_vae,
     sample_latents,
+    trained_modules,
+    warm_start_from_sd1,
 )
 
 # Columns of unet_eval.csv taken from the generation_accuracy summary.
@@ -78,32 +81,42 @@ def object_loss_weights(objects: torch.Tensor, latent_size: int, object_weight: 
     return 1 + object_weight * coverage
 
 
-def checkpoint_from_export(model_dir: Path, out: Path, seed: int) -> None:
+def checkpoint_from_export(model_dir: Path, out: Path, seed: int, family: str = "sd1") -> None:
     """Turn an exported model into the run folder ``out``: its VAE, and a U-Net checkpoint holding its weights.
 
     The exported (EMA) weights become both the training weights and the EMA; the step count and training clock
     carry on from the export's ``training.json``; the optimizer starts afresh, so the checkpoint records
-    ``warmup_from`` and the learning rate warms up again from there.
+    ``warmup_from`` and the learning rate warms up again from there. An SD-1-layout export starts an SDXL-layout
+    run (``family="sdxl"``) through :func:`~pfbdiff.shapes.training_setup.warm_start_from_sd1`: its steps and
+    clock then count from zero, and the card names the model it started from.
     """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     info = json.loads((model_dir / "training.json").read_text())
-    phases = info.get("unet_phases") or [{"steps": [0, info["unet_steps"]], "batch": info["unet_batch_size"]}]
-    phases = [{"hardware": info["hardware"], **phase} for phase in phases]  # exports before phases named theirs
-    (out / "unet_phases.json").write_text(json.dumps(phases, indent=2) + "\n")
+    exported_family = info.get("family", "sd1")
     shutil.copytree(model_dir / "vae", out / "vae")
     (out / "vae" / "training.json").write_text(json.dumps(info["vae"], indent=2) + "\n")
-    _, text_encoder, unet, _ = build_unet_stage(out, seed)
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model_dir / "unet").float().state_dict())
-    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(model_dir / "text_encoder").float().state_dict())
-    params = [p for m in (unet, text_encoder) for p in m.parameters()]
+    components = build_unet_stage(out, seed, family)
+    if exported_family == family:
+        phases = info.get("unet_phases") or [{"steps": [0, info["unet_steps"]], "batch": info["unet_batch_size"]}]
+        phases = [{"hardware": info["hardware"], **phase} for phase in phases]  # exports before phases named theirs
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if name in components:
+                loaded = type(components[name]).from_pretrained(model_dir / name).float()
+                components[name].load_state_dict(loaded.state_dict())
+        step, elapsed, cpu_seconds = info["unet_steps"], info["unet_seconds"], info.get("unet_cpu_seconds") or 0.0
+    elif (exported_family, family) == ("sd1", "sdxl"):
+        warm_start_from_sd1(components, model_dir)
+        phases, step, elapsed, cpu_seconds = [], 0, 0.0, 0.0
+        (out / "warm_start.json").write_text(json.dumps(
+            {"from": str(model_dir), "unet_steps": info["unet_steps"], "hardware": info["hardware"]}) + "\n")
+    else:
+        raise SystemExit(f"cannot start a {family} model from the {exported_family} model {model_dir}")
+    (out / "unet_phases.json").write_text(json.dumps(phases, indent=2) + "\n")
+    params = [p for m in trained_modules(components) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params)
-    step = info["unet_steps"]
-    atomic_save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+    atomic_save({**{name: components[name].state_dict() for name in ("unet", "text_encoder", "text_encoder_2")
+                    if name in components},
                  "optimizer": optimizer.state_dict(), "ema": [p.detach().clone() for p in params], "step": step,
-                 "elapsed": info["unet_seconds"], "cpu_seconds": info.get("unet_cpu_seconds") or 0.0,
-                 "warmup_from": step}, out / "unet_checkpoint.pt")
+                 "elapsed": elapsed, "cpu_seconds": cpu_seconds, "warmup_from": step}, out / "unet_checkpoint.pt")
     log(f"UNet: starting from the exported model {model_dir} (step {step})")
 
 
@@ -111,15 +124,16 @@ def train_unet(args, stop: StopFlag) -> None:
     """Train until ``--unet-steps`` (or forever), checkpointing, evaluating and exporting on their schedules."""
     out = Path(args.out)
     if args.init_from and not (out / "unet_checkpoint.pt").exists():
-        checkpoint_from_export(Path(args.init_from), out, args.seed)
+        checkpoint_from_export(Path(args.init_from), out, args.seed, args.family)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     vae = load_vae(out).to(device)
-    tokenizer, text_encoder, unet, scheduler = build_unet_stage(out, args.seed)
-    unet.to(device)
-    text_encoder.to(device)
-    modules = [unet, text_encoder]
+    components = build_unet_stage(out, args.seed, args.family)
+    unet, scheduler = components["unet"], components["scheduler"]
+    modules = trained_modules(components)
+    for module in modules:
+        module.to(device)
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA(modules, args.ema_decay)
@@ -127,7 +141,8 @@ def train_unet(args, stop: StopFlag) -> None:
     step, warmup_from, next_eval, next_export = 0, 0, args.eval_minutes * 60, args.export_minutes * 60
 
     def state() -> dict:
-        return {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+        return {**{name: components[name].state_dict() for name in ("unet", "text_encoder", "text_encoder_2")
+                    if name in components},
                 "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step, "warmup_from": warmup_from,
                 "elapsed": clock.elapsed,
                 "cpu_seconds": clock.cpu_seconds, "next_eval": next_eval, "next_export": next_export}
@@ -135,8 +150,9 @@ def train_unet(args, stop: StopFlag) -> None:
     clock = Checkpointer(out / "unet_checkpoint.pt", args, stop, state, console_seconds=120)
     resumed = clock.start("UNet")
     if resumed:
-        unet.load_state_dict(resumed["unet"])
-        text_encoder.load_state_dict(resumed["text_encoder"])
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if name in components:
+                components[name].load_state_dict(resumed[name])
         optimizer.load_state_dict(resumed["optimizer"])
         with torch.no_grad():
             for shadow, value in zip(ema.shadow, resumed["ema"], strict=True):
@@ -145,10 +161,10 @@ def train_unet(args, stop: StopFlag) -> None:
         next_eval, next_export = resumed.get("next_eval", next_eval), resumed.get("next_export", next_export)
     else:
         log(f"UNet: {count_parameters(unet) / 1e6:.3f}M parameters, text encoder "
-            f"{count_parameters(text_encoder) / 1e6:.3f}M, VAE {count_parameters(vae) / 1e6:.3f}M; batch "
+            f"{sum(count_parameters(m) for m in modules[1:]) / 1e6:.3f}M, VAE {count_parameters(vae) / 1e6:.3f}M; batch "
             f"{args.batch}, lr {args.lr}")
-    unet.train()
-    text_encoder.train()
+    for module in modules:
+        module.train()
     scaling = vae.config.scaling_factor
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     losses: list[float] = []  # step losses since the last log row
@@ -162,16 +178,15 @@ def train_unet(args, stop: StopFlag) -> None:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000_000 + step)
             with torch.no_grad():
                 latents = sample_latents(vae.encode(images).latent_dist, generator) * scaling
-                ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
             # Noise and timesteps are drawn on the CPU so that the data stream is the same on every device.
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
                                       generator=generator).to(device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             target = scheduler.get_velocity(latents, noise, timesteps)
-            context = text_encoder(ids)[0]
-            prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            conditioning = caption_conditioning(components, captions)
+            prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning.tokens,
+                              added_cond_kwargs=conditioning.added_cond_kwargs()).sample
             weights = object_loss_weights(objects, latents.shape[-1], args.object_weight)
             per_sample = (weights * (prediction - target) ** 2).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3))
                                                                                      * latents.shape[1])
@@ -206,7 +221,7 @@ def train_unet(args, stop: StopFlag) -> None:
 def quick_eval(args, out: Path, ema: EMA, step: int, elapsed: float) -> dict:
     """Oracle scores of the EMA model on a few captions with few DDIM steps, appended to ``unet_eval.csv``."""
     tick = time.time()
-    components = ema_components(out, args.seed, ema.shadow)
+    components = ema_components(out, args.seed, ema.shadow, args.family)
     result = generation_accuracy(components, args.eval_captions, steps=args.eval_steps, guidance=args.guidance)
     row = {"step": step, "elapsed_s": round(elapsed, 1), "captions": args.eval_captions, "ddim_steps": args.eval_steps}
     # A few captions leave some groups empty (under 3 there is no train-split single-object caption, under 2
