@@ -315,6 +315,27 @@ def test_an_interrupted_run_goes_on_where_it_stopped(tiny_pipe, tmp_path, monkey
     assert (tmp_path / "run" / "shapesbench.json").read_text() == before
 
 
+def test_cases_past_the_benchs_own_serve_for_tuning_and_a_run_on_them_is_not_mixed_with_the_bench(tiny_pipe, tmp_path):
+    settings = dict(tasks=TASKS[:1], cases=2, steps=1, methods=("pfb",), grid_cases=1, out_dir=tmp_path)
+    tuning = shapes.run_shapesbench(tiny_pipe, first_case=200, **settings)
+    assert [case["index"] for case in tuning["cases"]] == [200, 201] and tuning["config"]["first_case"] == 200
+    with pytest.raises(PFBDiffError, match="other first_case"):
+        shapes.run_shapesbench(tiny_pipe, **settings)
+
+
+def test_a_run_of_every_method_takes_those_that_apply_to_the_model(tiny_pipe, tmp_path):
+    from pfbdiff.models.toy_models import save_tiny_model
+    from pfbdiff.pipeline import load_pipeline
+
+    sdxl = load_pipeline(str(save_tiny_model(tmp_path / "xl", family="sdxl")), quiet=True)
+    chosen = {}
+    for name, pipe in (("sd1", tiny_pipe), ("sdxl", sdxl)):
+        result = shapes.run_shapesbench(pipe, tasks=TASKS[:1], cases=1, steps=1, grid_cases=0)
+        chosen[name] = set(result["config"]["methods"])
+    assert chosen["sd1"] - chosen["sdxl"] == {"pfb-paper"}  # its block numbers are SD 1.x's
+    assert chosen["sdxl"] - chosen["sd1"] == {"pfb-pooled-target", "pfb-pooled-source"}  # SD 1.x has no pooled vector
+
+
 def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     from pfbdiff.apps.cli import app
 

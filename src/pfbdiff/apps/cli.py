@@ -317,8 +317,9 @@ def bench_shapes(
     out: Path = typer.Option(Path("results/shapesbench"), "--out", "-o", help="Folder for shapesbench.json, shapesbench.md and shapesbench_grid.png."),
     quick: bool = typer.Option(False, "--quick", help="20 cases per task instead of 200."),
     cases: Optional[int] = typer.Option(None, "--cases", help="Cases per task (overrides --quick)."),
+    first_case: int = typer.Option(0, "--first-case", help="Index of each task's first case: the bench's own are 0-199; later ones serve for tuning."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps, the same for every method."),
-    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default all): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, bld-inverted, bld, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
+    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default all): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, pfb-pooled-target, pfb-pooled-source, pfb-attn-no-top, bld-inverted, bld, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Tasks (default all): object, attribute, background, multi-object."),
     guidance: float = typer.Option(4.0, "--guidance", "-g", help="Classifier-free guidance scale for every method and for text-to-image."),
     grid_cases: int = typer.Option(4, "--grid-cases", help="Cases per task shown in the image grid."),
@@ -338,15 +339,16 @@ def bench_shapes(
         count = cases if cases is not None else (shapesbench.QUICK_CASES if quick else shapesbench.FULL_CASES)
         chosen_tasks = shapesbench.select(tasks, shapesbench.TASKS, "task")
         chosen_methods = shapesbench.select(methods, tuple(shapesbench.METHODS), "method")
-        if count < 1 or steps < 1:
-            raise PFBDiffError(f"--cases and --steps must be at least 1, got {count} and {steps}")
+        if count < 1 or steps < 1 or first_case < 0:
+            raise PFBDiffError(f"--cases and --steps must be at least 1 and --first-case at least 0, got {count}, "
+                               f"{steps} and {first_case}")
         name = shapesbench.resolve_model(model)
         pipe = _load(name, device, dtype, False, None)
         with _progress() as progress:
             task_bar = progress.add_task("ShapesBench cases", total=count * len(chosen_tasks))
             result = shapesbench.run_shapesbench(
                 pipe, tasks=chosen_tasks, methods=chosen_methods, cases=count, steps=steps, guidance=guidance,
-                out_dir=out, grid_cases=grid_cases, model_name=name, paste_back=paste_back,
+                out_dir=out, grid_cases=grid_cases, model_name=name, paste_back=paste_back, first_case=first_case,
                 on_case=lambda done, total, case_id: progress.update(task_bar, completed=done, description=case_id),
             )
     print(success_section(result))

@@ -63,14 +63,16 @@ TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success 
                  ("unet_calls", "U-Net calls", 1, 0), ("seconds", "s", 1, 2))
 
 
-def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True) -> dict:
+def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True,
+               first_case=0) -> dict:
     import torch
 
     from pfbdiff import __version__
 
     return {
         "benchmark": "shapesbench", "version": 1,
-        "config": {"model": model, "steps": steps, "guidance": guidance, "cases_per_task": cases, "tasks": list(tasks),
+        "config": {"model": model, "steps": steps, "guidance": guidance, "cases_per_task": cases, "first_case": first_case,
+                   "tasks": list(tasks),
                    "methods": list(methods), "image_size": size, "paste_back": paste_back,
                    "pfbdiff_version": __version__,
                    "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -140,11 +142,13 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- parts
 
 
-MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "methods", "image_size", "paste_back")
+MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size", "paste_back")
+SETTING_DEFAULTS = {"first_case": 0}  # what a run recorded before the setting existed used
 
 
 def _differing_settings(config: dict, other: dict, keys) -> list[str]:
-    return [key for key in keys if config.get(key) != other.get(key)]
+    return [key for key in keys
+            if config.get(key, SETTING_DEFAULTS.get(key)) != other.get(key, SETTING_DEFAULTS.get(key))]
 
 
 def take_up_earlier_run(out_dir, fresh: dict) -> tuple[dict[str, dict], float]:

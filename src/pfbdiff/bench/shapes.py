@@ -67,6 +67,15 @@ class Method:
     config: Callable[[str, object], EditConfig] | None = None  # config(task, pipe)
     run: Callable | None = None
     settings: dict | None = None
+    applies: Callable[[object], bool] = lambda pipe: True  # whether a run of all methods includes it for ``pipe``
+
+
+def _sd1_blocks(pipe) -> bool:  # the paper presets' block numbers are SD 1.x's
+    return len(pipe.feature_unet.blocks) == SD1_BLOCK_COUNT
+
+
+def _pooled(pipe) -> bool:  # a model with a pooled text vector (SDXL)
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def default_config(task: str, pipe=None) -> EditConfig:
@@ -117,7 +126,7 @@ def _diffedit(pipe, images, steps, guidance, generator, paste_back=True):
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("pfb", "PFB-Diff, the task's preset (object / attribute / background / multi-object)", config=default_config),
     Method("pfb-paper", "PFB-Diff, the official code's settings and quirks (paper-object / paper-background)",
-           config=paper_config),
+           config=paper_config, applies=_sd1_blocks),
     Method("pfb-no-attn", "ablation: the task preset without attention masking", config=_variant(attention_masking=False)),
     Method("pfb-latent-only", "ablation: no feature blending (blend_blocks=()), latent blending and masking kept",
            config=_variant(blend_blocks=())),
@@ -125,6 +134,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            config=_variant(blend_blocks=None, blend_levels=(-1,))),
     Method("pfb-deep-mid", "ablation: feature blending at the two deepest levels (blend_levels=(-2, -1))",
            config=_variant(blend_blocks=None, blend_levels=(-2, -1))),
+    Method("pfb-pooled-target", "ablation (SDXL): the edit's rows take the target prompt's pooled vector "
+           "(pooled_from='target')", config=_variant(pooled_from="target"), applies=_pooled),
+    Method("pfb-pooled-source", "ablation (SDXL): the edit's rows take the source prompt's pooled vector "
+           "(pooled_from='source')", config=_variant(pooled_from="source"), applies=_pooled),
     Method("pfb-attn-no-top", "ablation: cross-attention masked at every level but the full-resolution one (the "
            "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3))),
     Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
@@ -299,8 +312,9 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
 
 def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: int = 50,
                     guidance: float = DEFAULT_GUIDANCE, out_dir=None, grid_cases: int = 4, model_name: str = "",
-                    paste_back: bool = True, on_case: Callable | None = None) -> dict:
-    """Run ShapesBench; returns the JSON-ready result and, with ``out_dir``, writes the JSON, the markdown
+                    paste_back: bool = True, on_case: Callable | None = None, first_case: int = 0) -> dict:
+    """Run ShapesBench on the cases ``first_case`` to ``first_case + cases - 1`` of each task (the bench's own are
+    0-199; later ones serve for tuning and for checks on cases no setting saw); returns the JSON-ready result and, with ``out_dir``, writes the JSON, the markdown
     report and the image grid there (see :mod:`.report`). ``on_case(done, total, case_id)`` reports progress.
 
     The JSON is rewritten after every case, and a run with the same settings already in ``out_dir`` is taken up
@@ -309,22 +323,25 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
     from pfbdiff.bench import report
 
     tasks = select(tasks, TASKS, "task")
+    every = not methods
     methods = select(methods, tuple(METHODS), "method")
+    if every:
+        methods = tuple(m for m in methods if METHODS[m].applies(pipe))
     if cases < 1 or steps < 1:
         raise PFBDiffError(f"cases and steps must be at least 1, got cases={cases}, steps={steps}")
     size = model_image_size(pipe)
     started = time.time()
     result = report.new_result(
         model=model_name, steps=steps, guidance=guidance, cases=cases, tasks=tasks, methods=methods, size=size,
-        paste_back=paste_back,
+        paste_back=paste_back, first_case=first_case,
         method_info={m: method_settings(METHODS[m], pipe) for m in methods},
     )
     earlier, earlier_seconds = report.take_up_earlier_run(out_dir, result) if out_dir is not None else ({}, 0.0)
     grid_rows = []
     total, done = cases * len(tasks), 0
     for task in tasks:
-        for case in make_cases(task, cases):
-            keep = case.index < grid_cases
+        for case in make_cases(task, cases, first_case):
+            keep = case.index < first_case + grid_cases
             if case.id in earlier and not keep:
                 result["cases"].append(earlier[case.id])
             else:

@@ -1,0 +1,41 @@
+"""The speed benchmark (pfbdiff.bench.speed): what each job costs in U-Net passes, wall time and peak memory."""
+
+import sys
+
+import pytest
+import torch
+
+from pfbdiff.bench import speed
+
+
+def test_the_jobs_cost_the_passes_the_method_says_and_report_their_peak_memory():
+    rows = {row["job"][:3]: row for row in speed.run_speed_benchmark("tiny", size=128, steps=2, repeats=1)}
+    k = 2
+    assert {job: row["unet_passes"] for job, row in rows.items()} == {"(a)": k, "(b)": 2 * k, "(c)": k, "(d)": 4 * k}
+    assert {job: row["unet_evaluations"] for job, row in rows.items()} == {"(a)": 2 * k, "(b)": 3 * k, "(c)": 2 * k,
+                                                                          "(d)": 4 * k}
+    assert rows["(a)"]["ratio"] == 1.0
+    if sys.platform == "linux":
+        assert all(row["peak_memory_gb"] > 0 for row in rows.values()) and rows["(a)"]["memory_ratio"] == 1.0
+    table = speed.format_table(list(rows.values()))
+    assert table.count("\n") == 5 and "peak memory GiB" in table
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="resident memory is read from /proc")
+def test_the_peak_memory_of_a_job_sees_what_it_allocates():
+    def job():
+        block = torch.ones(64, 2**20)  # 256 MiB, written, so resident
+        return float(block.sum())
+
+    before = speed._resident_bytes()
+    assert speed._peak_memory(job, torch.device("cpu")) - before > 200 * 2**20
+
+
+def test_an_sdxl_model_skips_the_paper_job_whose_block_numbers_are_sd1s(monkeypatch, tmp_path):
+    from pfbdiff.models.toy_models import save_tiny_model
+    from pfbdiff.pipeline import load_pipeline
+
+    sdxl = load_pipeline(str(save_tiny_model(tmp_path / "xl", family="sdxl")), quiet=True)
+    monkeypatch.setattr(speed, "benchmark_pipeline", lambda name: sdxl)
+    rows = speed.run_speed_benchmark("tiny-sdxl", size=128, steps=1, repeats=1)
+    assert [row["job"][:3] for row in rows] == ["(a)", "(b)", "(c)"]
