@@ -233,3 +233,16 @@ def test_a_single_file_sdxl_checkpoint_loads_with_its_config_folder_and_edits_th
     assert np.abs(edits[0] - edits[1]).max() <= 1 / 255 + 1e-6
     with pytest.raises(PFBDiffError, match="is an SDXL checkpoint but --config .* is an SD 1.x/2.x model folder"):
         load_components(path, config=str(tiny_model_dir), device="cpu")
+
+
+def test_sdxl_sizes_are_its_native_1024_and_its_64_pixel_buckets():
+    from pfbdiff.models.full_size import random_unet, sdxl_unet_config
+    from pfbdiff.photo import regions
+
+    unet = random_unet(sdxl_unet_config(), device="meta")
+    native, multiple = regions.native_side(unet, 8), regions.size_multiple(unet, 8)
+    assert (native, multiple) == (1024, 64)
+    plan = regions.plan_region((3000, 2000), regions.CropBox(1000, 800, 1300, 1000), native=native,
+                               multiple=multiple, min_side=regions.min_model_side(3, 8))
+    assert plan.box.size == (450, 350)  # the 300 x 200 box and a quarter of its longer side around it
+    assert plan.model_size == (1152, 896)  # one of SDXL's training buckets, about 1024² pixels, aspect kept

@@ -191,7 +191,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return mask_set.crop_plan(
             image_size, masks, grow=grow, feather=feather, placement=feather_placement, crop=crop,
             padding=crop_padding, native=regions.native_side(self.unet, self.vae_scale_factor),
-            multiple=self.vae_scale_factor,
+            multiple=regions.size_multiple(self.unet, self.vae_scale_factor),
             min_side=regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor),
         )
 

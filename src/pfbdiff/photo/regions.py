@@ -107,6 +107,14 @@ def native_side(unet, vae_scale_factor: int) -> int:
     return int(sample) * int(vae_scale_factor)
 
 
+def size_multiple(unet, vae_scale_factor: int) -> int:
+    """What model sides are multiples of: the VAE factor, and for a U-Net with SDXL's added conditioning (pooled
+    vector and size ids) SDXL's aspect buckets, 1/16 of its native side (64 px at 1024²), which it was trained on."""
+    if unet.config.get("addition_embed_type") == "text_time":
+        return max(int(vae_scale_factor), native_side(unet, vae_scale_factor) // 16)
+    return int(vae_scale_factor)
+
+
 def min_model_side(num_levels: int, vae_scale_factor: int) -> int:
     """Smallest model-size side: a latent side of 2^(levels − 1), so every U-Net level has at least one cell."""
     return (2 ** max(num_levels - 1, 0)) * int(vae_scale_factor)
