@@ -259,7 +259,7 @@ def _env():
 
 def _check_complete(manifest, out, model):
     """Every line has exactly one PNG and one record, from this line's parameters; nothing else is left."""
-    lines, bad = read_manifest(manifest)
+    lines, bad = read_manifest(manifest, model=str(model))  # lines take the steps and guidance the model recommends
     assert bad == []
     expected = sorted([e.output for e in lines] + [e.record_name for e in lines] + ["batch-summary.json"])
     assert _outputs(out) == expected  # no temporary files, no duplicates

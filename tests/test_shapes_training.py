@@ -99,8 +99,9 @@ def test_every_stage_trains_resumes_and_exports(tmp_path, tiny_training):
     assert not {"two_full", "single_train_full"} & set(header)
 
     main(["--out", str(out), "--export-only", "--export-dir", str(export_dir)])
-    assert {p.name for p in export_dir.iterdir()} == {"model_index.json", "training.json", "scheduler", "tokenizer",
-                                                      "text_encoder", "unet", "vae"}
+    assert {p.name for p in export_dir.iterdir()} == {"model_index.json", "training.json", "pfbdiff.json", "scheduler",
+                                                      "tokenizer", "text_encoder", "unet", "vae"}
+    assert json.loads((export_dir / "pfbdiff.json").read_text()) == {"num_inference_steps": 20, "guidance_scale": 4.0}
     assert "single-object fully right" in (tmp_path / "model_card.md").read_text()
     info = json.loads((export_dir / "training.json").read_text())
     assert set(info) == {"family", "warm_start", "unet_steps", "unet_batch_size", "unet_seconds", "unet_cpu_seconds", "vae", "parameters",

@@ -20,6 +20,7 @@ colour-matched alpha (``photo/compositing.py``); ``auto_mask`` estimates the reg
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ from pfbdiff.engine.tokens import positions_of, split_at_token_limit
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import images as imgs
 from pfbdiff.io import tensors
+from pfbdiff.models import catalog
 from pfbdiff.photo import compositing, mask_set, regions
 
 
@@ -91,6 +93,9 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         # SDXL's unconditional rows are zeros when the negative prompt is empty (its model_index.json says so)
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.feature_unet = FeatureUNet(unet)
+        # the steps and guidance the model is meant to be run with (its folder's pfbdiff.json; from_pretrained reads
+        # it), used where a call leaves them out
+        self.recommended_settings = dict(catalog.DEFAULT_RECOMMENDED)
         if text_encoder_2 is not None and getattr(vae.config, "force_upcast", False) and vae.dtype == torch.float16:
             vae.to(torch.float32)  # SDXL's VAE overflows in float16; the U-Net stays in half precision
 
@@ -106,7 +111,13 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
 
         components = load_components(model, **kwargs)
         sdxl = components.get("text_encoder_2") is not None
-        return (PFBDiffXLPipeline if sdxl and not issubclass(cls, PFBDiffXLPipeline) else cls)(**components)
+        pipe = (PFBDiffXLPipeline if sdxl and not issubclass(cls, PFBDiffXLPipeline) else cls)(**components)
+        pipe.recommended_settings = catalog.recommended_settings(os.fspath(model))
+        return pipe
+
+    def _or_recommended(self, name: str, value):
+        """``value``, or the model's recommended one (:attr:`recommended_settings`) when it is ``None``."""
+        return self.recommended_settings[name] if value is None else value
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         """Not supported: the feature walker runs the U-Net's blocks one by one, never ``unet.forward``, which is
@@ -196,7 +207,8 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         )
 
     # -- inversion -----------------------------------------------------------------------------------------
-    def invert(self, image, source_prompt="", num_inference_steps: int = 50, strength: float = 1.0, record_blocks=None,
+    def invert(self, image, source_prompt="", num_inference_steps: int | None = None, strength: float = 1.0,
+               record_blocks=None,
                callback=None, *, mask_image=None, plan: regions.RegionPlan | None = None, crop="auto",
                crop_padding: int | None = None, grow: int = 0, feather: int | None = None,
                feather_placement: str = compositing.DEFAULT_PLACEMENT, size_ids: str = "model") -> Inversion:
@@ -211,7 +223,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         if not 0.0 < strength <= 1.0:
             raise PFBDiffError.about("strength", f"must be in (0, 1], got {strength}")
         pil_images = [imgs.load_image(i) for i in _as_list(image)]
-        grid = self.ddim_grid(num_inference_steps)
+        grid = self.ddim_grid(self._or_recommended("num_inference_steps", num_inference_steps))
         sizes = [im.size for im in pil_images]
         if len(set(sizes)) > 1:
             raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
@@ -295,7 +307,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         outside=None,
         word_masks: dict | None = None,
         negative_prompt=None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator=None,
         output_type: str = "pil",
@@ -319,6 +331,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         mask map for multi-object edits (each word confined to its own mask; the edit mask defaults to
         their union). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
         ``overrides``: any :class:`EditConfig` field (``grow``: pixels of the input image, + grows, − shrinks).
+        ``guidance_scale`` defaults to the model's recommended scale (:attr:`recommended_settings`).
 
         Putting the result back (``photo/compositing.py``): with ``paste_back`` (default) every pixel outside the
         feathered mask is the input's own, bit for bit; ``feather`` px (default: from the mask's size, 0 for
@@ -330,6 +343,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         """
         # 1. the settings and the step count K
         config = _resolve(preset, {**overrides, "inside": inside, "outside": outside})
+        guidance_scale = self._or_recommended("guidance_scale", guidance_scale)
         checks.finite_number("guidance_scale", guidance_scale)
         for photo_size in inversion.original_sizes:
             checks.within_photo(photo_size, grow=config.grow, halo=config.halo, feather=feather)
@@ -421,7 +435,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         source_prompt="",
         *,
         preset: str | EditConfig = "object",
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         strength: float | None = None,
         crop="auto",
         crop_padding: int | None = None,
@@ -455,11 +469,12 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return self.edit(inversion, mask_image, prompt, preset=config, **edit_kwargs)
 
     @torch.no_grad()
-    def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=50, guidance_scale=7.5,
+    def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=None, guidance_scale=None,
                       negative_prompt=None, generator=None, latents=None, output_type="pil", batch_cfg=True):
         """Plain DDIM text-to-image on the same grid: the baseline for cost and for the no-op property."""
         prompts_list = _as_list(prompt)
-        grid = self.ddim_grid(num_inference_steps)
+        grid = self.ddim_grid(self._or_recommended("num_inference_steps", num_inference_steps))
+        guidance_scale = self._or_recommended("guidance_scale", guidance_scale)
         checks.finite_number("guidance_scale", guidance_scale)
         prompts = Prompts(source=None, target=self.encode_prompt(prompts_list, (height, width)), unconditional=None)
         if guidance_scale > 1.0:

@@ -303,7 +303,7 @@ def launcher_command(num_processes: int, batch_args: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ command
 
 
-def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: int, guidance: float,
+def run_batch_command(manifest: Path, out: Path, *, model: str | None, steps: int | None, guidance: float | None,
                       device: str | None, dtype: str | None, allow_pickle: bool, config: str | None,
                       console, loras=(), embeddings=()) -> int:
     """``pfbdiff batch`` in this process (one shard when launched by accelerate); return the exit code."""

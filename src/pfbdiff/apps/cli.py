@@ -129,9 +129,9 @@ def edit(
     preset: str = typer.Option("object", "--preset", help=f"Task preset: {PRESET_LIST}."),
     inside: Optional[list[str]] = typer.Option(None, "--inside", help="Words of the prompt allowed only inside the mask (repeat or comma-separate)."),
     outside: Optional[list[str]] = typer.Option(None, "--outside", help="Words of the prompt allowed only outside the mask."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps. Default: the model's recommended steps (its folder's pfbdiff.json; 20 for the bundled model), else 50."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Share of the steps that are inverted and regenerated, in (0, 1]. Default: the preset's."),
-    guidance: float = typer.Option(7.5, "--guidance", "-g", help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale. Default: the model's recommended scale (pfbdiff.json; 4 for the bundled model), else 7.5."),
     negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for guidance."),
     seed: int = typer.Option(0, "--seed", help="Seed for the noise start (--start noise)."),
     start: Optional[str] = typer.Option(None, "--start", help="'inverted' (default: the DDIM-inverted photo) or 'noise' (seeded)."),
@@ -427,8 +427,8 @@ def batch(
     manifest: Path = typer.Argument(..., help="JSONL file, one edit per line: {\"image\", \"mask\", \"prompt\", \"source_prompt\", \"output\", ...}."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the results (created if missing): one PNG + one JSON record per line."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder or .safetensors file (default: the bundled shapes model, else 'tiny')."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps for lines that do not set \"steps\"."),
-    guidance: float = typer.Option(7.5, "--guidance", "-g", help="Guidance scale for lines that do not set \"guidance\"."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps for lines that do not set \"steps\". Default: the model's recommended steps, else 50."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Guidance scale for lines that do not set \"guidance\". Default: the model's recommended scale, else 7.5."),
     num_processes: int = typer.Option(1, "--num-processes", "-j", help="Processes to run side by side on this machine (one per GPU; on a CPU they share its cores). Uses accelerate launch."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, mps (default: best available; one GPU per process when launched by accelerate)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
@@ -451,10 +451,11 @@ def batch(
             raise PFBDiffError(f"--num-processes must be at least 1, got {num_processes}")
         if num_processes > 1 and not launched:
             read_manifest(manifest, steps=steps, guidance=guidance)  # report mistakes before spawning
-            args = [str(manifest), "--out", str(out), "--steps", str(steps), "--guidance", str(guidance)]
-            for option, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config)):
+            args = [str(manifest), "--out", str(out)]
+            for option, value in (("--model", model), ("--device", device), ("--dtype", dtype), ("--config", config),
+                                  ("--steps", steps), ("--guidance", guidance)):
                 if value is not None:
-                    args += [option, value]
+                    args += [option, str(value)]
             if allow_pickle:
                 args.append("--allow-pickle")
             args += [arg for lora in loras or [] for arg in ("--lora", lora)]

@@ -98,11 +98,12 @@ def json_key(parameter: str) -> str:
     return f'"{"guidance" if parameter == "guidance_scale" else parameter}"'
 
 
-def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float = 7.5, model: str = "",
+def read_manifest(path: str | os.PathLike, *, steps: int | None = None, guidance: float | None = None, model: str = "",
                   adapters: dict | None = None) -> tuple[list[BatchLine], list[BadLine]]:
     """Parse and check every line of the manifest at ``path`` without loading a model.
 
-    ``steps`` and ``guidance`` are the defaults for lines that do not set them; ``model`` is the batch's model, when
+    ``steps`` and ``guidance`` are the defaults for lines that do not set them (``None``: the model's recommended
+    ones); ``model`` is the batch's model, when
     known, which a line is checked against as far as its files allow (steps within its training steps), and
     ``adapters`` its LoRAs and embeddings (:func:`~pfbdiff.apps.request.adapter_fields`). A missing or unreadable manifest
     is a :class:`PFBDiffError`; a bad line is returned as a :class:`BadLine` (the rest still run).
@@ -139,7 +140,7 @@ def read_manifest(path: str | os.PathLike, *, steps: int = 50, guidance: float =
     return lines, bad
 
 
-def _parse_line(raw: str, line_no: int, folder: Path, steps: int, guidance: float, model: str, adapters: dict,
+def _parse_line(raw: str, line_no: int, folder: Path, steps: int | None, guidance: float | None, model: str, adapters: dict,
                 digests: dict) -> BatchLine:
     try:
         data = json.loads(raw)

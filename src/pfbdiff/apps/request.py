@@ -50,8 +50,8 @@ class EditRequest:
     preset: str = "object"
     inside: list = field(default_factory=list)
     outside: list = field(default_factory=list)
-    steps: int = 50
-    guidance_scale: float = 7.5
+    steps: int | None = None  # None: the model's recommended steps (catalog.recommended_settings), filled in by checked()
+    guidance_scale: float | None = None  # None: the model's recommended guidance scale, likewise
     negative_prompt: str = ""
     seed: int = 0
     model: str = field(default_factory=_default_model)
@@ -80,6 +80,9 @@ class EditRequest:
         for name in ("image", "prompt"):
             if name not in values:
                 raise PFBDiffError.about(name, "is required")
+        recommended = catalog.recommended_settings(values.get("model") or _default_model())
+        values.setdefault("steps", recommended["num_inference_steps"])
+        values.setdefault("guidance_scale", recommended["guidance_scale"])
         rules = {
             "image": _path, "mask": _optional(_path), "prompt": _text, "source_prompt": _text,
             "negative_prompt": _text, "preset": _preset, "inside": words, "outside": words, "steps": checks.steps,

@@ -38,6 +38,7 @@ from PIL import Image
 
 from pfbdiff.engine.presets import PRESET_HELP, PRESETS
 from pfbdiff.errors import EmptyMaskError, PFBDiffError
+from pfbdiff.models import catalog
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Small images (ShapesWorld is 64×64) are shown enlarged with sharp pixels.
@@ -96,14 +97,15 @@ class EditSession:
             self.output_dir.rmdir()  # only succeeds when empty
 
     def run(self, image, mask, prompt: str, *, source_prompt: str = "", preset: str = "object",
-            inside: str = "", outside: str = "", steps: int = 20, guidance: float = 7.5, seed: int = 0,
+            inside: str = "", outside: str = "", steps: int | None = None, guidance: float | None = None, seed: int = 0,
             strength: float | None = None, grow: int | None = None, feather: int | None = None,
             paste_back: bool = True, settings: dict | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> EditResult:
         """Edit ``image`` inside ``mask`` to show ``prompt``; raise :class:`PFBDiffError` on a user mistake.
 
         ``grow`` (photo pixels, − shrinks), ``feather`` (pixels; ``None``: from the mask's size) and ``paste_back``
-        are those of ``pfbdiff edit``; ``settings`` any other :class:`EditConfig` field.
+        are those of ``pfbdiff edit``; ``settings`` any other :class:`EditConfig` field; ``steps`` and ``guidance``
+        default to the model's recommended ones.
         """
         from pfbdiff.apps.request import EditRequest, load_inputs, run_request
         from pfbdiff.io.outputs import save_png
@@ -210,6 +212,7 @@ def build_app(session: EditSession, *, model_note: str | None = None):
     gr = _offline_gradio()
 
     model_line = f"Model: **{_display_name(session.model_name)}**"
+    recommended = catalog.recommended_settings(session.model_name)  # the model's steps and guidance
     if model_note:
         model_line += f" — ⚠️ {model_note}"
     presets = [(f"{name} — {PRESET_HELP[name]}", name) for name in PRESETS]
@@ -246,8 +249,10 @@ def build_app(session: EditSession, *, model_note: str | None = None):
                                          elem_id="outside")
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+                        steps = gr.Slider(1, 100, value=recommended["num_inference_steps"], step=1, label="Steps",
+                                          elem_id="steps")
+                        guidance = gr.Slider(1.0, 15.0, value=recommended["guidance_scale"], step=0.5,
+                                             label="Guidance", elem_id="guidance")
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                         strength = gr.Slider(0.05, 1.0, value=PRESETS["object"].strength, step=0.05,

@@ -19,6 +19,10 @@ SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.trai
                         "--export-dir src/pfbdiff/shapes/model`")
 #: diffusers' default ``num_train_timesteps``, used when a scheduler config leaves it out.
 DEFAULT_TRAINING_STEPS = 1000
+#: The file in a model folder that carries the settings the model is meant to be used with (its makers' numbers).
+RECOMMENDED_FILE = "pfbdiff.json"
+#: What a model that recommends nothing is run with: diffusers' Stable Diffusion defaults.
+DEFAULT_RECOMMENDED = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
 
 def shapes_model_shipped() -> bool:
@@ -37,10 +41,32 @@ def default_model() -> tuple[str, str | None]:
                     "that show the pipeline works, not meaningful pictures; pass --model for a real one")
 
 
+def _folder(model: str) -> Path:
+    return BUNDLED_SHAPES_MODEL if model == "shapes" else Path(model).expanduser()
+
+
+def recommended_settings(model: str) -> dict:
+    """The steps and guidance scale ``model`` is meant to be run with (``num_inference_steps``,
+    ``guidance_scale``): those its folder's ``pfbdiff.json`` names, else :data:`DEFAULT_RECOMMENDED`. Only local
+    folders (and the bundled model) are read; a value that is not a positive number is ignored."""
+    settings = dict(DEFAULT_RECOMMENDED)
+    try:
+        recommended = json.loads((_folder(model) / RECOMMENDED_FILE).read_text("utf-8"))
+    except (OSError, ValueError, TypeError):
+        return settings
+    if not isinstance(recommended, dict):
+        return settings
+    for name, kind in (("num_inference_steps", int), ("guidance_scale", (int, float))):
+        value = recommended.get(name)
+        if isinstance(value, kind) and not isinstance(value, bool) and value > 0:
+            settings[name] = value
+    return settings
+
+
 def training_steps(model: str) -> int | None:
     """The number of diffusion steps the model's scheduler was trained with, read from its config file when
     ``model`` is the bundled model or a local diffusers folder; ``None`` when that cannot be read yet."""
-    folder = BUNDLED_SHAPES_MODEL if model == "shapes" else Path(model).expanduser()
+    folder = _folder(model)
     try:
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text("utf-8"))
         steps = config.get("num_train_timesteps", DEFAULT_TRAINING_STEPS)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pfbdiff.models.catalog import RECOMMENDED_FILE
 from pfbdiff.shapes.training_loop import hardware, log, replace_folder
 from pfbdiff.shapes.training_setup import (
     build_unet_stage,
@@ -26,6 +27,9 @@ from pfbdiff.shapes.training_setup import (
     vae_config,
 )
 from pfbdiff.shapes.world import HELD_OUT_BACKGROUNDS, HELD_OUT_OBJECTS
+
+#: The steps a ShapesWorld model recommends: those ShapesBench runs every method with.
+RECOMMENDED_STEPS = 20
 
 
 def ema_components(out: Path, seed: int, ema_shadow=None, family: str = "sd1") -> dict:
@@ -93,6 +97,8 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
         if old.get("unet_steps") == info["unet_steps"] and "evaluation" in old:
             info["evaluation"] = old["evaluation"]
     (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    recommended = {"num_inference_steps": RECOMMENDED_STEPS, "guidance_scale": getattr(args, "guidance", 4.0)}
+    (tmp / RECOMMENDED_FILE).write_text(json.dumps(recommended) + "\n")  # what the model is evaluated with
     replace_folder(tmp, export_dir)
     write_model_card(export_dir)
     log(f"exported EMA model at step {state['step']} to {export_dir} ({folder_size(export_dir) / 1e6:.1f} MB)")
@@ -216,7 +222,8 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
                      + (f"; run on {evaluation['hardware']}." if evaluation.get("hardware") else "."))
     else:
         lines.append("* Full evaluation: not yet run on these weights (`python -m pfbdiff.shapes.evaluate --card`).")
-    lines += ["", *quality_bar_section(vae["psnr_mean"], evaluation), "", f"Exported {info['exported']}.", ""]
+    lines += ["", *quality_bar_section(vae["psnr_mean"], evaluation, info.get("family", "sd1")), "",
+              f"Exported {info['exported']}.", ""]
     card_path.write_text("\n".join(lines))
     return card_path
 
@@ -251,13 +258,20 @@ def _warm_start_lines(warm_start: dict | None) -> list[str]:
 
 #: The quality the bundled model is meant to reach (single-object and two-object captions fully right, VAE PSNR).
 QUALITY_BAR = {"single_full": 0.90, "two_full": 0.70, "vae_psnr": 30.0}
+#: The SDXL-layout model's bar (it shares the bundled model's VAE): single-object captions fully right.
+SDXL_QUALITY_BAR = {"single_full": 0.85}
 
 
-def quality_bar_section(vae_psnr: float, evaluation: dict | None) -> list[str]:
+def quality_bar_section(vae_psnr: float, evaluation: dict | None, family: str = "sd1") -> list[str]:
     """The card's verdict against :data:`QUALITY_BAR`, and what would close the gap when it is missed."""
     lines = ["## Quality bar", ""]
     if not evaluation:
         return lines + ["Not judged yet: run the full evaluation."]
+    if family == "sdxl":
+        bar, value = SDXL_QUALITY_BAR["single_full"], evaluation["single_full"]
+        return lines + [f"* single-object captions fully right: {value:.0%} (bar {bar:.0%}): "
+                        f"{'met' if value >= bar else '**not met**'}; two-object captions fully right: "
+                        f"{evaluation['two_full']:.0%} (no bar)."]
     checks = [("single-object captions fully right", evaluation["single_full"], QUALITY_BAR["single_full"], "{:.0%}"),
               ("two-object captions fully right", evaluation["two_full"], QUALITY_BAR["two_full"], "{:.0%}"),
               ("VAE reconstruction PSNR", vae_psnr, QUALITY_BAR["vae_psnr"], "{:.2f} dB")]
