@@ -1,6 +1,7 @@
 """The command line: a real edit, readable help, and every user mistake as one line with exit code 2."""
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -110,3 +111,25 @@ def test_help_of_every_command_reads_well():
 def test_python_dash_m_runs_the_same_cli():
     result = subprocess.run([sys.executable, "-m", "pfbdiff", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("pfbdiff ")
+
+
+def test_an_edit_that_reaches_past_the_mask_says_so_and_saves_the_region_it_changed(files, tiny_model_dir):
+    folder, image, mask = files
+    photo, user_mask = np.asarray(Image.open(image).convert("RGB")), np.asarray(Image.open(mask)) > 0
+    printed = {}
+    for grow, name in ((0, "kept"), (6, "grown")):
+        result = runner.invoke(app, ["edit", str(image), "-m", str(mask), "-p", "a dog", "--steps", "2", "--grow",
+                                     str(grow), "--model", str(tiny_model_dir), "-o", str(folder / f"{name}.png"),
+                                     "--save-json"])
+        assert result.exit_code == 0, result.output
+        printed[name] = " ".join(result.output.split())
+    assert json.loads((folder / "kept.json").read_text())["changed_outside_mask"] == 0
+    assert not (folder / "kept.region.png").exists() and "outside your mask" not in printed["kept"]
+    record = json.loads((folder / "grown.json").read_text())
+    region = np.asarray(Image.open(folder / "grown.region.png")) > 0
+    assert record["edit_region_file"] == str(folder / "grown.region.png")
+    assert record["changed_outside_mask"] == np.count_nonzero(region & ~user_mask) > 0
+    assert f"changed {record['changed_outside_mask']} pixels outside your mask" in printed["grown"]
+    edited = np.asarray(Image.open(folder / "grown.png").convert("RGB"))
+    assert np.array_equal(edited[~region], photo[~region])  # outside the region it names, the photo's own pixels
+    assert not np.array_equal(edited[region & ~user_mask], photo[region & ~user_mask])

@@ -46,6 +46,10 @@ def test_paste_back_keeps_the_photo_outside_the_mask_and_grow_is_recorded(sessio
     assert changed[outside].max() == 0 and changed[box_mask > 0].mean() > 5
     meta = read_png_metadata(kept.path)
     assert meta["grow"] == 4 and meta["feather"] == 0 and meta["paste_back"] is True
+    region = np.asarray(kept.region) > 0  # the grown box, shown as the region the edit changed
+    assert meta["changed_outside_mask"] == np.count_nonzero(region & (box_mask == 0)) == 56 * 72 - 48 * 64
+    assert "changed 960 pixels outside your mask" in kept.message and np.array_equal(region, ~outside)
+    assert session.run(photo, box_mask, "a dog", steps=2).region is None  # within the mask: nothing to show
     loose = session.run(photo, box_mask, "a dog", steps=2, paste_back=False)
     changed = np.abs(np.asarray(loose.image, np.int32) - photo.astype(np.int32)).sum(-1)
     assert changed[outside].max() > 0  # without paste-back the VAE round trip shows outside the mask

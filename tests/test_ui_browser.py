@@ -236,5 +236,6 @@ def test_two_users_at_once_are_queued_not_crashed(app_url, files):
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(one, ["a red hat", "a blue cat"]))
-    for source, result, download, status in results:
+    for source, result, region, download, status in results:
         assert Path(download).is_file() and "U-Net passes" in status
+        assert region is None  # the edit stayed within the mask: no region to show

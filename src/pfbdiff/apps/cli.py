@@ -197,10 +197,19 @@ def edit(
         result, metadata = outcome.result, outcome.record
         if result.auto_masks:
             metadata["auto_mask_file"] = str(side_files["mask"])
+        beyond = metadata.get("changed_outside_mask")
+        if beyond:  # the halo snap or grow took the edit past the user's mask: show where
+            metadata["edit_region_file"] = str(side_files["region"])
         written = outputs.save_png(result.images[0], output, metadata, protect=protect)
         notes = []
         if result.auto_masks:
             notes.append(str(outputs.save_png(result.auto_masks[0], side_files["mask"], metadata, protect=protect)))
+        if beyond:
+            region = outputs.save_png(result.masks[0], side_files["region"], metadata, protect=protect)
+            console.print(f"[yellow]note:[/] the edit also changed {beyond} pixels outside your mask (the mask was "
+                          f"grown or snapped to the subject, --set halo / --grow); the region it changed is {region}",
+                          highlight=False)
+            notes.append(str(region))
         if save_json:
             outputs.write_json(side_files["json"], metadata)
             notes.append(str(side_files["json"]))
@@ -263,12 +272,14 @@ def _setting_overrides(strength, start, grow, settings) -> dict:
 
 
 def _check_outputs(request, output, save_json) -> dict:
-    """The output paths must not overwrite an input; returns the side files: ``mask`` (the auto-mask PNG) and
-    ``json`` (the record)."""
+    """The output paths must not overwrite an input; returns the side files: ``mask`` (the auto-mask PNG),
+    ``region`` (the region the edit changed, when it reaches past the mask) and ``json`` (the record)."""
     protect = {"input image": request.image, "mask": request.mask}
     target = Path(output).expanduser()
     outputs.check_output_path(target, protect)
-    side = {"mask": target.with_name(f"{target.stem}.mask.png"), "json": target.with_suffix(".json")}
+    side = {"mask": target.with_name(f"{target.stem}.mask.png"), "region": target.with_name(f"{target.stem}.region.png"),
+            "json": target.with_suffix(".json")}
+    outputs.check_output_path(side["region"], protect)
     if request.auto_mask:
         outputs.check_output_path(side["mask"], protect)
     if save_json:

@@ -404,8 +404,20 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
         auto_mask=request.auto_mask, auto_mask_threshold=request.auto_mask_threshold,
     )
     record = provenance.make_record(request, config, pipe, result, inputs.source.size, image_sha256=digest,
-                                    unet_calls=pipe.unet_calls - calls_before, shared_inversion=shared)
+                                    unet_calls=pipe.unet_calls - calls_before, shared_inversion=shared,
+                                    changed_outside_mask=changed_outside(inputs.mask, result))
     return Outcome(result, record, shared)
+
+
+def changed_outside(mask, result) -> int | None:
+    """How many pixels outside the user's ``mask`` the edit changed: where the paste-back region reaches past it
+    (the background preset's halo snap, ``grow``); ``None`` without a mask or a paste-back."""
+    import numpy as np
+
+    if mask is None or not result.masks:
+        return None
+    region = np.asarray(result.masks[0])
+    return int(np.count_nonzero((region > 0) & (np.asarray(mask) <= 0)))
 
 
 def _blocks_to_record(pipe, config: EditConfig) -> frozenset:

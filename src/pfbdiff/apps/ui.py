@@ -68,6 +68,7 @@ class EditResult:
     reused_inversion: bool
     unet_calls: int
     seconds: float
+    region: Image.Image | None = None  # the pixels the edit changed (white), when they reach past the mask
 
 
 class EditSession:
@@ -152,10 +153,15 @@ class EditSession:
             message = (f"Inverted the photo ({k} U-Net passes) and edited it ({calls - k}): {calls} passes in "
                        f"{seconds:.1f} s. Another prompt on the same photo reuses the inversion.")
         notes = [str(w.message) for w in caught]
+        beyond = outcome.record.get("changed_outside_mask")
+        region = outcome.result.masks[0] if beyond else None
+        if beyond:
+            notes.append(f"The edit also changed {beyond} pixels outside your mask (it was grown or snapped to the "
+                         "subject: the halo and grow settings); 'Edited region' shows every pixel it changed.")
         if notes:
             message += " Note: " + " ".join(notes)
         return EditResult(inputs.source, outcome.result.images[0], path, message, outcome.shared_inversion, calls,
-                          seconds)
+                          seconds, region)
 
     def _saved_input(self, picture, kind: str) -> str:
         """``picture`` (a PIL image, an array or a path) as a PNG file in the session's folder, named by its pixels."""
@@ -273,6 +279,9 @@ def build_app(session: EditSession, *, model_note: str | None = None):
                                            elem_id="source-view")
                     result_view = gr.Image(label="Result", interactive=False, format="png", height=360,
                                            elem_id="result")
+                region_view = gr.Image(label="Edited region (white: pixels the edit changed; shown when it reaches "
+                                       "past your mask)", interactive=False, format="png", height=180,
+                                       elem_id="region")
                 status = gr.Markdown("Ready.", elem_id="status")
                 download = gr.File(label="Download the PNG (carries every setting)", interactive=False,
                                    elem_id="download")
@@ -300,13 +309,13 @@ def build_app(session: EditSession, *, model_note: str | None = None):
                 traceback.print_exc()
                 raise gr.Error(f"internal error ({type(error).__name__}: {error}); please report it",
                                duration=None, print_exception=False) from None
-            return result.source, result.image, str(result.path), result.message
+            return result.source, result.image, result.region, str(result.path), result.message
 
         run.click(
             on_run,
             inputs=[editor, mask_upload, source_prompt, prompt, preset, inside, outside, steps, guidance, seed,
                     strength, grow, feather, paste_back],
-            outputs=[source_view, result_view, download, status],
+            outputs=[source_view, result_view, region_view, download, status],
             concurrency_limit=1, concurrency_id="model", show_progress="full",
         )
         preset.change(lambda name: PRESETS[name].strength, inputs=preset, outputs=strength, queue=False)
