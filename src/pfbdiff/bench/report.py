@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,10 @@ def finalise(result: dict, elapsed: float) -> dict:
             values = [c["results"][method] for c in rows if method in c["results"]]
             keys = [k for k in METRICS if any(k in v for v in values)]
             per_method[method] = {k: summarise([v.get(k) for v in values], k in PROPORTIONS) for k in keys}
-        summary[task] = {"n": len(rows), "text_to_image": t2i, "methods": per_method}
+        failures = {method: dict(Counter(c["results"][method]["failure"] for c in rows
+                                         if c["results"].get(method, {}).get("failure")))
+                    for method in result["config"]["methods"]}
+        summary[task] = {"n": len(rows), "text_to_image": t2i, "methods": per_method, "failures": failures}
     result["summary"] = summary
     return result
 
@@ -275,12 +279,31 @@ def format_markdown(result: dict) -> str:
             cells = [_fmt(metrics.get(key), scale, digits, interval=key not in ("unet_calls", "seconds"))
                      for key, _, scale, digits in TABLE_COLUMNS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += failure_section(result, tasks)
     lines += ["", "## Methods", ""]
     for method in config["methods"]:
         lines.append(f"* **{method}**: {result['methods'][method]['description']}")
     lines += ["", "Grid (`shapesbench_grid.png`): rows are cases; columns: source | mask | ideal edit | each method "
               "| text-to-image sample of the target caption.", ""]
     return "\n".join(lines)
+
+
+def failure_section(result: dict, tasks) -> list[str]:
+    """Failed cases by cause (:mod:`.diagnosis`), per task and method: what went wrong, not only how often."""
+    from pfbdiff.bench.diagnosis import causes_of
+
+    lines = ["", "## Failures by cause (cases)", "",
+             "Each failed case counted once, under the first cause that applies (`bench/diagnosis.py`)."]
+    for task in tasks:
+        failures = result["summary"][task].get("failures") or {}
+        causes = [c for c in causes_of(task) if any(c in f for f in failures.values())]
+        if not causes:
+            continue
+        lines += ["", f"**{task}**", "", "| method | " + " | ".join(causes) + " |", "|---|" + "---|" * len(causes)]
+        for method in result["config"]["methods"]:
+            counts = failures.get(method, {})
+            lines.append(f"| {method} | " + " | ".join(str(counts.get(c, 0)) for c in causes) + " |")
+    return lines
 
 
 def success_section(result: dict) -> str:

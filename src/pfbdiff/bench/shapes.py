@@ -24,6 +24,7 @@ from PIL import Image
 
 from pfbdiff.bench import baselines
 from pfbdiff.bench.cases import TASKS, CaseImages, make_cases, render_case
+from pfbdiff.bench.diagnosis import failure_cause
 from pfbdiff.bench.metrics import (
     coherence,
     edit_success,
@@ -223,6 +224,7 @@ def score(images: CaseImages, image: np.ndarray, raw: np.ndarray | None = None) 
     analysis = analyse(image)
     result: dict = edit_success(images, image, analysis)
     result["success_raw"] = result["success"] if raw is None else edit_success(images, raw)["success"]
+    result["failure"] = failure_cause(images, analysis, result)
     raw = image if raw is None else raw
     result["psnr_out"] = psnr(raw, images.source, images.kept)
     result["ssim_out"] = ssim(raw, images.source, images.kept)
