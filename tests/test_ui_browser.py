@@ -10,6 +10,7 @@ Skipped, with a loud reason, only where no Chromium is installed (``.ci/run`` in
 """
 
 import io
+import json
 import os
 import re
 import shutil
@@ -59,13 +60,22 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_model_dir, tmp_path_factory):
+def ui_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model, recommending 20 steps (the page's sliders start at the model's recommendation)."""
+    folder = tmp_path_factory.mktemp("ui-model") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "pfbdiff.json").write_text(json.dumps({"num_inference_steps": 20, "guidance_scale": 7.5}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(ui_model, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("ui") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio-tmp"))}
     with open(log, "w") as stream:
-        server = subprocess.Popen([sys.executable, "-m", "pfbdiff", "ui", "--model", str(tiny_model_dir),
+        server = subprocess.Popen([sys.executable, "-m", "pfbdiff", "ui", "--model", str(ui_model),
                                    "--port", str(port)], stdout=stream, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -156,11 +166,11 @@ def _changed(result: Image.Image, photo_path) -> np.ndarray:
     return np.abs(np.asarray(result.convert("RGB"), np.int32) - source).sum(-1)
 
 
-def test_edit_in_a_real_browser(page, files, tiny_model_dir):
+def test_edit_in_a_real_browser(page, files, ui_model):
     photo, mask = files
     ARTIFACTS.mkdir(exist_ok=True)
     header = page.locator("#header").inner_text()
-    assert f"Model: {tiny_model_dir}" in header  # which model is loaded
+    assert f"Model: {ui_model}" in header  # which model is loaded
 
     _upload_photo(page, photo)
     page.locator("#mask-upload input[type=file]").set_input_files(str(mask))
@@ -204,7 +214,7 @@ def test_edit_in_a_real_browser(page, files, tiny_model_dir):
     page.locator("#prompt textarea").fill("a fox")
     page.locator("#run").click()
     second = _status(page, "Reused the cached inversion")
-    assert "20 U-Net passes instead of 40" in second
+    assert "20 U-Net passes instead of 40" in second  # the model's recommended 20 steps
     page.screenshot(path=str(ARTIFACTS / "ui-painted.png"), full_page=True)
     painted = _changed(_result_png(page), photo)
     assert painted[28:36, 28:36].mean() > 20  # the centre of the stroke changed
