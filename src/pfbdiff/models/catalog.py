@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 #: Models named by a short name instead of a path (``pfbdiff.models.loading.MODEL_ALIASES`` loads them).
-SHORT_NAMES = ("tiny", "shapes")
+SHORT_NAMES = ("tiny", "shapes", "shapes-xl")
 #: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
 BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
+#: Its SDXL-layout sibling (two text encoders, pooled vector, size ids), for measuring PFB-Diff on SDXL's layout.
+BUNDLED_SHAPES_XL_MODEL = Path(__file__).parent.parent / "shapes" / "model_sdxl"
+BUNDLED = {"shapes": BUNDLED_SHAPES_MODEL, "shapes-xl": BUNDLED_SHAPES_XL_MODEL}
 SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
                         "--export-dir src/pfbdiff/shapes/model`")
 #: diffusers' default ``num_train_timesteps``, used when a scheduler config leaves it out.
@@ -42,7 +45,7 @@ def default_model() -> tuple[str, str | None]:
 
 
 def _folder(model: str) -> Path:
-    return BUNDLED_SHAPES_MODEL if model == "shapes" else Path(model).expanduser()
+    return BUNDLED[model] if model in BUNDLED else Path(model).expanduser()
 
 
 def recommended_settings(model: str) -> dict:

@@ -63,7 +63,16 @@ def _shapes_model() -> Path:
     return catalog.BUNDLED_SHAPES_MODEL
 
 
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model}
+def _shapes_xl_model() -> Path:
+    if not (catalog.BUNDLED_SHAPES_XL_MODEL / "model_index.json").is_file():
+        raise PFBDiffError(f"the SDXL-layout shapes model is not in this install ({catalog.BUNDLED_SHAPES_XL_MODEL}); "
+                           "train it with `python -m pfbdiff.shapes.train --family sdxl --init-from "
+                           "src/pfbdiff/shapes/model --export-dir src/pfbdiff/shapes/model_sdxl`, or pass --model")
+    return catalog.BUNDLED_SHAPES_XL_MODEL
+
+
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model,
+                                                "shapes-xl": _shapes_xl_model}
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 

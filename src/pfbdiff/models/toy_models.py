@@ -178,6 +178,9 @@ def make_sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 SD1_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD1_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+# SDXL's three levels: no cross-attention at the top (full-resolution) one
+SDXL_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 SD_VAE_SCALING_FACTOR = 0.18215
 TINY_LATENT_SIZE = 16  # latents of 16x16, i.e. 128x128 images through the factor-8 VAE
 
@@ -210,8 +213,7 @@ def tiny_unet_config(cross_attention_dim: int = 32, sample_size: int = TINY_LATE
         config.update(use_linear_projection=True, upcast_attention=True, attention_head_dim=(2, 4, 8, 8))
     elif family == "sdxl":  # three levels, no cross-attention at the top one, the pooled text and size ids added
         config.update(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64, 64),
+            down_block_types=SDXL_DOWN_BLOCKS, up_block_types=SDXL_UP_BLOCKS, block_out_channels=(32, 64, 64),
             transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
             cross_attention_dim=3 * cross_attention_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 2 * cross_attention_dim,

@@ -68,10 +68,10 @@ def unet_config(cross_attention_dim: int = 128, family: str = "sd1") -> dict:
         "freq_shift": 0,
     }
     if family == "sdxl":
+        from pfbdiff.models.toy_models import SDXL_DOWN_BLOCKS, SDXL_UP_BLOCKS
+
         config.update(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SIZE_ID_WIDTH,
+            down_block_types=SDXL_DOWN_BLOCKS, up_block_types=SDXL_UP_BLOCKS, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=SIZE_ID_WIDTH,
             projection_class_embeddings_input_dim=6 * SIZE_ID_WIDTH + POOLED_WIDTH,
         )
     elif family != "sd1":
