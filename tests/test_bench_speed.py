@@ -19,6 +19,12 @@ def test_the_jobs_cost_the_passes_the_method_says_and_report_their_peak_memory()
         assert all(row["peak_memory_gb"] > 0 for row in rows.values()) and rows["(a)"]["memory_ratio"] == 1.0
     table = speed.format_table(list(rows.values()))
     assert table.count("\n") == 5 and "peak memory GiB" in table
+    assert {(row["device"], row["dtype"]) for row in rows.values()} == {("cpu", "float32")}
+
+
+def test_the_models_can_be_timed_in_half_precision():
+    rows = speed.run_speed_benchmark("tiny", size=128, steps=1, repeats=1, device="cpu", dtype="bfloat16")
+    assert {row["dtype"] for row in rows} == {"bfloat16"} and all(row["seconds"] > 0 for row in rows)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="resident memory is read from /proc")
@@ -36,6 +42,6 @@ def test_an_sdxl_model_skips_the_paper_job_whose_block_numbers_are_sd1s(monkeypa
     from pfbdiff.pipeline import load_pipeline
 
     sdxl = load_pipeline(str(save_tiny_model(tmp_path / "xl", family="sdxl")), quiet=True)
-    monkeypatch.setattr(speed, "benchmark_pipeline", lambda name: sdxl)
+    monkeypatch.setattr(speed, "benchmark_pipeline", lambda name, device, dtype: sdxl)
     rows = speed.run_speed_benchmark("tiny-sdxl", size=128, steps=1, repeats=1)
     assert [row["job"][:3] for row in rows] == ["(a)", "(b)", "(c)"]

@@ -311,12 +311,15 @@ def bench_speed(
     steps: int = typer.Option(4, "--steps", help="DDIM steps (2–5 keeps the full-size model quick on a CPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed rounds per job (default 5)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: fp16 on GPU, fp32 on CPU)."),
 ):
     """Time txt2img, a first edit, a second edit of the same inversion and the paper path; print ratios."""
     from pfbdiff.bench.speed import format_table, run_speed_benchmark
 
     with user_errors():
-        rows = [row for name in models for row in run_speed_benchmark(name, size=size, steps=steps, repeats=repeats)]
+        rows = [row for name in models
+                for row in run_speed_benchmark(name, size=size, steps=steps, repeats=repeats, device=device, dtype=dtype)]
     print(format_table(rows))
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2))

@@ -32,18 +32,23 @@ from pfbdiff.pipeline import PFBDiffPipeline
 PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
 
 
-def benchmark_pipeline(name: str) -> PFBDiffPipeline:
+def benchmark_pipeline(name: str, device=None, dtype=None) -> PFBDiffPipeline:
+    """The pipeline of ``name`` (``sd15-random``, ``sdxl-random``, ``tiny`` or any ``--model`` value) on ``device``
+    in ``dtype`` (default: the best device, fp16 on GPUs)."""
     from pfbdiff.models import full_size, toy_models
+    from pfbdiff.models.devices import resolve_device, resolve_dtype
 
-    if name == "sd15-random":
-        components = full_size.sd15_random_components()
-    elif name == "sdxl-random":
-        components = full_size.sdxl_random_components()
-    elif name == "tiny":
-        components = toy_models.tiny_sd_components()
-    else:
-        return _quiet(PFBDiffPipeline.from_pretrained(name))
-    return _quiet(PFBDiffPipeline(**components))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    random_models = {"sd15-random": full_size.sd15_random_components, "sdxl-random": full_size.sdxl_random_components,
+                     "tiny": toy_models.tiny_sd_components}
+    if name not in random_models:
+        return _quiet(PFBDiffPipeline.from_pretrained(name, device=device, torch_dtype=dtype))
+    components = random_models[name]()
+    for network in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if network in components:
+            components[network].to(device=device, dtype=dtype)
+    return _quiet(PFBDiffPipeline(**components))  # which keeps SDXL's VAE in float32, as the model asks
 
 
 def _quiet(pipe):
@@ -109,8 +114,9 @@ def _time_in_rounds(pipe, jobs: dict, repeats: int) -> dict:
 
 
 @torch.no_grad()
-def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats: int | None = None) -> list[dict]:
-    pipe = benchmark_pipeline(model)
+def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats: int | None = None, device=None,
+                        dtype=None) -> list[dict]:
+    pipe = benchmark_pipeline(model, device, dtype)
     repeats = repeats or 5
     image, mask = _inputs(size)
     # crop=False: every job works on the whole image at the size text-to-image makes. The second edit's inversion
@@ -135,6 +141,7 @@ def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats:
     rows = []
     for job, (seconds, passes, evaluations, peak) in _time_in_rounds(pipe, jobs, repeats).items():
         rows.append(dict(model=model, size=size, steps=steps, job=job, seconds=seconds, unet_passes=passes,
+                         device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).replace("torch.", ""),
                          unet_evaluations=evaluations, peak_memory_gb=None if peak is None else peak / 2**30,
                          memory="allocated" if pipe.unet.device.type == "cuda" else "resident"))
     floor, floor_memory = rows[0]["seconds"], rows[0]["peak_memory_gb"]
