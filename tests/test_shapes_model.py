@@ -75,3 +75,25 @@ def test_held_out_captions_are_drawn_as_the_oracles_read_them(shapes_components)
     assert images[0].shape == (64, 64, 3)
     verdicts = {text: score_image(image, text)["full"] for text, image in zip(HELD_OUT_CAPTIONS, images)}
     assert sum(verdicts.values()) >= MIN_PASSING, verdicts
+
+
+def test_the_sdxl_layout_model_ships_loads_by_name_and_edits_as_sdxl():
+    """``shapes-xl``: the SDXL-layout sibling (two text encoders, pooled vector, size ids), at most 20 MB."""
+    import numpy as np
+
+    from pfbdiff.models import catalog
+    from pfbdiff.pipeline import PFBDiffXLPipeline, load_pipeline
+    from pfbdiff.shapes.world import Scene, ShapeObject, render
+
+    folder = catalog.BUNDLED_SHAPES_XL_MODEL
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 20 * 1024 * 1024
+    assert catalog.recommended_settings("shapes-xl") == {"num_inference_steps": 20, "guidance_scale": 4.0}
+    pipe = load_pipeline("shapes-xl", quiet=True)
+    assert isinstance(pipe, PFBDiffXLPipeline) and pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.feature_unet.attention_blocks_at_levels([0]) == ()  # SDXL's layout: none at the top level
+    photo = render(Scene("yellow", "plain", (ShapeObject("red", "circle", 0.5, 0.5, 0.4),)), 64).image
+    mask = np.zeros((64, 64), np.float32)
+    mask[12:52, 12:52] = 1
+    result = pipe(photo, mask, "a blue square on a plain yellow background", "a red circle on a plain yellow background")
+    edited = np.asarray(result.images[0])
+    assert np.array_equal(edited[mask == 0], photo[mask == 0]) and not np.array_equal(edited, photo)
