@@ -222,7 +222,7 @@ def test_paper_preset_is_carried_over_to_other_unets(tiny_pipe):
     class Shallow:  # a 3-level U-Net like the shapes model's, at 64 px
         unet = type("U", (), {"config": type("C", (), {"sample_size": 16})()})()
         vae_scale_factor = 4
-        feature_unet = type("F", (), {"blocks": tuple(range(13)), "num_levels": 3})()
+        feature_unet = type("F", (), {"blocks": tuple(range(13)), "num_levels": 3, "sd1_layout": False})()
 
     config = shapes.paper_config("background", Shallow())
     assert config.blend_blocks is None and config.blend_levels == (-2, -1) and config.attention_levels == (1, 2)

@@ -38,7 +38,6 @@ from PIL import Image
 
 from pfbdiff.engine.presets import PRESET_HELP, PRESETS
 from pfbdiff.errors import EmptyMaskError, PFBDiffError
-from pfbdiff.models import catalog
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Small images (ShapesWorld is 64×64) are shown enlarged with sharp pixels.
@@ -218,7 +217,7 @@ def build_app(session: EditSession, *, model_note: str | None = None):
     gr = _offline_gradio()
 
     model_line = f"Model: **{_display_name(session.model_name)}**"
-    recommended = catalog.recommended_settings(session.model_name)  # the model's steps and guidance
+    recommended = session.pipe.recommended_settings  # the model's steps and guidance, read when it loaded
     if model_note:
         model_line += f" — ⚠️ {model_note}"
     presets = [(f"{name} — {PRESET_HELP[name]}", name) for name in PRESETS]

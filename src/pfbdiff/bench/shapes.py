@@ -34,7 +34,6 @@ from pfbdiff.bench.metrics import (
     ssim,
     text_to_image_success,
 )
-from pfbdiff.engine.backbones.unet import SD1_BLOCK_COUNT
 from pfbdiff.engine.presets import EditConfig, get_preset
 from pfbdiff.engine.sampling import edit_steps
 from pfbdiff.errors import PFBDiffError
@@ -72,7 +71,7 @@ class Method:
 
 
 def _sd1_blocks(pipe) -> bool:  # the paper presets' block numbers are SD 1.x's
-    return len(pipe.feature_unet.blocks) == SD1_BLOCK_COUNT
+    return pipe.feature_unet.sd1_layout
 
 
 def _pooled(pipe) -> bool:  # a model with a pooled text vector (SDXL)
@@ -94,7 +93,7 @@ def paper_config(task: str, pipe) -> EditConfig:
     if config.grow:
         config = config.replace(grow=int(round(config.grow * model_image_size(pipe) / 512)))
     unet = pipe.feature_unet
-    if len(unet.blocks) != SD1_BLOCK_COUNT:
+    if not unet.sd1_layout:
         config = config.replace(blend_blocks=None, blend_levels=(-2, -1), attention_blocks=None,
                                 attention_levels=tuple(range(1, unet.num_levels)))
     return config

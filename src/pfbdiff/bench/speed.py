@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfbdiff.engine.backbones.unet import SD1_BLOCK_COUNT
 from pfbdiff.pipeline import PFBDiffPipeline
 
 PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
@@ -135,7 +134,7 @@ def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats:
                                                        crop=False),
         "(c) second edit, same inversion": second_edit,
     }
-    if len(pipe.feature_unet.blocks) == SD1_BLOCK_COUNT:  # the paper presets' block numbers are SD 1.x's
+    if pipe.feature_unet.sd1_layout:  # the paper presets' block numbers are SD 1.x's
         jobs["(d) paper preset, sequential"] = lambda: pipe(image, mask, PROMPT, SOURCE_PROMPT, preset="paper-object",
                                                             num_inference_steps=steps, crop=False)
     rows = []

@@ -17,9 +17,14 @@ SHORT_NAMES = ("tiny", "shapes", "shapes-xl")
 BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
 #: Its SDXL-layout sibling (two text encoders, pooled vector, size ids), for measuring PFB-Diff on SDXL's layout.
 BUNDLED_SHAPES_XL_MODEL = Path(__file__).parent.parent / "shapes" / "model_sdxl"
-BUNDLED = {"shapes": BUNDLED_SHAPES_MODEL, "shapes-xl": BUNDLED_SHAPES_XL_MODEL}
-SHAPES_TRAINING_HINT = ("train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
-                        "--export-dir src/pfbdiff/shapes/model`")
+BUNDLED_NAMES = ("shapes", "shapes-xl")
+#: How to make each bundled model where an install lacks it.
+TRAINING_HINTS = {
+    "shapes": "train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
+              "--export-dir src/pfbdiff/shapes/model`",
+    "shapes-xl": "train it with `python -m pfbdiff.shapes.train --family sdxl --init-from src/pfbdiff/shapes/model "
+                 "--export-dir src/pfbdiff/shapes/model_sdxl`",
+}
 #: diffusers' default ``num_train_timesteps``, used when a scheduler config leaves it out.
 DEFAULT_TRAINING_STEPS = 1000
 #: The file in a model folder that carries the settings the model is meant to be used with (its makers' numbers).
@@ -28,8 +33,14 @@ RECOMMENDED_FILE = "pfbdiff.json"
 DEFAULT_RECOMMENDED = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
 
-def shapes_model_shipped() -> bool:
-    return (BUNDLED_SHAPES_MODEL / "model_index.json").is_file()
+def bundled_folder(name: str) -> Path:
+    """Where the bundled model ``name`` ships (read from the constants above when asked)."""
+    return {"shapes": BUNDLED_SHAPES_MODEL, "shapes-xl": BUNDLED_SHAPES_XL_MODEL}[name]
+
+
+def shipped(name: str = "shapes") -> bool:
+    """Whether this install ships the bundled model ``name`` (``"shapes"`` or ``"shapes-xl"``)."""
+    return (bundled_folder(name) / "model_index.json").is_file()
 
 
 def default_model() -> tuple[str, str | None]:
@@ -38,14 +49,14 @@ def default_model() -> tuple[str, str | None]:
     ``"shapes"``, the bundled ShapesWorld model, when this install ships it (``note`` is ``None``); otherwise
     ``"tiny"``, a random-weight test model, with a one-line ``note`` saying so, for the UI and the CLI to show.
     """
-    if shapes_model_shipped():
+    if shipped("shapes"):
         return "shapes", None
     return "tiny", ("the bundled shapes model is not in this install, so the model is 'tiny': random weights "
                     "that show the pipeline works, not meaningful pictures; pass --model for a real one")
 
 
 def _folder(model: str) -> Path:
-    return BUNDLED[model] if model in BUNDLED else Path(model).expanduser()
+    return bundled_folder(model) if model in BUNDLED_NAMES else Path(model).expanduser()
 
 
 def recommended_settings(model: str) -> dict:

@@ -56,23 +56,18 @@ def _tiny_model() -> Path:
     return tiny_model_path()
 
 
-def _shapes_model() -> Path:
-    if not catalog.shapes_model_shipped():
-        raise PFBDiffError(f"the bundled shapes model is not in this install ({catalog.BUNDLED_SHAPES_MODEL}); "
-                           f"{catalog.SHAPES_TRAINING_HINT}, or pass --model with another model")
-    return catalog.BUNDLED_SHAPES_MODEL
+def _bundled(name: str) -> Callable[[], Path]:
+    """The folder of the bundled model ``name``, or a one-line error saying how to make it where it is missing."""
+    def folder() -> Path:
+        if not catalog.shipped(name):
+            raise PFBDiffError(f"the bundled {name!r} model is not in this install ({catalog.bundled_folder(name)}); "
+                               f"{catalog.TRAINING_HINTS[name]}, or pass --model with another model")
+        return catalog.bundled_folder(name)
+
+    return folder
 
 
-def _shapes_xl_model() -> Path:
-    if not (catalog.BUNDLED_SHAPES_XL_MODEL / "model_index.json").is_file():
-        raise PFBDiffError(f"the SDXL-layout shapes model is not in this install ({catalog.BUNDLED_SHAPES_XL_MODEL}); "
-                           "train it with `python -m pfbdiff.shapes.train --family sdxl --init-from "
-                           "src/pfbdiff/shapes/model --export-dir src/pfbdiff/shapes/model_sdxl`, or pass --model")
-    return catalog.BUNDLED_SHAPES_XL_MODEL
-
-
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, "shapes": _shapes_model,
-                                                "shapes-xl": _shapes_xl_model}
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"tiny": _tiny_model, **{name: _bundled(name) for name in catalog.BUNDLED_NAMES}}
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 

@@ -108,6 +108,11 @@ class FeatureUNet:
                                               f" (or -1..-{self.num_levels} from the deepest), got {tuple(levels)}")
         return found
 
+    @property
+    def sd1_layout(self) -> bool:
+        """Whether the U-Net has SD 1.x's 25 blocks, the ones block numbers L (and the paper-* presets) count."""
+        return len(self.blocks) == SD1_BLOCK_COUNT
+
     def blocks_at_levels(self, levels, parts=("encoder", "middle", "decoder")) -> tuple[int, ...]:
         """L numbers of the blocks whose *output* is at one of ``levels``."""
         wanted = self._levels(levels, "blend_levels")
@@ -127,7 +132,7 @@ class FeatureUNet:
             raise PFBDiffError.about(setting, f"names {unknown}, which are not {kind} of this U-Net ({sorted(known)}); "
                                               "block numbers count an SD 1.x U-Net's blocks (docs/method.md §3), so "
                                               "the paper-* presets run on SD 1.x models only")
-        if numbers and len(self.blocks) != SD1_BLOCK_COUNT:
+        if numbers and not self.sd1_layout:
             warnings.warn(f"{setting} numbers an SD 1.x U-Net's blocks (docs/method.md §3), but this U-Net is laid out "
                           "differently, so they name other blocks here: the paper-* presets reproduce the official "
                           "SD 1.x code only", stacklevel=3)
