@@ -7,13 +7,16 @@ import torch
 from pfbdiff.engine.attention import (
     AttentionMasking,
     MaskedCrossAttention,
+    RegionPrompt,
     TokenRegion,
     attention_masking_installed,
     confined_words,
+    regional_prompts,
 )
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.presets import get_preset
 from pfbdiff.engine.tokens import token_positions
+from pfbdiff.errors import PFBDiffError
 from pfbdiff.io.tensors import mask_to_tensor
 
 
@@ -154,3 +157,46 @@ def test_presets_mask_cross_attention_at_every_level_the_full_resolution_one_inc
     top = tuple(b.index for b in unet.blocks if b.attention_level == 0)
     masked = unet.attention_blocks_at_levels(get_preset(preset).attention_levels)
     assert top and masked == every_cross_attention
+
+
+# -- regional prompts: inside a word's region the conditional rows read a prompt of the region's own
+
+
+def test_a_region_prompt_replaces_the_conditional_rows_attention_inside_its_region_only(tiny_pipe):
+    block, attn = _cross_attention(tiny_pipe)
+    torch.manual_seed(1)
+    own = torch.randn(1, 77, attn.to_k.in_features)
+    controller = AttentionMasking([], (16, 16), {8}, region_prompts=[RegionPrompt(own, _left_half())])
+    controller.active = True
+    out, plain, _ = _run(tiny_pipe, controller, batch=2, unconditional_rows=1)
+    torch.manual_seed(0)  # _run's inputs, again, for the region's own pass
+    hidden = torch.randn(2, 16, attn.to_q.in_features)
+    with torch.no_grad():
+        by_own_prompt = attn.processor(attn, hidden[1:], own)
+    inside = _left_half().binary_at((4, 4)).reshape(-1)
+    assert torch.equal(out[1][inside], by_own_prompt[0][inside])  # inside: exactly the region's own prompt
+    assert torch.equal(out[1][~inside], plain[1][~inside])  # outside: the edit's prompt, untouched
+    assert torch.equal(out[0], plain[0])  # the unconditional row never reads a region prompt
+
+
+def test_region_prompts_default_to_their_words_and_must_name_a_word_mask():
+    region = _left_half()
+    encoded = []
+    prompts = regional_prompts(lambda texts: encoded.append(texts) or torch.zeros(len(texts), 77, 8),
+                               {"red circle": region, "blue square": region}, {"blue square": "a blue square"}, rows=2)
+    assert encoded == [["red circle"] * 2, ["a blue square"] * 2] and len(prompts) == 2
+    with pytest.raises(PFBDiffError, match="region_prompts.*green"):
+        regional_prompts(lambda texts: None, {"red circle": region}, {"green": "a green"}, rows=1)
+
+
+def test_a_multi_object_edit_with_region_prompts_changes_only_inside_the_regions_before_paste_back(tiny_pipe, photo):
+    left = np.zeros((96, 128), np.float32)
+    left[16:80, 8:56] = 1
+    inv = tiny_pipe.invert(photo, "a photo", num_inference_steps=3)
+    kwargs = dict(prompt="a cat and a rabbit", preset="multi-object", word_masks={"cat": left}, output_type="latent",
+                  latent_blend=-1.0)  # the latent blend every step: the latent outside the regions is the source's
+    plain = tiny_pipe.edit(inv, **kwargs).latents
+    regional = tiny_pipe.edit(inv, region_prompts={"cat": "a cat"}, **kwargs).latents
+    assert not torch.equal(plain, regional)
+    words = tiny_pipe.edit(inv, own_region_prompts=True, **kwargs).latents
+    assert not torch.equal(words, regional)  # the default prompt is the word itself, not "a cat"

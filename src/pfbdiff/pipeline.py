@@ -36,7 +36,7 @@ from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
 from pfbdiff.engine import automask, conditioning
-from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, token_regions
+from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, regional_prompts, token_regions
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import noised_reference
 from pfbdiff.engine.conditioning import Conditioning
@@ -306,6 +306,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         inside=None,
         outside=None,
         word_masks: dict | None = None,
+        region_prompts: dict | None = None,
         negative_prompt=None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
@@ -329,7 +330,9 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         ``mask_image``: white = regenerate, black = keep (soft values allowed). ``inside`` / ``outside``:
         words of ``prompt`` (or token positions) confined to the mask / to the rest. ``word_masks``: a word →
         mask map for multi-object edits (each word confined to its own mask; the edit mask defaults to
-        their union). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
+        their union). ``region_prompts``: a word of ``word_masks`` → the prompt its region reads instead of
+        ``prompt`` (regional prompting, docs/method.md §5; giving them turns ``own_region_prompts`` on, whose
+        default is the word itself). ``attention_observer(L, probabilities)`` sees every masked cross-attention map.
         ``overrides``: any :class:`EditConfig` field (``grow``: pixels of the input image, + grows, − shrinks).
         ``guidance_scale`` defaults to the model's recommended scale (:attr:`recommended_settings`).
 
@@ -392,10 +395,14 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                                                                  attention=True)
         else:
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        own_prompts = []
+        if config.attention_masking and (config.own_region_prompts or region_prompts):
+            own_prompts = regional_prompts(lambda texts: self.encode_prompt(texts).tokens, masks.words, region_prompts,
+                                         len(prompts_list))
         masking = AttentionMasking(
             token_regions(self.tokenizer, self._as_encoded(config), self._as_encoded(source_prompts),
                           self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),
-            latent_size, attention_blocks, mask_uncond=config.mask_uncond)
+            latent_size, attention_blocks, mask_uncond=config.mask_uncond, region_prompts=own_prompts)
         masking.observer = attention_observer
 
         # 6. the start latent and the latent-blend reference

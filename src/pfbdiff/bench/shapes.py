@@ -103,6 +103,11 @@ def _variant(**changes) -> Callable[[str, object], EditConfig]:
     return lambda task, pipe=None: default_config(task).replace(**changes)
 
 
+def _multi_object_variant(**changes) -> Callable[[str, object], EditConfig]:
+    """``changes`` on multi-object cases only; on the other tasks the preset (run once, reported as the same)."""
+    return lambda task, pipe=None: default_config(task).replace(**(changes if task == "multi-object" else {}))
+
+
 def _sdedit(strength: float) -> Method:
     def run(pipe, images, steps, guidance, generator, paste_back=True):  # masked SDEdit always pastes back
         return baselines.masked_sdedit(pipe, images.source, images.mask, images.case.target_caption, steps=steps,
@@ -140,6 +145,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "(pooled_from='source')", config=_variant(pooled_from="source"), applies=_pooled),
     Method("pfb-attn-no-top", "ablation: cross-attention masked at every level but the full-resolution one (the "
            "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3))),
+    Method("pfb-region-prompts", "ablation (multi-object): inside each object's mask, cross-attention reads the "
+           "object's phrase alone as its prompt (own_region_prompts=True)",
+           config=_multi_object_variant(own_region_prompts=True)),
     Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
            "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
            config=_variant(**baselines.LATENT_BLENDING)),

@@ -9,6 +9,12 @@ The design follows prompt-to-prompt's attention-control object: one small contro
 :class:`AttentionMasking`, holds the token → allowed-region map and the on/off gate, and every masked
 cross-attention layer calls it through a :class:`MaskedCrossAttention` processor (diffusers' extension
 point). Where nothing is blocked the layer's original processor runs, so masking off is a bitwise no-op.
+
+Regional prompts (:class:`RegionPrompt`, docs/method.md §5) go one step further for multi-object edits: inside
+a word's region the conditional rows do not read the edit's prompt at all, but a prompt of the region's own
+(its own start, end and padding tokens too), as regional-prompting tools do. A text encoder reads a prompt as a
+whole, so in "a red circle and a green square" even the words "green square" and the end tokens carry the red
+circle; masking words cannot keep that out of the square's region, a prompt of its own can.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.tokens import new_words, positions_of, split_at_token_limit, subject_words
+from pfbdiff.errors import PFBDiffError
 
 
 @dataclass
@@ -40,6 +47,15 @@ class TokenRegion:
         return self.positions
 
 
+@dataclass
+class RegionPrompt:
+    """Inside ``region`` (B×1×h×w at latent size), the conditional rows' cross-attention reads ``tokens``
+    (rows × tokens × width: the encoded prompt of the region) instead of the edit's prompt."""
+
+    tokens: torch.Tensor
+    region: EditMask
+
+
 class AttentionMasking:
     """The controller every masked cross-attention layer consults.
 
@@ -50,8 +66,10 @@ class AttentionMasking:
     visualisations see the attention maps.
     """
 
-    def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False):
+    def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False,
+                 region_prompts: list[RegionPrompt] = ()):
         self.regions = regions
+        self.region_prompts = list(region_prompts)
         self.latent_size = tuple(latent_size)
         self.blocks = frozenset(blocks)
         self.mask_uncond = mask_uncond
@@ -61,7 +79,7 @@ class AttentionMasking:
         self._bias_cache: dict[tuple, torch.Tensor | None] = {}
 
     def applies(self, index: int) -> bool:
-        return self.active and bool(self.regions) and index in self.blocks
+        return self.active and bool(self.regions or self.region_prompts) and index in self.blocks
 
     def spatial_size(self, num_pixels: int) -> tuple[int, int]:
         """The (H, W) of a flattened feature map, found among the U-Net's successive halvings of the latent."""
@@ -76,6 +94,8 @@ class AttentionMasking:
         """Additive logit bias (batch × pixels × tokens): 0 where allowed, the most negative finite value where
         blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
         key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
+        if not self.regions:
+            return None
         if key not in self._bias_cache:
             self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
         return self._bias_cache[key]
@@ -115,13 +135,34 @@ class MaskedCrossAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         controller = self.controller
-        bias = None
-        if encoder_hidden_states is not None and controller.applies(self.index) and hidden_states.ndim == 3:
-            batch, num_pixels, _ = hidden_states.shape
-            score_dtype = torch.float32 if attn.upcast_attention else hidden_states.dtype
-            bias = controller.bias(num_pixels, encoder_hidden_states.shape[1], batch, score_dtype)
-        if bias is None:
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or not controller.applies(self.index):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        batch, num_pixels, _ = hidden_states.shape
+        score_dtype = torch.float32 if attn.upcast_attention else hidden_states.dtype
+        bias = controller.bias(num_pixels, encoder_hidden_states.shape[1], batch, score_dtype)
+        if bias is None:
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        else:
+            out = self._masked(attn, hidden_states, encoder_hidden_states, attention_mask, bias)
+        return self._regional(attn, hidden_states, out, temb, **kwargs)
+
+    def _regional(self, attn, hidden_states, out, temb, **kwargs):
+        """``out`` with the conditional rows, inside each region prompt's region, from cross-attention to the
+        region's own prompt (the layer's original processor, so the same arithmetic)."""
+        controller = self.controller
+        first = controller.unconditional_rows  # the conditional rows follow the unconditional ones
+        if not controller.region_prompts or first >= out.shape[0]:
+            return out
+        conditional, result = hidden_states[first:], out[first:]
+        size = controller.spatial_size(hidden_states.shape[1])
+        for prompt in controller.region_prompts:
+            inside = prompt.region.binary_at(size).flatten(1)[..., None]  # rows × pixels × 1
+            own = self.original(attn, conditional, prompt.tokens, None, temb, **kwargs)
+            result = torch.where(inside, own, result)
+        return torch.cat([out[:first], result])
+
+    def _masked(self, attn, hidden_states, encoder_hidden_states, attention_mask, bias):
+        """diffusers' standard attention with ``bias`` (and the model's own mask) added to the logits."""
         bias = bias.repeat_interleave(attn.heads, dim=0)
         if attention_mask is not None:
             given = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], hidden_states.shape[0])
@@ -136,8 +177,8 @@ class MaskedCrossAttention:
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probabilities = attn.get_attention_scores(query, key, bias)
-        if controller.observer is not None:
-            controller.observer(self.index, probabilities.unflatten(0, (-1, attn.heads)))
+        if self.controller.observer is not None:
+            self.controller.observer(self.index, probabilities.unflatten(0, (-1, attn.heads)))
         out = attn.batch_to_head_dim(torch.bmm(probabilities, value))
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -189,3 +230,15 @@ def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, wo
         positions = [positions_of(tokenizer, prompt, [word]) for prompt in prompts]
         regions.append(TokenRegion(tuple(positions), region))
     return regions
+
+
+def regional_prompts(encode: Callable[[list[str]], torch.Tensor], word_regions: dict, texts: dict | None,
+                   rows: int) -> list[RegionPrompt]:
+    """The :class:`RegionPrompt` of each word region of a multi-object edit: ``texts[word]`` where given, else the
+    word itself, encoded by ``encode`` (prompts → token embeddings) for each of the ``rows`` edits."""
+    texts = texts or {}
+    unknown = [word for word in texts if word not in word_regions]
+    if unknown:
+        raise PFBDiffError.about("region_prompts", f"names {unknown}, which have no word mask; give each region "
+                                 f"prompt under a word of word_masks ({sorted(word_regions)})")
+    return [RegionPrompt(encode([texts.get(word, word)] * rows), region) for word, region in word_regions.items()]

@@ -43,6 +43,9 @@ class EditConfig:
     inside: tuple = ()  # words (or raw token positions) allowed only inside the edit mask
     outside: tuple = ()  # words allowed only outside it
     auto_words: str | None = "new-inside"  # with no words given: "new-inside", "subject-outside" or None
+    # multi-object edits: inside each word mask's region the cross-attention reads a prompt of the region's own
+    # (``region_prompts[word]``, else the word itself) instead of the edit's prompt (regional prompting)
+    own_region_prompts: bool = False
     # -- gates (docs/method.md §1)
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
