@@ -1,6 +1,7 @@
 """Assertions and fixtures' makers shared by the tests."""
 
 import pytest
+import torch
 from PIL import Image
 
 from pfbdiff.errors import PFBDiffError
@@ -55,3 +56,27 @@ def assert_confined_to(seen, latent_mask, positions):
         assert torch.all(on_words[:, ~inside] == 0), index
         inside_somewhere |= bool((on_words[:, inside] > 0).any())
     assert inside_somewhere
+
+
+#: Tiny flow transformers' latent side: 8 × 8 latent pixels → a 4 × 4 token grid in both families.
+LATENT = 8
+
+
+def tiny_sd3_transformer():
+    """An SD3-shaped transformer (three joint blocks, patch 2) with seeded random weights."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=LATENT, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).eval()
+
+
+def tiny_flux_transformer():
+    """A Flux-shaped transformer (two double-stream, two single-stream blocks) with seeded random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                  guidance_embeds=False, axes_dims_rope=[2, 2, 4]).eval()

@@ -3,29 +3,13 @@ features, blended on the token grid in the model's packing order; text tokens ar
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from helpers import LATENT, tiny_flux_transformer, tiny_sd3_transformer
 
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.blending import FeatureBlender
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.inversion import FeatureRecorder
 from pfbdiff.errors import PFBDiffError
-
-LATENT = 8  # 8 × 8 latent pixels → a 4 × 4 token grid in both families
-
-
-def _sd3():
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(sample_size=LATENT, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8).eval()
-
-
-def _flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                  guidance_embeds=False, axes_dims_rope=[2, 2, 4]).eval()
 
 
 def _inputs(family: str, seed: int, text_seed: int, pooled_seed: int | None = None) -> dict:
@@ -58,7 +42,7 @@ def _outside(family: str, output: torch.Tensor) -> torch.Tensor:
     return output[:, keep]
 
 
-MODELS = {"sd3": _sd3, "flux": _flux}
+MODELS = {"sd3": tiny_sd3_transformer, "flux": tiny_flux_transformer}
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -119,7 +103,7 @@ def test_the_target_pooled_vector_reaches_the_tokens_outside_the_mask_even_when_
 
 
 def test_flux_needs_its_image_ids_to_place_the_tokens():
-    walker = FeatureTransformer(_flux())
+    walker = FeatureTransformer(tiny_flux_transformer())
     inputs = _inputs("flux", seed=1, text_seed=2)
     assert walker.token_grid(inputs["hidden_states"], inputs["img_ids"]) == (LATENT // 2, LATENT // 2)
     with pytest.raises(PFBDiffError, match="img_ids"):
