@@ -80,3 +80,20 @@ def tiny_flux_transformer():
     return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
                                   guidance_embeds=False, axes_dims_rope=[2, 2, 4]).eval()
+
+
+def tiny_sentencepiece_tokenizer(model_max_length: int = 16):
+    """A T5-style tokenizer (Unigram pieces with a "▁" word marker, no start token, "</s>" at the end) built
+    offline: "giraffes" is three pieces, and "cat" right after a bracket is spelt letter by letter."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["▁a", "▁cat", "▁gira", "ffe", "s", "▁on", "▁bench", "▁red", "▁(", ")", "▁"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -1.0) for p in pieces]
+    vocab += [(letter, -4.0) for letter in "abcefghinorst"]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=model_max_length)

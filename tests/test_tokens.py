@@ -1,6 +1,7 @@
 """Words → token positions with the real tokenizer (docs/method.md §5): every BPE piece, every occurrence."""
 
 import pytest
+from helpers import tiny_sentencepiece_tokenizer
 
 from pfbdiff.engine.tokens import (
     new_words,
@@ -96,3 +97,29 @@ def test_a_word_past_the_token_limit_is_named_as_cut_not_as_missing(tiny_pipe):
 def test_a_cut_prompt_is_warned_about_naming_what_the_model_does_not_see(tiny_pipe):
     with pytest.warns(UserWarning, match="does not see its end: 'giraffe.*and a blue dog'"):
         tiny_pipe.encode_prompt(["a cat on a bench, " + "giraffe " * 60 + "and a blue dog"])
+
+
+# -- SentencePiece (T5) tokenizers: no start token, and words spelt differently in context
+
+
+def test_sentencepiece_words_map_to_all_their_pieces_from_position_zero():
+    tokenizer = tiny_sentencepiece_tokenizer()
+    prompt = "a red giraffes on a bench"  # ▁a ▁red ▁gira ffe s ▁on ▁a ▁bench </s>
+    assert token_positions(tokenizer, prompt, "giraffes") == (2, 3, 4)
+    assert token_positions(tokenizer, prompt, "a") == (0, 6)  # the first word is a word: T5 has no start token
+
+
+def test_a_sentencepiece_word_spelt_differently_in_context_is_found_by_its_characters():
+    tokenizer = tiny_sentencepiece_tokenizer()
+    prompt = "a (cat) on a bench"  # ▁a ▁( c a t ) ▁on ▁a ▁bench: "cat" alone would be ▁cat
+    ids = tokenizer(prompt).input_ids
+    assert tokenizer("cat", add_special_tokens=False).input_ids[0] not in ids
+    positions = token_positions(tokenizer, prompt, "cat")
+    assert tokenizer.convert_ids_to_tokens([ids[p] for p in positions]) == ["c", "a", "t"]
+    assert token_positions(tokenizer, prompt, "a") == (0, 7)  # whole words only: not the "a" inside "cat"
+
+
+def test_a_sentencepiece_word_past_the_token_limit_is_named_as_cut():
+    tokenizer = tiny_sentencepiece_tokenizer(model_max_length=6)
+    with pytest.raises(PFBDiffError, match="token limit"):
+        token_positions(tokenizer, "a red giraffes on a (cat)", "cat")

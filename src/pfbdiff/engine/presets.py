@@ -116,7 +116,7 @@ _PAPER_QUIRKS = dict(
 PRESETS: dict[str, EditConfig] = {
     "object": EditConfig(),
     "attribute": EditConfig(strength=0.8),
-    "background": EditConfig(t_combine=200, latent_blend=0.8, auto_words="subject-outside", halo=8),
+    "background": EditConfig(latent_blend=0.8, auto_words="subject-outside", halo=8),
     "multi-object": EditConfig(auto_words=None),
     "paper-object": EditConfig(
         blend_blocks=_PAPER_OBJECT_BLOCKS, attention_blocks=_PAPER_OBJECT_ATTENTION, inside=(1, 2), **_PAPER_QUIRKS

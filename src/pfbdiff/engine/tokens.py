@@ -4,7 +4,10 @@ Attention masking acts on token positions (0 = the start token), but users name 
 into several BPE pieces ("giraffes" → "gira" + "ffes"), and all of them must be confined, not only the first
 (the official code's fixed positions miss 13–18 % of its targets, docs/method.md §5). Because CLIP-style tokenizers
 split text into words before BPE, a phrase tokenises the same alone as inside a prompt, so its positions are
-found as a token subsequence of the prompt. Every occurrence counts. A phrase that is not in the prompt is an
+found as a token subsequence of the prompt. Every occurrence counts. SentencePiece tokenizers (T5, for SD3 and
+Flux) can split a word differently in context (after a bracket, "cat" is no longer "▁cat"); where the phrase's
+own tokens do not occur, its positions are the tokens whose characters overlap a whole-word occurrence of it
+in the prompt (the fast tokenizer's offsets). A phrase that is not in the prompt is an
 error that names it; one that the text encoder never sees (past its token limit) is an error that says so.
 Integers are taken as raw token positions (the reference "fixed positions" mode).
 
@@ -107,8 +110,12 @@ def token_positions(tokenizer, prompt: str, phrase) -> tuple[int, ...]:
     pieces = tokenizer(phrase, add_special_tokens=False).input_ids
     if not pieces:
         raise PFBDiffError(f"{phrase!r} contains no word; name words from the prompt")
-    found = _occurrences(prompt_token_ids(tokenizer, prompt), pieces)
-    if not found and _occurrences(tokenizer(prompt).input_ids, pieces):
+    first = _first_word(tokenizer)
+    found = _occurrences(prompt_token_ids(tokenizer, prompt), pieces, first)
+    beyond = _occurrences(tokenizer(prompt).input_ids, pieces, first)
+    if not found and not beyond:
+        found, beyond = _overlapping(tokenizer, prompt, phrase)
+    if not found and beyond:
         raise PFBDiffError(
             f"{phrase!r} lies past the text encoder's {tokenizer.model_max_length}-token limit, so the model never "
             f"sees it (it does not see {split_at_token_limit(tokenizer, prompt)[1]!r}); shorten the prompt or move the word "
@@ -119,11 +126,29 @@ def token_positions(tokenizer, prompt: str, phrase) -> tuple[int, ...]:
     return tuple(sorted(set(found)))
 
 
-def _occurrences(ids: list[int], pieces: list[int]) -> list[int]:
-    """Positions of every piece of every occurrence of ``pieces`` in ``ids`` (after the start token)."""
+def _overlapping(tokenizer, prompt: str, phrase: str) -> tuple[list[int], list[int]]:
+    """(seen, all) positions of the tokens whose characters overlap a whole-word, case-insensitive occurrence of
+    ``phrase`` in ``prompt``; ``seen`` only those within the token limit. Empty without a fast tokenizer."""
+    words = r"\s+".join(map(re.escape, phrase.split()))
+    spans = [m.span() for m in re.finditer(rf"(?<!\w){words}(?!\w)", prompt, flags=re.IGNORECASE)]
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+    except (NotImplementedError, TypeError, ValueError):
+        return [], []
+    hits = [i for i, (a, b) in enumerate(offsets) if b > a and any(a < end and b > start for start, end in spans)]
+    return [i for i in hits if i < tokenizer.model_max_length - 1], hits
+
+
+def _first_word(tokenizer) -> int:
+    """Where words start in a tokenised prompt: after the start token (CLIP), or at 0 (T5 has none)."""
+    return 0 if tokenizer("").input_ids[:1] != [tokenizer.bos_token_id] else 1
+
+
+def _occurrences(ids: list[int], pieces: list[int], first: int) -> list[int]:
+    """Positions of every piece of every occurrence of ``pieces`` in ``ids`` from position ``first`` on."""
     return [
         position
-        for start in range(1, len(ids) - len(pieces) + 1)
+        for start in range(first, len(ids) - len(pieces) + 1)
         if ids[start : start + len(pieces)] == pieces
         for position in range(start, start + len(pieces))
     ]
