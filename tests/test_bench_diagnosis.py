@@ -85,3 +85,22 @@ def test_a_new_background_of_the_wrong_colour_or_pattern_is_named(change, cause)
     else:
         value = next(p for p in ("plain", "striped", "checkered") if p != target.pattern)
     assert _cause(images, render(dataclasses.replace(target, **{change: value}), 64).image) == cause
+
+
+def test_the_report_counts_causes_only_for_methods_whose_results_were_diagnosed():
+    """A record joined from runs made before the diagnosis existed must not show those methods as never failing."""
+    from pfbdiff.bench.report import failure_section, finalise
+
+    def case(index, results):
+        return {"task": "background", "results": results,
+                "text_to_image": {"target": True, "full": True, "unet_calls": 1, "seconds": 0.1}}
+
+    diagnosed = {"success": False, "failure": "kept object enlarged"}
+    right = {"success": True, "failure": None}
+    old = {"success": False}  # recorded before causes were
+    result = finalise({"config": {"tasks": ["background"], "methods": ["pfb", "perfect", "old"]},
+                       "cases": [case(0, {"pfb": diagnosed, "perfect": right, "old": old}),
+                                 case(1, {"pfb": right, "perfect": right, "old": old})]}, 1.0)
+    assert result["summary"]["background"]["failures"] == {"pfb": {"kept object enlarged": 1}, "perfect": {}}
+    table = "\n".join(failure_section(result, ["background"]))
+    assert "| pfb | 1 |" in table and "| perfect | 0 |" in table and "| old |" not in table

@@ -102,7 +102,8 @@ def finalise(result: dict, elapsed: float) -> dict:
             per_method[method] = {k: summarise([v.get(k) for v in values], k in PROPORTIONS) for k in keys}
         failures = {method: dict(Counter(c["results"][method]["failure"] for c in rows
                                          if c["results"].get(method, {}).get("failure")))
-                    for method in result["config"]["methods"]}
+                    for method in result["config"]["methods"]
+                    if any("failure" in c["results"].get(method, {}) for c in rows)}  # diagnosed runs only
         summary[task] = {"n": len(rows), "text_to_image": t2i, "methods": per_method, "failures": failures}
     result["summary"] = summary
     return result
@@ -293,15 +294,16 @@ def failure_section(result: dict, tasks) -> list[str]:
     from pfbdiff.bench.diagnosis import causes_of
 
     lines = ["", "## Failures by cause (cases)", "",
-             "Each failed case counted once, under the first cause that applies (`bench/diagnosis.py`)."]
+             "Each failed case counted once, under the first cause that applies (`bench/diagnosis.py`); methods "
+             "whose results were recorded before the diagnosis existed are left out."]
     for task in tasks:
         failures = result["summary"][task].get("failures") or {}
         causes = [c for c in causes_of(task) if any(c in f for f in failures.values())]
         if not causes:
             continue
         lines += ["", f"**{task}**", "", "| method | " + " | ".join(causes) + " |", "|---|" + "---|" * len(causes)]
-        for method in result["config"]["methods"]:
-            counts = failures.get(method, {})
+        for method in (m for m in result["config"]["methods"] if m in failures):
+            counts = failures[method]
             lines.append(f"| {method} | " + " | ".join(str(counts.get(c, 0)) for c in causes) + " |")
     return lines
 
