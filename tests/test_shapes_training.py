@@ -187,6 +187,14 @@ def test_an_sdxl_layout_model_starts_from_the_sd1_one_with_sdxls_additions_silen
                   num_inference_steps=2, guidance_scale=4.0)
     assert result.images[0].size == (64, 64)
 
+    # Training on from that export (a new learning-rate cycle) keeps saying which model the run first started from.
+    continued = tmp_path / "continued"
+    main(["--out", str(continued), "--stage", "unet", "--family", "sdxl", "--init-from", str(export_dir),
+          "--batch", "2", "--unet-steps", "3", "--eval-minutes", "0", "--export-dir", str(export_dir)])
+    again = json.loads((export_dir / "training.json").read_text())
+    assert again["unet_steps"] == 3 and again["warm_start"] == info["warm_start"]
+    assert "Warm start: from the SD-1-layout ShapesWorld model" in (tmp_path / "model_sdxl_card.md").read_text()
+
 
 def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():
     from diffusers import DDIMScheduler

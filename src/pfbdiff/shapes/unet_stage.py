@@ -103,6 +103,8 @@ def checkpoint_from_export(model_dir: Path, out: Path, seed: int, family: str = 
                 loaded = type(components[name]).from_pretrained(model_dir / name).float()
                 components[name].load_state_dict(loaded.state_dict())
         step, elapsed, cpu_seconds = info["unet_steps"], info["unet_seconds"], info.get("unet_cpu_seconds") or 0.0
+        if info.get("warm_start"):  # a continued run keeps saying which model it first started from
+            (out / "warm_start.json").write_text(json.dumps(info["warm_start"]) + "\n")
     elif (exported_family, family) == ("sd1", "sdxl"):
         warm_start_from_sd1(components, model_dir)
         phases, step, elapsed, cpu_seconds = [], 0, 0.0, 0.0
