@@ -1,0 +1,62 @@
+"""The PFB-Diff sampling loop on a rectified flow (docs/method.md §16): the paper's algorithm (§1) with the DDIM
+update replaced by a step of the flow ODE, for transformers walked by
+:class:`~pfbdiff.engine.backbones.transformer.FeatureTransformer`.
+
+The source latents Z[0..N] come from integrating the flow from the photo (σ = 0) to noise (σ = 1,
+:func:`~pfbdiff.engine.flow.integrate`). For n = N−1 down to 0, from σ[n+1] to σ[n]:
+
+1. source features F_src(n+1): the source branch's image tokens at (Z[n+1], σ[n+1]), recomputed each step (a
+   transformer's tokens at every block would take tens of GB to cache at 1024², docs/method.md §14);
+2. the target velocity, with F_src blended into the blend window's blocks while σ > ``sigma_combine``;
+3. an Euler step to σ[n];
+4. while n / N > s, latent blending outside the mask with Z[n].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pfbdiff.engine.blending import FeatureBlender, blend, latent_blend_is_open
+from pfbdiff.engine.edit_mask import EditMask
+from pfbdiff.engine.inversion import FeatureRecorder
+
+#: ``velocity(x, sigma, on_block)``: the model's velocity at (x, σ), its blocks' image tokens seen by ``on_block``.
+Velocity = Callable[[torch.Tensor, float, Callable | None], torch.Tensor]
+
+
+def recomputed_flow_features(source_velocity: Velocity, source_latents, sigmas, blocks) -> Callable:
+    """F_src at step n: the chosen blocks' image tokens of the source branch at (Z[n], σ[n])."""
+
+    def at(n: int) -> dict[int, torch.Tensor]:
+        recorder = FeatureRecorder(blocks)
+        source_velocity(source_latents[n], sigmas[n], recorder)
+        return recorder.features
+
+    return at
+
+
+@torch.no_grad()
+def flow_pfb_loop(target_velocity: Velocity, x: torch.Tensor, source_latents: list[torch.Tensor], sigmas,
+                  source_features: Callable[[int], dict], mask: EditMask, latent_mask: torch.Tensor, *,
+                  blend_points=(), sigma_combine: float = 0.0, latent_blend: float = 0.5,
+                  on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the N = len(sigmas) − 1 edit steps from ``x`` (at σ = ``sigmas[-1]``) and return the latent at σ = 0.
+
+    ``sigmas`` ascend from 0 to 1, and ``source_latents[k]`` lies at ``sigmas[k]``. ``latent_mask`` is the edit
+    mask laid out like ``x`` (1 = edit). ``on_step(n, velocity, x)`` sees each step's target velocity and result.
+    """
+    num_steps = len(sigmas) - 1
+    for n in reversed(range(num_steps)):
+        sigma_from, sigma_to = sigmas[n + 1], sigmas[n]
+        hook = None
+        if blend_points and sigma_from > sigma_combine:
+            hook = FeatureBlender(source_features(n + 1), mask, blend_points)
+        velocity = target_velocity(x, sigma_from, hook)
+        x = x + (sigma_to - sigma_from) * velocity
+        if latent_blend_is_open(n, num_steps, latent_blend):
+            x = blend(x, source_latents[n], latent_mask.to(x.dtype))
+        if on_step is not None:
+            on_step(n, velocity, x)
+    return x
