@@ -21,17 +21,18 @@ def _region() -> EditMask:
     return EditMask(grid)
 
 
-def _attention_call(walker, block, image, text):
-    """The block's attention on (image, text) as the model calls it; returns its image tokens' output."""
+def _attention_call(walker, block, image, text, part="image"):
+    """The block's attention on (image, text) as the model calls it; returns its image (or text) tokens' output."""
     attn = block.module.attn
     if not walker.flux:
-        return attn(hidden_states=image, encoder_hidden_states=text)[0]
+        return attn(hidden_states=image, encoder_hidden_states=text)[0 if part == "image" else 1]
     rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
     rope = walker.model.pos_embed(torch.cat([torch.zeros(TEXT, 3), img_ids]))
     if block.kind == "single":
-        return attn(hidden_states=torch.cat([text, image], 1), image_rotary_emb=rope)[:, TEXT:]
-    return attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=rope)[0]
+        out = attn(hidden_states=torch.cat([text, image], 1), image_rotary_emb=rope)
+        return out[:, TEXT:] if part == "image" else out[:, :TEXT]
+    return attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=rope)[0 if part == "image" else 1]
 
 
 def _blocks():
@@ -62,6 +63,23 @@ def test_image_tokens_outside_a_words_region_do_not_see_the_word(walker, block):
     outside = ~_region().binary_at(GRID).reshape(-1)
     assert torch.equal(one[:, outside], two[:, outside])  # exactly: the word has zero weight there
     assert not torch.equal(one[:, ~outside], two[:, ~outside])  # inside its region the word still acts
+
+
+@pytest.mark.parametrize("walker, block", _blocks())
+def test_with_text_queries_masked_a_word_reads_only_the_image_inside_its_region(walker, block):
+    controller = AttentionMasking([TokenRegion((WORD,), _region())], GRID, {block.index})
+    controller.active = True
+    image, text, _ = _inputs(walker)
+    outside = ~_region().binary_at(GRID).reshape(-1)
+    moved = image.clone()
+    moved[:, outside] = torch.randn(int(outside.sum()), image.shape[-1])  # only the image outside the region
+    results = {}
+    for text_queries in (False, True):
+        with torch.no_grad(), joint_attention_masking_installed(walker, controller, text_queries=text_queries):
+            results[text_queries] = [_attention_call(walker, block, picture, text, "text")[:, WORD]
+                                     for picture in (image, moved)]
+    assert torch.equal(*results[True])  # the word's own text state: blind to the image outside its region
+    assert not torch.equal(*results[False])  # one direction only (the default): it reads the whole image
 
 
 @pytest.mark.parametrize("walker, block", _blocks())

@@ -4,7 +4,10 @@ SD3's and Flux's blocks have no cross-attention layer: image and text tokens are
 attend to each other (Flux's single-stream blocks take the joined sequence as it is). PFB-Diff's rule carries
 over as a bias on one quarter of the joint attention matrix: an image query outside a word's region gets the most
 negative finite logit for that word's text keys, so its attention to the word is exactly zero and the rest of its
-row is renormalised. Text queries, and image queries to image keys, are left alone.
+row is renormalised. Image queries to image keys are left alone, and so are text queries unless
+``text_queries`` is set: then a word's own text queries see only the image keys inside its region (the direction
+joint attention adds; the word's text state becomes about its region alone, as KV-Edit's and regional Flux
+prompting's masks do).
 
 The word → region map and the gates are the U-Net's :class:`~pfbdiff.engine.attention.AttentionMasking`
 controller, built on the token grid (its ``latent_size`` is the grid, so its maps need no halving). The processor
@@ -27,11 +30,13 @@ class MaskedJointAttention:
     """Attention processor of one transformer block L; ``text_first`` is the sequence order (Flux: text, then
     image; SD3: image, then text)."""
 
-    def __init__(self, controller: AttentionMasking, index: int, original, *, text_first: bool):
+    def __init__(self, controller: AttentionMasking, index: int, original, *, text_first: bool,
+                 text_queries: bool = False):
         self.controller = controller
         self.index = index
         self.original = original
         self.text_first = text_first
+        self.text_queries = text_queries
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         controller = self.controller
@@ -57,9 +62,12 @@ class MaskedJointAttention:
             return None
         bias = torch.zeros(words.shape[0], 1, joined, joined, dtype=words.dtype, device=words.device)
         if self.text_first:
-            bias[:, 0, text_tokens:, :text_tokens] = words
+            image, text = slice(text_tokens, None), slice(0, text_tokens)
         else:
-            bias[:, 0, :image_tokens, image_tokens:] = words
+            image, text = slice(0, image_tokens), slice(image_tokens, None)
+        bias[:, 0, image, text] = words
+        if self.text_queries:
+            bias[:, 0, text, image] = words.transpose(1, 2)
         if given is not None:
             bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
         return bias
@@ -90,7 +98,7 @@ def sd3_joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bi
 
 
 @contextlib.contextmanager
-def joint_attention_masking_installed(feature_transformer, controller: AttentionMasking):
+def joint_attention_masking_installed(feature_transformer, controller: AttentionMasking, *, text_queries=False):
     """Install a :class:`MaskedJointAttention` on the attention of every controlled block, then restore."""
     saved = []
     for block in feature_transformer.blocks:
@@ -98,7 +106,8 @@ def joint_attention_masking_installed(feature_transformer, controller: Attention
             attention = block.module.attn
             saved.append((attention, attention.processor))
             attention.set_processor(MaskedJointAttention(controller, block.index, attention.processor,
-                                                         text_first=feature_transformer.flux))
+                                                         text_first=feature_transformer.flux,
+                                                         text_queries=text_queries))
     try:
         yield controller
     finally:
