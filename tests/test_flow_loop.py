@@ -3,9 +3,9 @@ properties of the U-Net loop, carried over."""
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from helpers import LATENT, tiny_sd3_transformer
+from helpers import LATENT, tiny_flux_transformer, tiny_sd3_transformer
 
-from pfbdiff.engine.backbones.transformer import FeatureTransformer
+from pfbdiff.engine.backbones.transformer import FeatureTransformer, token_mask
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.flow import FlowGrid, integrate
 from pfbdiff.engine.flow_loop import flow_pfb_loop, recomputed_flow_features
@@ -73,3 +73,45 @@ def test_blending_stops_below_sigma_combine():
     flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask, mask.latent,
                   blend_points=every, sigma_combine=sigmas[2], latent_blend=1.0)
     assert asked == [STEPS, STEPS - 1]  # the steps that start above σ[2]
+
+
+def test_on_flux_the_loop_works_on_packed_tokens_with_the_mask_packed_alike():
+    """Flux's latent is packed 2 × 2 latent pixels per token; the mask is packed the same way for latent blending,
+    and blending every block again gives the source's velocity on the tokens outside the mask."""
+    walker = FeatureTransformer(tiny_flux_transformer())
+    generator = torch.Generator().manual_seed(0)
+    source_text, target_text = torch.randn(2, 1, 6, 16, generator=generator)
+    pooled = torch.randn(1, 8, generator=generator)
+    grid = (LATENT // 2, LATENT // 2)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+
+    def velocity_with(text):
+        def velocity(x, sigma, on_block=None):
+            return walker(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                          timestep=torch.tensor([sigma]), img_ids=img_ids, txt_ids=torch.zeros(6, 3),
+                          on_block=on_block)
+        return velocity
+
+    source_v, target_v = velocity_with(source_text), velocity_with(target_text)
+    sigmas = FlowGrid.from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, STEPS).sigmas
+    with torch.no_grad():
+        source_latents = integrate(lambda x, s: source_v(x, s), torch.randn(1, grid[0] * grid[1], 16, generator=generator),
+                                   sigmas, "euler")
+    latent = torch.zeros(1, 1, LATENT, LATENT)
+    latent[..., 0:4, 2:8] = 1
+    mask = EditMask(latent)
+    packed = token_mask(mask, grid)
+    assert packed.shape == (1, grid[0] * grid[1], 1) and packed[0, :, 0].tolist() == mask.at(grid).flatten().tolist()
+    every = [block.index for block in walker.blocks]
+    seen = {}
+    edited = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas,
+                           recomputed_flow_features(source_v, source_latents, sigmas, every), mask, packed,
+                           blend_points=every, latent_blend=-1.0, on_step=lambda n, v, x: seen.setdefault(n, v))
+    outside = packed[0, :, 0] == 0
+    for n, velocity in seen.items():
+        with torch.no_grad():
+            source = source_v(source_latents[n + 1], sigmas[n + 1])
+        assert torch.equal(velocity[:, outside], source[:, outside])
+        assert not torch.equal(velocity[:, ~outside], source[:, ~outside])
+    assert torch.equal(edited[:, outside], source_latents[0][:, outside])

@@ -93,6 +93,12 @@ class FeatureTransformer:
                 handle.remove()
 
 
+def token_mask(mask, grid: tuple[int, int]) -> torch.Tensor:
+    """The edit mask (an :class:`~pfbdiff.engine.edit_mask.EditMask`) laid out like packed image tokens,
+    B × tokens × 1 in row-major order: Flux's latent layout, for its latent blending."""
+    return mask.at(grid).flatten(2).transpose(1, 2)
+
+
 def _image_token_hook(index: int, on_block: BlockCallback, grid: tuple[int, int]):
     """A forward hook for a block returning ``(text tokens, image tokens)``: ``on_block`` sees the image tokens
     as a B × C × rows × columns map; the block's output is left as it is when ``on_block`` returns it unchanged."""
