@@ -4,6 +4,7 @@ import pytest
 from helpers import tiny_sentencepiece_tokenizer
 
 from pfbdiff.engine.tokens import (
+    joined_positions,
     new_words,
     positions_of,
     split_at_token_limit,
@@ -123,3 +124,11 @@ def test_a_sentencepiece_word_past_the_token_limit_is_named_as_cut():
     tokenizer = tiny_sentencepiece_tokenizer(model_max_length=6)
     with pytest.raises(PFBDiffError, match="token limit"):
         token_positions(tokenizer, "a red giraffes on a (cat)", "cat")
+
+
+def test_in_sd3s_joined_text_a_word_is_found_in_the_clip_part_and_in_the_t5_part(tiny_pipe):
+    clip, t5 = tiny_pipe.tokenizer, tiny_sentencepiece_tokenizer()
+    prompt = "a red giraffes on a bench"
+    clip_part = token_positions(clip, prompt, "giraffes")
+    positions = joined_positions([(clip, 77), (t5, 16)], prompt, ["giraffes"])
+    assert positions == clip_part + (77 + 2, 77 + 3, 77 + 4)  # T5: ▁gira ffe s, after the 77 CLIP places

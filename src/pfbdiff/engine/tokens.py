@@ -157,3 +157,14 @@ def _occurrences(ids: list[int], pieces: list[int], first: int) -> list[int]:
 def positions_of(tokenizer, prompt: str, phrases) -> tuple[int, ...]:
     """Union of the positions of several phrases (or raw positions)."""
     return tuple(sorted({p for phrase in phrases for p in token_positions(tokenizer, prompt, phrase)}))
+
+
+def joined_positions(parts, prompt: str, phrases) -> tuple[int, ...]:
+    """Positions of ``phrases`` in a text sequence made of several encodings of ``prompt`` one after another:
+    ``parts`` is ``[(tokenizer, length), ...]`` in sequence order, each encoding padded to its ``length``. SD3's
+    sequence is its CLIP tokens (77) followed by its T5 tokens, and a word sits in both: both are confined."""
+    found, offset = set(), 0
+    for tokenizer, length in parts:
+        found.update(offset + p for p in positions_of(tokenizer, prompt, phrases) if p < length)
+        offset += length
+    return tuple(sorted(found))
