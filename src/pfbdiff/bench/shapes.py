@@ -99,13 +99,10 @@ def paper_config(task: str, pipe) -> EditConfig:
     return config
 
 
-def _variant(**changes) -> Callable[[str, object], EditConfig]:
-    return lambda task, pipe=None: default_config(task).replace(**changes)
-
-
-def _multi_object_variant(**changes) -> Callable[[str, object], EditConfig]:
-    """``changes`` on multi-object cases only; on the other tasks the preset (run once, reported as the same)."""
-    return lambda task, pipe=None: default_config(task).replace(**(changes if task == "multi-object" else {}))
+def _variant(tasks=None, **changes) -> Callable[[str, object], EditConfig]:
+    """The task's preset with ``changes`` (on ``tasks`` only, when given: elsewhere the preset itself, run once
+    and reported as the same)."""
+    return lambda task, pipe=None: default_config(task).replace(**(changes if tasks is None or task in tasks else {}))
 
 
 def _sdedit(strength: float) -> Method:
@@ -147,7 +144,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3))),
     Method("pfb-region-prompts", "ablation (multi-object): inside each object's mask, cross-attention reads the "
            "object's phrase alone as its prompt (own_region_prompts=True)",
-           config=_multi_object_variant(own_region_prompts=True)),
+           config=_variant(tasks=("multi-object",), own_region_prompts=True)),
     Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
            "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
            config=_variant(**baselines.LATENT_BLENDING)),

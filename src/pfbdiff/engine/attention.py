@@ -93,9 +93,9 @@ class AttentionMasking:
     def bias(self, num_pixels: int, num_tokens: int, batch: int, dtype) -> torch.Tensor | None:
         """Additive logit bias (batch × pixels × tokens): 0 where allowed, the most negative finite value where
         blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
-        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
         if not self.regions:
             return None
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
         if key not in self._bias_cache:
             self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
         return self._bias_cache[key]

@@ -31,12 +31,14 @@ class MaskedJointAttention:
     image; SD3: image, then text)."""
 
     def __init__(self, controller: AttentionMasking, index: int, original, *, text_first: bool,
-                 text_queries: bool = False):
+                 text_queries: bool = False, shared: dict | None = None):
         self.controller = controller
         self.index = index
         self.original = original
         self.text_first = text_first
         self.text_queries = text_queries
+        # the joint bias is the same in every masked block of a step: built once, kept in a dict all of them share
+        self.shared = {} if shared is None else shared
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         controller = self.controller
@@ -53,11 +55,20 @@ class MaskedJointAttention:
         """The batch × 1 × joined × joined logit bias: the controller's word bias (image tokens × text tokens)
         where image queries meet text keys, plus a mask the model passed itself; ``None`` when nothing is
         blocked."""
+        joined = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        key = (joined, hidden_states.shape[0], self.controller.unconditional_rows, hidden_states.dtype)
+        if key not in self.shared:
+            self.shared[key] = self._build_joint_bias(joined, hidden_states.shape[0], hidden_states.dtype)
+        bias = self.shared[key]
+        if bias is not None and given is not None:
+            bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
+        return bias
+
+    def _build_joint_bias(self, joined: int, batch: int, dtype) -> torch.Tensor | None:
         rows, columns = self.controller.latent_size
         image_tokens = rows * columns
-        joined = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
         text_tokens = joined - image_tokens
-        words = self.controller.bias(image_tokens, text_tokens, hidden_states.shape[0], hidden_states.dtype)
+        words = self.controller.bias(image_tokens, text_tokens, batch, dtype)
         if words is None:
             return None
         bias = torch.zeros(words.shape[0], 1, joined, joined, dtype=words.dtype, device=words.device)
@@ -68,8 +79,6 @@ class MaskedJointAttention:
         bias[:, 0, image, text] = words
         if self.text_queries:
             bias[:, 0, text, image] = words.transpose(1, 2)
-        if given is not None:
-            bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
         return bias
 
 
@@ -100,14 +109,14 @@ def sd3_joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bi
 @contextlib.contextmanager
 def joint_attention_masking_installed(feature_transformer, controller: AttentionMasking, *, text_queries=False):
     """Install a :class:`MaskedJointAttention` on the attention of every controlled block, then restore."""
-    saved = []
+    saved, shared = [], {}
     for block in feature_transformer.blocks:
         if block.index in controller.blocks:
             attention = block.module.attn
             saved.append((attention, attention.processor))
             attention.set_processor(MaskedJointAttention(controller, block.index, attention.processor,
                                                          text_first=feature_transformer.flux,
-                                                         text_queries=text_queries))
+                                                         text_queries=text_queries, shared=shared))
     try:
         yield controller
     finally:

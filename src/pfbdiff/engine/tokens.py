@@ -112,8 +112,10 @@ def token_positions(tokenizer, prompt: str, phrase) -> tuple[int, ...]:
         raise PFBDiffError(f"{phrase!r} contains no word; name words from the prompt")
     first = _first_word(tokenizer)
     found = _occurrences(prompt_token_ids(tokenizer, prompt), pieces, first)
-    beyond = _occurrences(tokenizer(prompt).input_ids, pieces, first)
-    if not found and not beyond:
+    if found:
+        return tuple(sorted(set(found)))
+    beyond = _occurrences(tokenizer(prompt).input_ids, pieces, first)  # only to tell "cut" from "missing"
+    if not beyond:
         found, beyond = _overlapping(tokenizer, prompt, phrase)
     if not found and beyond:
         raise PFBDiffError(
