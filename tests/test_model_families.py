@@ -1,5 +1,5 @@
-"""Honest limits: a model of a family pfbdiff cannot edit yet (SD3, Flux, PixArt, an SDXL refiner, inpainting U-Nets) is
-named in one line, from a folder, a hub id or a single file, before any weights load; a flow-matching schedule is
+"""Honest limits: a model of a family pfbdiff cannot edit yet (SD3 and Flux variants, PixArt, an SDXL refiner,
+inpainting U-Nets, single-file SD3 and Flux checkpoints) is named in one line, from a folder, a hub id or a single file, before any weights load; a flow-matching schedule is
 never read as a DDPM one; the paper presets' SD 1.x block numbers are refused on another layout."""
 
 import json
@@ -34,9 +34,10 @@ FOLDERS = {
     "sdxl refiner": (dict(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None],
                           text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
                      None, "is an SDXL refiner (it has no first text encoder)"),
-    "flux": (dict(_class_name="FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"]), None,
-             "is a Flux model (FluxPipeline)"),
-    "sd3": (dict(_class_name="StableDiffusion3Pipeline"), None, "is a Stable Diffusion 3 model"),
+    "flux fill": (dict(_class_name="FluxFillPipeline", transformer=["diffusers", "FluxTransformer2DModel"]), None,
+                  "is a Flux variant (FluxFillPipeline)"),
+    "sd3 controlnet": (dict(_class_name="StableDiffusion3ControlNetPipeline"), None,
+                       "is a Stable Diffusion 3 variant"),
     "unknown transformer": (dict(_class_name="SomeNewPipeline", transformer=["diffusers", "X"]), None,
                             "is a SomeNewPipeline model"),
     "inpainting": ({}, dict(in_channels=9), "is an inpainting or depth model (its U-Net takes 9 input channels)"),
@@ -47,7 +48,7 @@ FOLDERS = {
 def test_a_folder_of_another_family_is_named_in_one_line(tiny_model_dir, tmp_path, family, files):
     index_changes, unet_changes, fragment = FOLDERS[family]
     folder = _variant_of(tiny_model_dir, tmp_path / family, index_changes, unet_changes)
-    with pytest.raises(PFBDiffError, match="pfbdiff edits Stable Diffusion 1.x, 2.x and SDXL models") as error:
+    with pytest.raises(PFBDiffError, match="pfbdiff edits Stable Diffusion 1.x, 2.x, SDXL, SD3 and Flux.1 text-to-image models") as error:
         load_components(str(folder), device="cpu")
     assert fragment in str(error.value) and "\n" not in str(error.value)
     _, image, mask = files
@@ -58,21 +59,22 @@ def test_a_folder_of_another_family_is_named_in_one_line(tiny_model_dir, tmp_pat
 
 
 def test_a_cached_hub_id_of_another_family_is_named_without_trying_the_network(monkeypatch, tiny_model_dir, tmp_path):
-    folder = _variant_of(tiny_model_dir, tmp_path / "flux", *FOLDERS["flux"][:2])
+    folder = _variant_of(tiny_model_dir, tmp_path / "flux", *FOLDERS["flux fill"][:2])
 
     def cached_only(repo_id, patterns, local_files_only, **where):
-        assert local_files_only, "no download can make a Flux model editable"
+        assert local_files_only, "no download can make a Flux Fill model editable"
         return folder
 
     monkeypatch.setattr(hub, "_snapshot_download", cached_only)
-    with pytest.raises(PFBDiffError, match="is a Flux model"):
-        load_components("black-forest-labs/FLUX.1-dev", device="cpu")
+    with pytest.raises(PFBDiffError, match="is a Flux variant"):
+        load_components("black-forest-labs/FLUX.1-Fill-dev", device="cpu")
 
 
 @pytest.mark.parametrize("weights, fragment", [
     ({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2)}, "is an SDXL refiner checkpoint"),
     ({"model.diffusion_model.joint_blocks.0.x.weight": torch.zeros(2)}, "is a Stable Diffusion 3 checkpoint"),
     ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "is a Flux checkpoint"),
+    ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "pass the model's diffusers folder or hub id"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)},
      "is an inpainting or depth checkpoint (its U-Net takes 9 input channels)"),
 ])

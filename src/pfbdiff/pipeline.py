@@ -22,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import (
@@ -32,7 +30,6 @@ from diffusers.loaders import (
     StableDiffusionXLLoraLoaderMixin,
     TextualInversionLoaderMixin,
 )
-from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
 from pfbdiff.engine import automask, conditioning
@@ -48,34 +45,24 @@ from pfbdiff.engine.loop import (
     plain_sampling_loop,
     source_features_of,
 )
-from pfbdiff.engine.presets import PRESETS, EditConfig, get_preset
+from pfbdiff.engine.presets import PRESETS, EditConfig
 from pfbdiff.engine.sampling import DDIMGrid, edit_steps
 from pfbdiff.engine.tokens import positions_of, split_at_token_limit
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.io import images as imgs
 from pfbdiff.io import tensors
 from pfbdiff.models import catalog
-from pfbdiff.photo import compositing, mask_set, regions
+from pfbdiff.photo import compositing, regions
+from pfbdiff.photo_editing import (
+    PFBDiffOutput,
+    PhotoEditing,
+    _as_list,
+    _broadcast,
+    _randn,
+    _rows,
+)
 
 
-@dataclass
-class PFBDiffOutput(BaseOutput):
-    """``images``: the edited images (PIL list, numpy array or tensor); ``latents``: the final latents.
-
-    ``masks``: the paste-back alpha of each image (PIL "L", input size; ``None`` with paste-back off);
-    ``auto_masks``: the estimated edit masks (``auto_mask=True``); ``crop_box``: the edited box of the input,
-    [left, top, right, bottom]; ``latent_masks``: the edit mask the method used, B×1×h×w at latent size.
-    """
-
-    images: list | np.ndarray | torch.Tensor
-    latents: torch.Tensor | None = None
-    masks: list | None = None
-    auto_masks: list | None = None
-    crop_box: list | None = None
-    latent_masks: torch.Tensor | None = None
-
-
-class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     """Text-driven local image editing with Progressive Feature Blending (Huang et al., arXiv 2306.16894).
 
     LoRAs and textual-inversion embeddings load through diffusers' own mixins (``load_lora_weights``,
@@ -110,14 +97,16 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         from pfbdiff.models.loading import load_components
 
         components = load_components(model, **kwargs)
-        sdxl = components.get("text_encoder_2") is not None
-        pipe = (PFBDiffXLPipeline if sdxl and not issubclass(cls, PFBDiffXLPipeline) else cls)(**components)
-        pipe.recommended_settings = catalog.recommended_settings(os.fspath(model))
-        return pipe
+        if "transformer" in components:  # SD3 or Flux: the flow pipeline of the family
+            from pfbdiff.flow_pipeline import flow_pipeline_class
 
-    def _or_recommended(self, name: str, value):
-        """``value``, or the model's recommended one (:attr:`recommended_settings`) when it is ``None``."""
-        return self.recommended_settings[name] if value is None else value
+            pipeline_class = flow_pipeline_class(components)
+        else:
+            sdxl = components.get("text_encoder_2") is not None
+            pipeline_class = PFBDiffXLPipeline if sdxl and not issubclass(cls, PFBDiffXLPipeline) else cls
+        pipe = pipeline_class(**components)
+        pipe.recommended_settings = catalog.recommended_settings(os.fspath(model), pipe.recommended_settings)
+        return pipe
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         """Not supported: the feature walker runs the U-Net's blocks one by one, never ``unet.forward``, which is
@@ -129,6 +118,35 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def denoiser(self):
+        """The network that denoises: the U-Net."""
+        return self.unet
+
+    def _model_sides(self) -> dict:
+        return dict(native=regions.native_side(self.unet, self.vae_scale_factor),
+                    multiple=regions.size_multiple(self.unet, self.vae_scale_factor),
+                    min_side=regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor))
+
+    def _word_positions(self, prompt: str, phrases) -> tuple[int, ...]:
+        return positions_of(self.tokenizer, prompt, phrases)
+
+    def _auto_mask_estimator(self, inversion: Inversion, prompts: list[str], *, draws: int, threshold: float,
+                             seed: int):
+        """DiffEdit-style masks of the inverted box from the prompts' noise-prediction difference."""
+        def estimate(box):
+            target = self.encode_prompt(prompts).borrowing(inversion.source_embeddings)
+            return automask.estimate_masks(
+                self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
+                [box.size] * len(prompts), draws=draws, threshold=threshold, seed=seed)
+        return estimate
+
+    def inversion_options(self, config: EditConfig) -> dict:
+        """The :meth:`invert` arguments an edit with ``config`` needs: the source features it takes from the
+        inversion (none when it re-runs the source branch) and SDXL's size-id policy."""
+        return dict(record_blocks=self.blend_plan(config).source_blocks if config.cache_source else frozenset(),
+                    size_ids=config.size_ids)
 
     @property
     def unet_calls(self) -> int:
@@ -168,44 +186,6 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
     def ddim_grid(self, num_inference_steps: int) -> DDIMGrid:
         return DDIMGrid.from_scheduler_config(self.scheduler.config, num_inference_steps)
 
-    def check_words(self, prompt, config: EditConfig) -> None:
-        """Every confined word of ``config`` must occur in each prompt: a misspelt word is named at once."""
-        config = self._as_encoded(config)
-        for prompt_text in self._as_encoded(_as_list(prompt)):
-            positions_of(self.tokenizer, prompt_text, config.inside + config.outside)
-
-    def _as_encoded(self, texts):
-        """Prompts, words or a config's words as the text encoder reads them: a multi-vector textual-inversion token
-        ``<t>`` stands for ``<t> <t>_1 …`` (diffusers' ``maybe_convert_prompt``), in prompts and words alike."""
-        if isinstance(texts, EditConfig):
-            return texts.replace(**{side: tuple(self._as_encoded(list(getattr(texts, side)))) for side in ("inside", "outside")})
-        if isinstance(texts, dict):
-            return dict(zip(self._as_encoded(list(texts)), texts.values()))
-        return [self.maybe_convert_prompt(t, self.tokenizer) if isinstance(t, str) else t for t in texts]
-
-    # -- where the edit happens ----------------------------------------------------------------------------
-    def crop_plan(self, image_size, mask_image=None, *, crop="auto", crop_padding: int | None = None, grow: int = 0,
-                  feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT) -> regions.RegionPlan:
-        """The box of an image of ``image_size`` that is inverted and edited, and its model size.
-
-        With ``crop="auto"`` an image with more pixels than the model's native size is cropped around
-        ``mask_image`` (one mask or a list; grown by ``grow`` px, widened by the ``feather`` band, padded by
-        ``crop_padding`` px of context) and scaled to the native pixel count; ``True`` always crops, ``False``
-        never. Without a mask a large image is scaled down whole. Edits of one inversion share this plan.
-        """
-        checks.within_photo(image_size, grow=grow, feather=feather, crop_padding=crop_padding)
-        masks = None
-        if mask_image is not None:
-            with warnings.catch_warnings():  # a resized mask is reported once, by the edit
-                warnings.simplefilter("ignore", UserWarning)
-                masks = [imgs.load_mask(m, image_size) for m in _as_list(mask_image)]
-        return mask_set.crop_plan(
-            image_size, masks, grow=grow, feather=feather, placement=feather_placement, crop=crop,
-            padding=crop_padding, native=regions.native_side(self.unet, self.vae_scale_factor),
-            multiple=regions.size_multiple(self.unet, self.vae_scale_factor),
-            min_side=regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor),
-        )
-
     # -- inversion -----------------------------------------------------------------------------------------
     def invert(self, image, source_prompt="", num_inference_steps: int | None = None, strength: float = 1.0,
                record_blocks=None,
@@ -220,19 +200,10 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         ``crop``, ``crop_padding``, ``grow``, ``feather`` and ``feather_placement``; later edits must keep their
         mask inside it.
         """
-        if not 0.0 < strength <= 1.0:
-            raise PFBDiffError.about("strength", f"must be in (0, 1], got {strength}")
-        pil_images = [imgs.load_image(i) for i in _as_list(image)]
+        pil_images, plan, pixels, source_prompts = self._inversion_inputs(
+            image, source_prompt, strength, mask_image=mask_image, plan=plan, crop=crop, crop_padding=crop_padding,
+            grow=grow, feather=feather, feather_placement=feather_placement)
         grid = self.ddim_grid(self._or_recommended("num_inference_steps", num_inference_steps))
-        sizes = [im.size for im in pil_images]
-        if len(set(sizes)) > 1:
-            raise PFBDiffError(f"images edited together must have one size, got {sorted(set(sizes))}; edit them separately")
-        if plan is None:
-            plan = self.crop_plan(sizes[0], mask_image, crop=crop, crop_padding=crop_padding, grow=grow,
-                                  feather=feather, feather_placement=feather_placement)
-        pixels = torch.cat([tensors.image_to_tensor(im.crop(tuple(plan.box.as_list())), plan.model_size)
-                            for im in pil_images])
-        source_prompts = _broadcast(source_prompt, len(pil_images), "source_prompt")
         box = (plan.box.height, plan.box.width) if size_ids == "box" else None
         embeddings = self.encode_prompt(source_prompts, tuple(pixels.shape[-2:]), original_size=box)
         blocks = self._default_record_blocks() if record_blocks is None else frozenset(record_blocks)
@@ -248,7 +219,7 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
                 self.feature_unet, self.encode_images(pixels).to(self.unet.dtype), embeddings, grid, inverted_steps,
                 blocks, callback=on_step,
             )
-        return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, sizes,
+        return Inversion(latents, features, blocks, grid, embeddings, source_prompts, pixels, [im.size for im in pil_images],
                          crop_box=plan.box, source_images=pil_images, size_ids=size_ids)
 
     def _default_record_blocks(self) -> frozenset[int]:
@@ -269,32 +240,6 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
             latent_blend=config.latent_blend,
             reference_latent_index=config.reference_latent_index,
         )
-
-    def prepare_masks(self, inversion: Inversion, mask_image=None, prompt="", *, preset: str | EditConfig = "object",
-                      word_masks: dict | None = None, auto_mask: bool = False,
-                      auto_mask_threshold: float = automask.DEFAULT_THRESHOLD,
-                      auto_mask_draws: int = automask.DEFAULT_DRAWS,
-                      auto_mask_seed: int = automask.DEFAULT_SEED, **overrides) -> mask_set.MaskSet:
-        """Every mask of an edit of ``inversion`` (``photo/mask_set.py``), one per input image: the latent-size
-        edit mask and word masks the method uses, and the full-size masks of the paste-back."""
-        config = _resolve(preset, overrides)
-        size, n = inversion.original_sizes[0], inversion.batch_size
-
-        def load(source, name):
-            return [imgs.load_mask(m, size, name=name) for m in _broadcast_masks(source, n)]
-
-        estimate = None
-        if auto_mask:
-            def estimate(box):
-                target = self.encode_prompt(_broadcast(prompt, n, "prompt")).borrowing(inversion.source_embeddings)
-                return automask.estimate_masks(
-                    self.feature_unet, inversion.latents[0], inversion.source_embeddings, target, inversion.grid,
-                    [box.size] * n, draws=auto_mask_draws, threshold=auto_mask_threshold, seed=auto_mask_seed)
-
-        user = load(mask_image, "mask") if mask_image is not None else None
-        per_word = {word: load(m, f"mask for {word!r}") for word, m in (word_masks or {}).items()}
-        return mask_set.build(inversion, user, per_word, config, tuple(inversion.latents[0].shape[-2:]),
-                              device=self.unet.device, dtype=self.unet.dtype, estimate=estimate)
 
     def edit(
         self,
@@ -345,24 +290,10 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         ``mask_image`` when one is given; it is returned as ``auto_masks``. Latent outputs are unaffected.
         """
         # 1. the settings and the step count K
-        config = _resolve(preset, {**overrides, "inside": inside, "outside": outside})
-        guidance_scale = self._or_recommended("guidance_scale", guidance_scale)
-        checks.finite_number("guidance_scale", guidance_scale)
-        for photo_size in inversion.original_sizes:
-            checks.within_photo(photo_size, grow=config.grow, halo=config.halo, feather=feather)
+        config, guidance_scale, steps, put_back = self._edit_settings(
+            inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
+            paste_back, feather_placement, colour_match)
         grid = inversion.grid
-        steps = edit_steps(grid.num_steps, config.strength)
-        if config.size_ids != inversion.size_ids:
-            raise PFBDiffError.about("size_ids", f"is {config.size_ids!r} but the inversion was made with "
-                                     f"{inversion.size_ids!r}: invert with size_ids={config.size_ids!r}")
-        if steps > inversion.inverted_steps:
-            raise PFBDiffError(
-                f"the edit needs {steps} inverted steps but the inversion has {inversion.inverted_steps}; "
-                f"invert with strength >= {config.strength} or lower the edit's strength"
-            )
-        if feather is None and config.halo:
-            feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
-        put_back = compositing.PasteBack(paste_back, feather, feather_placement, colour_match)
 
         # 2. the masks of each input image
         prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")
@@ -434,47 +365,6 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         # 8. decode and put the result back into the photo
         return self._output(x, inversion, masks, put_back, repeats, output_type, return_dict)
 
-    def __call__(
-        self,
-        image,
-        mask_image=None,
-        prompt="",
-        source_prompt="",
-        *,
-        preset: str | EditConfig = "object",
-        num_inference_steps: int | None = None,
-        strength: float | None = None,
-        crop="auto",
-        crop_padding: int | None = None,
-        inversion_callback=None,
-        **edit_kwargs,
-    ):
-        """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`).
-
-        ``crop`` / ``crop_padding`` choose the part of the image that is inverted and edited (:meth:`crop_plan`);
-        ``inversion_callback(k)`` is called after each inversion step; everything else is passed on to
-        :meth:`edit`.
-        """
-        settings = {k: edit_kwargs.pop(k) for k in list(edit_kwargs) if k in EditConfig.__dataclass_fields__}
-        config = _resolve(preset, {**settings, "strength": strength})
-        self.check_words(prompt, config)  # name a misspelt word before the costly inversion
-        images = [imgs.load_image(i) for i in _as_list(image)]
-        size = images[0].size
-        if mask_image is not None and not isinstance(mask_image, (list, tuple)):
-            mask_image = imgs.load_mask(mask_image, size)  # loaded once for the crop plan and the edit
-        region = mask_image if mask_image is not None else list((edit_kwargs.get("word_masks") or {}).values()) or None
-        plan = self.crop_plan(
-            size, region, crop=crop, crop_padding=crop_padding,
-            grow=config.mask_reach, feather=edit_kwargs.get("feather"),
-            feather_placement=edit_kwargs.get("feather_placement", compositing.DEFAULT_PLACEMENT),
-        )
-        inversion = self.invert(
-            images, source_prompt, num_inference_steps, strength=config.strength, plan=plan,
-            record_blocks=self.blend_plan(config).source_blocks if config.cache_source else (),
-            callback=inversion_callback, size_ids=config.size_ids,
-        )
-        return self.edit(inversion, mask_image, prompt, preset=config, **edit_kwargs)
-
     @torch.no_grad()
     def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=None, guidance_scale=None,
                       negative_prompt=None, generator=None, latents=None, output_type="pil", batch_cfg=True):
@@ -495,27 +385,6 @@ class PFBDiffPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Textual
         return PFBDiffOutput(images=tensors.convert_output(out, output_type), latents=x)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _output(self, latents, inversion, masks, put_back, repeats, output_type, return_dict):
-        """Decode, scale the edited box back to the input's pixels and paste it into the input."""
-        box = mask_set.inverted_box(inversion)
-        size = inversion.original_sizes[0]
-        sources = _rows(inversion.source_images, repeats)
-        alphas = put_back.alphas(masks, box) if sources else None
-        if output_type == "latent":
-            images = latents
-        else:
-            pil = compositing.put_back(tensors.tensor_to_pil(self.decode_latents(latents)), sources, box, masks.full,
-                                       alphas, put_back)
-            images = pil if output_type == "pil" else tensors.convert_output(tensors.pil_to_tensor(pil), output_type)
-        if not return_dict:
-            return (images,)
-        return PFBDiffOutput(
-            images=images, latents=latents, crop_box=box.as_list(), latent_masks=masks.edit.latent,
-            masks=None if alphas is None else [tensors.to_grey(mask_set.on_canvas(a, box, size)) for a in alphas],
-            auto_masks=None if masks.auto is None else [tensors.to_grey(m) for m in masks.auto],
-        )
-
-
 class PFBDiffXLPipeline(StableDiffusionXLLoraLoaderMixin, PFBDiffPipeline):
     """The same pipeline for SDXL models: only its LoRA loader differs (an SDXL LoRA may also change the second
     text encoder). :meth:`PFBDiffPipeline.from_pretrained` picks it for an SDXL model."""
@@ -539,35 +408,3 @@ def load_pipeline(model, *, quiet: bool = False, loras=(), embeddings=(), **kwar
     return pipe
 
 
-def _resolve(preset: str | EditConfig, overrides: dict) -> EditConfig:
-    """``preset`` (a name or an :class:`EditConfig`) with the given (not ``None``) ``overrides``."""
-    overrides = {k: tuple(v) if k in ("inside", "outside") else v for k, v in overrides.items() if v is not None}
-    if isinstance(preset, EditConfig):
-        return preset.replace(**overrides) if overrides else preset
-    return get_preset(preset, **overrides)
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _rows(values: list, repeats: int) -> list:
-    """Each item ``repeats`` times, in the order of ``repeat_interleave``."""
-    return [v for v in values for _ in range(repeats)]
-
-
-def _broadcast(value, n: int, name: str) -> list:
-    values = _as_list(value)
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise PFBDiffError(f"{name} has {len(values)} entries for {n} images; give one, or one per image")
-    return values
-
-
-def _broadcast_masks(value, n: int) -> list:
-    return _broadcast(value, n, "mask_image") if isinstance(value, (list, tuple)) else [value] * n
-
-
-def _randn(shape, generator, device, dtype):
-    return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device, dtype)

@@ -79,7 +79,7 @@ def make_record(request, config, pipe, result, size, *, image_sha256: str, unet_
         shared_inversion=shared_inversion, changed_outside_mask=changed_outside_mask, image_sha256=image_sha256,
         mask_sha256=file_sha256(request.mask) if request.mask else None,
         adapter_sha256=adapter_digests(request),
-        device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).replace("torch.", ""),
+        device=str(pipe.denoiser.device), dtype=str(pipe.denoiser.dtype).replace("torch.", ""),
         versions=library_versions(),
     )
     return record

@@ -330,9 +330,11 @@ class InversionCache:
 
 def inversion_key(image_digest: str, request: EditRequest, plan) -> tuple:
     """Two requests may share an inversion when these agree: the photo's bytes, the source prompt, the step grid,
-    K, and the crop plan (the inverted box and the size the model sees it at)."""
+    K, the crop plan (the inverted box and the size the model sees it at), and how it was inverted (SDXL's size
+    ids, a flow's solver)."""
+    config = request.edit_config
     return (image_digest, request.source_prompt, request.steps, request.edit_steps(),
-            tuple(plan.box.as_list()), tuple(plan.model_size))
+            tuple(plan.box.as_list()), tuple(plan.model_size), config.size_ids, config.flow_solver)
 
 
 @dataclass
@@ -382,11 +384,11 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
     inversion = inversions.get(key) if inversions is not None else None
     shared = inversion is not None
     if not shared:
-        inversion = pipe.invert(
-            inputs.source, request.source_prompt, request.steps, strength=config.strength, plan=plan,
-            record_blocks=None if inversions is not None else _blocks_to_record(pipe, config),
-            callback=on_invert_step,
-        )
+        options = pipe.inversion_options(config)
+        if inversions is not None:  # a shared inversion records every block any preset blends
+            options.pop("record_blocks", None)
+        inversion = pipe.invert(inputs.source, request.source_prompt, request.steps, strength=config.strength,
+                                plan=plan, callback=on_invert_step, **options)
         if inversions is not None:
             inversions.put(key, inversion)
     edited = [0]
@@ -418,11 +420,6 @@ def changed_outside(mask, result) -> int | None:
         return None
     region = np.asarray(result.masks[0])
     return int(np.count_nonzero((region > 0) & (np.asarray(mask) <= 0)))
-
-
-def _blocks_to_record(pipe, config: EditConfig) -> frozenset:
-    """The source features one edit needs from its inversion (none when it re-runs the source branch)."""
-    return pipe.blend_plan(config).source_blocks if config.cache_source else frozenset()
 
 
 def replay(record: dict | str | Path, *, pipe=None, allow_pickle: bool = False) -> Outcome:

@@ -214,20 +214,26 @@ def confined_words(tokenizer, config, source_prompt: str, prompt: str, word_regi
     return inside, outside
 
 
-def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict) -> list[TokenRegion]:
+def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict, *,
+                  positions_of_words: Callable[[str, list], tuple[int, ...]] | None = None) -> list[TokenRegion]:
     """The token → allowed-region map of an edit (one row per prompt): inside words in ``mask``, outside words in
-    its complement, each word of a multi-object edit in its own region."""
+    its complement, each word of a multi-object edit in its own region. Words are chosen with ``tokenizer`` (a
+    CLIP tokenizer); ``positions_of_words(prompt, words)`` places them in the text sequence the model reads
+    (default: ``tokenizer``'s own positions)."""
     if not config.attention_masking:
         return []
+    if positions_of_words is None:
+        def positions_of_words(prompt, phrases):
+            return positions_of(tokenizer, prompt, phrases)
     words = [confined_words(tokenizer, config, source, prompt, word_regions)
              for source, prompt in zip(source_prompts, prompts)]
     regions = []
     for group, region in ((0, mask), (1, mask.complement())):
-        positions = [positions_of(tokenizer, prompt, w[group]) for prompt, w in zip(prompts, words)]
+        positions = [positions_of_words(prompt, w[group]) for prompt, w in zip(prompts, words)]
         if any(positions):
             regions.append(TokenRegion(tuple(positions), region))
     for word, region in word_regions.items():
-        positions = [positions_of(tokenizer, prompt, [word]) for prompt in prompts]
+        positions = [positions_of_words(prompt, [word]) for prompt in prompts]
         regions.append(TokenRegion(tuple(positions), region))
     return regions
 

@@ -43,21 +43,23 @@ class FlowGrid:
 
     @classmethod
     def from_scheduler_config(cls, config, num_steps: int, image_seq_len: int | None = None) -> FlowGrid:
-        """The grid of a ``FlowMatchEulerDiscreteScheduler`` config: σ = 1 … 1/N, shifted as the model asks (a
-        static ``shift``, SD3's; or Flux's resolution-dependent one, from ``image_seq_len`` latent tokens)."""
+        """The grid of a ``FlowMatchEulerDiscreteScheduler`` config, as diffusers' pipeline of the family places
+        it: SD3's static ``shift``, or Flux's σ = 1 … 1/N with its resolution-dependent shift (from
+        ``image_seq_len`` latent tokens)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         if num_steps < 1:
             raise PFBDiffError.about("num_inference_steps", f"must be at least 1, got {num_steps}")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(config))
-        mu = None
-        if scheduler.config.use_dynamic_shifting:
+        if scheduler.config.use_dynamic_shifting:  # Flux's pipeline: σ = 1 … 1/N, shifted by μ
             if image_seq_len is None:
                 raise PFBDiffError("this model shifts its noise levels by image size: give image_seq_len")
-            c = scheduler.config  # Flux's μ: a log-shift growing linearly with the number of latent tokens
+            c = scheduler.config  # μ: a log-shift growing linearly with the number of latent tokens
             mu = calculate_shift(image_seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
+        else:  # SD3's pipeline: the scheduler's own N levels between its trained extremes, statically shifted
+            scheduler.set_timesteps(num_steps)
         descending = [float(s) for s in scheduler.sigmas]  # σ_N = 1 … σ_1, then the terminal 0
         return cls(tuple(reversed(descending)), int(scheduler.config.num_train_timesteps))
 
@@ -91,12 +93,17 @@ def fireflow(velocity: Velocity, x, sigma_from: float, sigma_to: float, carry=No
 SOLVERS = {"euler": euler, "midpoint": midpoint, "fireflow": fireflow}
 
 
+def solver_step(name: str):
+    """The step function of the solver called ``name``."""
+    if name not in SOLVERS:
+        raise PFBDiffError.about("solver", f"must be one of {', '.join(SOLVERS)}, got {name!r}")
+    return SOLVERS[name]
+
+
 def integrate(velocity: Velocity, x: torch.Tensor, sigmas, solver: str = "fireflow") -> list[torch.Tensor]:
     """The states at every σ of ``sigmas`` (ascending: inversion; descending: sampling), starting from ``x`` at
     ``sigmas[0]``, one ``solver`` step between neighbours."""
-    if solver not in SOLVERS:
-        raise PFBDiffError.about("solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    step, states, carry = SOLVERS[solver], [x], None
+    step, states, carry = solver_step(solver), [x], None
     for sigma_from, sigma_to in zip(sigmas[:-1], sigmas[1:]):
         x, carry = step(velocity, x, sigma_from, sigma_to, carry)
         states.append(x)

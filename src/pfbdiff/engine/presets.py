@@ -65,6 +65,11 @@ class EditConfig:
     # the size ids of a crop-to-mask edit: "model" (the crop seen whole at the model size) or "box" (the model size
     # made from a box of the photo's pixel size); fixed by the inversion, which every edit of it shares
     size_ids: str = "model"
+    # -- flow-matching transformers, SD3 and Flux (docs/method.md §13-16)
+    # the blend window: the first fraction of the blocks are blended, the rest left free to harmonise the seam
+    blend_depth: float = 0.5
+    text_queries: bool = False  # also let a confined word's own text queries see only its region (§15)
+    flow_solver: str = "euler"  # the inversion's ODE solver: "euler", "midpoint" or "fireflow" (§13)
     # -- compute
     cache_source: bool = True  # take source features from the inversion instead of re-running the source
     batch_cfg: bool = True  # unconditional and conditional rows in one U-Net call
@@ -84,12 +89,15 @@ class EditConfig:
     def validated(self) -> "EditConfig":
         if self.halo < 0:
             raise PFBDiffError.about("halo", f"must be a number of pixels >= 0, got {self.halo}, e.g. 8")
+        if not 0.0 <= self.blend_depth <= 1.0:
+            raise PFBDiffError.about("blend_depth", f"must be a fraction of the blocks in [0, 1], got {self.blend_depth}, "
+                                     "e.g. 0.5")
         if not 0.0 < self.strength <= 1.0:
             raise PFBDiffError.about("strength", f"must be in (0, 1], got {self.strength}, e.g. 0.8")
         choices = {"start": ("inverted", "noise"), "latent_reference": ("inverted", "noised"),
                    "mask_resize": RESIZE_MODES, "latent_mask": LATENT_MASK_MODES,
                    "auto_words": (None, "new-inside", "subject-outside"), "pooled_from": ("target", "source"),
-                   "size_ids": ("model", "box")}
+                   "size_ids": ("model", "box"), "flow_solver": ("euler", "midpoint", "fireflow")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 listed = " or ".join(repr(choice) for choice in allowed).replace("None", "none")

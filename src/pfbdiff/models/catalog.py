@@ -59,11 +59,12 @@ def _folder(model: str) -> Path:
     return bundled_folder(model) if model in BUNDLED_NAMES else Path(model).expanduser()
 
 
-def recommended_settings(model: str) -> dict:
+def recommended_settings(model: str, defaults: dict | None = None) -> dict:
     """The steps and guidance scale ``model`` is meant to be run with (``num_inference_steps``,
-    ``guidance_scale``): those its folder's ``pfbdiff.json`` names, else :data:`DEFAULT_RECOMMENDED`. Only local
-    folders (and the bundled model) are read; a value that is not a positive number is ignored."""
-    settings = dict(DEFAULT_RECOMMENDED)
+    ``guidance_scale``): those its folder's ``pfbdiff.json`` names, else ``defaults`` (the family's; default
+    :data:`DEFAULT_RECOMMENDED`). Only local folders (and the bundled model) are read; a value that is not a
+    positive number is ignored."""
+    settings = dict(defaults or DEFAULT_RECOMMENDED)
     try:
         recommended = json.loads((_folder(model) / RECOMMENDED_FILE).read_text("utf-8"))
     except (OSError, ValueError, TypeError):

@@ -26,8 +26,12 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 # Weight file stems of each component in a diffusers folder (transformers and diffusers name them differently).
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "text_encoder_2": "model"}
-PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model"}
+                "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
+PICKLE_WEIGHT_STEMS = {**WEIGHT_STEMS, "text_encoder": "pytorch_model", "text_encoder_2": "pytorch_model",
+                       "text_encoder_3": "pytorch_model"}
+#: diffusers pipeline classes of the flow-matching transformers pfbdiff edits, and the family each is.
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "sd3", "PFBDiffSD3Pipeline": "sd3",
+                  "FluxPipeline": "flux", "PFBDiffFluxPipeline": "flux"}
 
 #: How to name a local model instead: the end of every message about a model that cannot be found or used.
 MODEL_HINT = "pass --model /path/to/a/diffusers-folder or /path/to/model.safetensors"
@@ -79,10 +83,10 @@ def variant_files(folder: Path, component: str, suffix: str, variant: str | None
 
 
 #: What pfbdiff edits today, for the messages that refuse the rest.
-SUPPORTED = "pfbdiff edits Stable Diffusion 1.x, 2.x and SDXL models (SD3 and Flux are planned)"
+SUPPORTED = "pfbdiff edits Stable Diffusion 1.x, 2.x, SDXL, SD3 and Flux.1 text-to-image models"
 #: diffusers pipeline classes of the families pfbdiff cannot edit yet, by the name users know them.
-OTHER_FAMILIES = {"StableDiffusion3": "a Stable Diffusion 3 model",
-                  "Flux": "a Flux model", "PixArt": "a PixArt model", "Sana": "a Sana model",
+OTHER_FAMILIES = {"StableDiffusion3": "a Stable Diffusion 3 variant",
+                  "Flux": "a Flux variant", "PixArt": "a PixArt model", "Sana": "a Sana model",
                   "HunyuanDiT": "a HunyuanDiT model", "Kandinsky": "a Kandinsky model", "Wuerstchen": "a Würstchen model",
                   "StableCascade": "a Stable Cascade model", "Lumina": "a Lumina model", "AuraFlow": "an AuraFlow model"}
 
@@ -96,13 +100,15 @@ def family_problem(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None  # the folder checks say what is wrong with it
     pipeline = str(index.get("_class_name", ""))
+    if pipeline in FLOW_PIPELINES:
+        return None
     family = next((name for prefix, name in OTHER_FAMILIES.items() if pipeline.startswith(prefix)), None)
     if family is None and "transformer" in index:
         family = f"a {pipeline or 'diffusion transformer'} model"
     if family is None and "text_encoder_2" in index and not (index.get("text_encoder") or [None])[0]:
         family = "an SDXL refiner (it has no first text encoder)"
     if family is not None:
-        return f"'{folder}' is {family} ({pipeline}); {SUPPORTED}: pass an SD 1.x, 2.x or SDXL base model"
+        return f"'{folder}' is {family} ({pipeline}); {SUPPORTED}: pass a base text-to-image model"
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text("utf-8"))
     except (OSError, ValueError):
@@ -122,11 +128,31 @@ def is_sdxl(folder: Path) -> bool:
         return False
 
 
+def flow_family(folder: Path) -> str | None:
+    """``"sd3"`` or ``"flux"`` for a folder of a flow-matching transformer pfbdiff edits, else ``None``."""
+    try:
+        return FLOW_PIPELINES.get(json.loads((folder / "model_index.json").read_text("utf-8")).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _flow_components(folder: Path) -> tuple[str, ...]:
+    """The components a flow model's model_index.json names (its optional image encoder aside)."""
+    index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    return tuple(name for name, value in index.items()
+                 if not name.startswith("_") and isinstance(value, list) and None not in value
+                 and name not in ("image_encoder", "feature_extractor"))
+
+
 def component_names(folder: Path) -> tuple[str, ...]:
+    if flow_family(folder):
+        return _flow_components(folder)
     return COMPONENT_NAMES + (SDXL_COMPONENT_NAMES if is_sdxl(folder) else ())
 
 
 def weighted_components(folder: Path) -> tuple[str, ...]:
+    if flow_family(folder):
+        return tuple(name for name in _flow_components(folder) if name in WEIGHT_STEMS)
     return WEIGHTED_COMPONENTS + (("text_encoder_2",) if is_sdxl(folder) else ())
 
 
@@ -144,8 +170,8 @@ def diffusers_folder_problem(folder: Path, weights: WeightChoice) -> str | None:
     if missing:
         return (
             f"diffusers folder '{folder}' lacks the subfolder(s) {', '.join(missing)}; "
-            "pfbdiff needs a complete Stable Diffusion model (unet, vae, text_encoder, tokenizer, scheduler; for SDXL "
-            "also text_encoder_2, tokenizer_2)"
+            "pfbdiff needs a complete model (for SD: unet, vae, text_encoder, tokenizer, scheduler; for SDXL "
+            "also text_encoder_2, tokenizer_2; for SD3 and Flux every component its model_index.json names)"
         )
     for component in weighted_components(folder):
         problem = _component_weights_problem(folder, component, weights)
@@ -227,6 +253,21 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, weights: WeightChoic
         index = json.loads((folder / "model_index.json").read_text("utf-8"))
         components["force_zeros_for_empty_prompt"] = bool(index.get("force_zeros_for_empty_prompt", True))
     return components
+
+
+def load_flow_folder(folder: Path, dtype: torch.dtype, weights: WeightChoice) -> dict:
+    """The components of a local SD3 or Flux diffusers folder, loaded by diffusers' pipeline of the family with
+    the weight files ``weights`` allows (checked first, so a refusal is one line)."""
+    from pfbdiff.flow_pipeline import PFBDiffFluxPipeline, PFBDiffSD3Pipeline
+
+    problem = diffusers_folder_problem(folder, weights)
+    if problem:
+        raise PFBDiffError(problem)
+    pipeline_class = PFBDiffSD3Pipeline if flow_family(folder) == "sd3" else PFBDiffFluxPipeline
+    pipeline = _damage_named(folder, "components", lambda: pipeline_class.from_pretrained(
+        folder, dtype=dtype, local_files_only=True, variant=weights.variant,
+        use_safetensors=None if weights.pickle_allowed else True))
+    return {name: value for name, value in pipeline.components.items() if value is not None}
 
 
 def _damage_named(folder: Path, component: str, load):

@@ -41,6 +41,7 @@ def file_patterns(weights: WeightChoice | None) -> list[str]:
     """
     patterns = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]
     patterns += ["tokenizer/*", "scheduler/*", "text_encoder_2/config.json", "tokenizer_2/*"]  # SDXL's, if any
+    patterns += ["transformer/config.json", "text_encoder_3/config.json", "tokenizer_3/*"]  # SD3's and Flux's
     if weights is None:
         return patterns
     stem_tables = [WEIGHT_STEMS] + ([PICKLE_WEIGHT_STEMS] if weights.pickle_allowed else [])

@@ -43,8 +43,10 @@ from pfbdiff.models.diffusers_folders import (
     SUPPORTED,
     WEIGHTED_COMPONENTS,
     WeightChoice,
+    flow_family,
     is_sdxl,
     load_diffusers_folder,
+    load_flow_folder,
 )
 
 
@@ -111,7 +113,8 @@ def load_components(
                                local_files_only=local_files_only)
 
     if path.is_dir():
-        components = load_diffusers_folder(path, dtype, weights)
+        load_folder = load_flow_folder if flow_family(path) else load_diffusers_folder
+        components = load_folder(path, dtype, weights)
     else:
         components = _load_single_file(path, dtype, weights, config)
     return _prepare(components, device, dtype)
@@ -129,7 +132,11 @@ def _refuse_unknown(unknown: dict) -> None:
 
 
 def _prepare(components: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Keep the SD components (SDXL's extra ones too), on ``device`` in ``dtype``, ready for inference."""
+    """Keep the SD components (SDXL's extra ones too), on ``device`` in ``dtype``, ready for inference; an SD3 or
+    Flux model keeps all of its own."""
+    if "transformer" in components:
+        return {name: value.to(device).eval().requires_grad_(False) if isinstance(value, torch.nn.Module) else value
+                for name, value in components.items()}
     sdxl = components.get("text_encoder_2") is not None
     prepared = {name: components[name] for name in COMPONENT_NAMES + (SDXL_COMPONENT_NAMES if sdxl else ())}
     if "force_zeros_for_empty_prompt" in components:
@@ -253,8 +260,10 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
 #: Weight names that only other families' single-file checkpoints have, and what to say of such a file.
 _OTHER_FAMILY_KEYS = {
     "conditioner.embedders.0.model.text_projection": f"an SDXL refiner checkpoint; {SUPPORTED}: pass a base model",
-    "joint_blocks.": f"a Stable Diffusion 3 checkpoint; {SUPPORTED}: pass an SD 1.x, 2.x or SDXL checkpoint",
-    "double_blocks.": f"a Flux checkpoint; {SUPPORTED}: pass an SD 1.x, 2.x or SDXL checkpoint",
+    "joint_blocks.": "a Stable Diffusion 3 checkpoint; pfbdiff loads SD3 and Flux from diffusers folders only for "
+                     "now: pass the model's diffusers folder or hub id",
+    "double_blocks.": "a Flux checkpoint; pfbdiff loads SD3 and Flux from diffusers folders only for now: pass the "
+                      "model's diffusers folder or hub id",
 }
 _SDXL_KEY = "conditioner.embedders.1."
 _FIRST_UNET_CONV = "model.diffusion_model.input_blocks.0.0.weight"

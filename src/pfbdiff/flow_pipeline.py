@@ -1,0 +1,393 @@
+"""PFB-Diff on flow-matching transformers: ``PFBDiffSD3Pipeline`` and ``PFBDiffFluxPipeline``.
+
+    pipe = PFBDiffPipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")   # picks the SD3 class
+    inv = pipe.invert(image, source_prompt="a cat sitting on a bench")
+    dog = pipe.edit(inv, mask_image=mask, prompt="a dog sitting on a bench").images[0]
+
+Each class is diffusers' own pipeline of its family (so its text encoding, latent packing, LoRA loading and
+single-file loading are diffusers') with PFB-Diff's ``invert`` / ``edit`` / ``__call__`` in place of text-to-image,
+the same shape as :class:`~pfbdiff.pipeline.PFBDiffPipeline` and the same photo side
+(:class:`~pfbdiff.photo_editing.PhotoEditing`: crop, masks, paste-back). The method (docs/method.md §13–16):
+
+1. ``invert``: the photo's latent is carried up the flow ODE to noise with the source prompt (Euler, midpoint or
+   FireFlow, ``flow_solver``), keeping every latent Z[0..K];
+2. ``edit``: from Z[K] down, each step recomputes the source branch's image tokens at (Z[n+1], σ[n+1]), blends
+   them into the first ``blend_depth`` of the blocks while σ > ``t_combine`` / training steps, masks the chosen
+   words inside joint attention (every block), takes an Euler step and blends the latent outside the mask with
+   Z[n] while the latent-blend gate is open (:func:`~pfbdiff.engine.flow_loop.flow_pfb_loop`).
+
+SD3 runs classifier-free guidance (unconditional rows unmasked unless ``mask_uncond``); Flux is guidance-distilled:
+its guidance scale goes into the model's guidance embedding where it has one, and it has no unconditional rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from pfbdiff.engine import automask
+from pfbdiff.engine.attention import AttentionMasking, token_regions
+from pfbdiff.engine.backbones.transformer import FeatureTransformer
+from pfbdiff.engine.blending import blend
+from pfbdiff.engine.conditioning import Conditioning
+from pfbdiff.engine.flow import FlowGrid, integrate, solver_step
+from pfbdiff.engine.flow_loop import flow_pfb_loop, recomputed_flow_features
+from pfbdiff.engine.inversion import Inversion
+from pfbdiff.engine.joint_attention import joint_attention_masking_installed
+from pfbdiff.engine.presets import EditConfig
+from pfbdiff.engine.sampling import edit_steps
+from pfbdiff.engine.tokens import joined_positions
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.io import tensors
+from pfbdiff.photo import compositing
+from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows
+
+
+class FlowEditing(PhotoEditing):
+    """PFB-Diff's ``invert`` and ``edit`` on a flow transformer; a family class supplies ``_encode``,
+    ``_velocity_inputs`` and ``_text_parts``."""
+
+    #: ``True`` for a guidance-distilled family: the guidance scale is an input of the model, not a second pass.
+    distilled_guidance = False
+    #: T5 tokens the family reads (diffusers' default for it), at most the tokenizer's own limit.
+    t5_length = 256
+    #: The steps and guidance scale of diffusers' pipeline of the family, for a model that recommends none.
+    default_settings = {"num_inference_steps": 28, "guidance_scale": 7.0}
+
+    #: denoiser evaluations made so far (inversion, source and target branches)
+    model_calls = 0
+
+    @functools.cached_property
+    def feature_transformer(self) -> FeatureTransformer:
+        return FeatureTransformer(self.transformer)
+
+    @property
+    def recommended_settings(self) -> dict:
+        """The steps and guidance scale the model is meant to be run with (its folder's ``pfbdiff.json``, else
+        the family's defaults), used where a call leaves them out."""
+        return self.__dict__.setdefault("_recommended_settings", dict(self.default_settings))
+
+    @recommended_settings.setter
+    def recommended_settings(self, settings: dict):
+        self.__dict__["_recommended_settings"] = dict(settings)
+
+    # -- the family-independent hooks of PhotoEditing -------------------------------------------------------
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    @property
+    def unet_calls(self) -> int:
+        """Denoiser evaluations so far (the name the U-Net pipeline's callers read)."""
+        return self.model_calls
+
+    def _model_sides(self) -> dict:
+        multiple = self.vae_scale_factor * 2  # 2 × 2 latent pixels per token (SD3's patch, Flux's packing)
+        return dict(native=self.native_side, multiple=multiple, min_side=multiple)
+
+    @property
+    def native_side(self) -> int:
+        """The side of the pixel count the model is trained at (1024 for SD3 and Flux)."""
+        return self.default_sample_size * self.vae_scale_factor
+
+    def _word_positions(self, prompt: str, phrases) -> tuple[int, ...]:
+        return joined_positions(self._text_parts(), prompt, phrases)
+
+    def _auto_mask_estimator(self, inversion, prompts, *, draws, threshold, seed):
+        raise PFBDiffError("auto_mask is not available for SD3 and Flux models yet; paint a mask instead")
+
+    def inversion_options(self, config: EditConfig) -> dict:
+        """The :meth:`invert` argument an edit with ``config`` needs: its inversion solver."""
+        return dict(solver=config.flow_solver)
+
+    # -- the model ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE latent of images in [-1, 1] (the posterior mean, so inversion is deterministic), shifted and
+        scaled as the family's VAE asks."""
+        config = self.vae.config
+        mean = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return (mean - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0.0)
+        return self.vae.decode(latents).sample.float()
+
+    def flow_grid(self, num_inference_steps: int, latent_size: tuple[int, int]) -> FlowGrid:
+        """The σ grid of an N-step run on latents of ``latent_size`` (Flux shifts it by the token count)."""
+        tokens = (latent_size[0] // 2) * (latent_size[1] // 2)
+        return FlowGrid.from_scheduler_config(self.scheduler.config, num_inference_steps, image_seq_len=tokens)
+
+    def _t5_tokens(self, tokenizer) -> int:
+        return min(self.t5_length, tokenizer.model_max_length)
+
+    def _velocity(self, condition: Conditioning, guidance_scale: float):
+        """``velocity(x, σ, on_block)`` of the conditioning's rows on latents laid out as images (B × C × h × w)."""
+
+        def velocity(x, sigma, on_block=None):
+            self.model_calls += 1
+            inputs = self._velocity_inputs(x, sigma, condition, guidance_scale)
+            out = self.feature_transformer(on_block=on_block, **inputs)
+            return self._as_image_latent(out, x)
+
+        return velocity
+
+    def _as_image_latent(self, out, x):
+        return out
+
+    # -- inversion ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def invert(self, image, source_prompt="", num_inference_steps: int | None = None, strength: float = 1.0,
+               record_blocks=None, callback=None, *, mask_image=None, plan=None, crop="auto",
+               crop_padding: int | None = None, grow: int = 0, feather: int | None = None,
+               feather_placement: str = compositing.DEFAULT_PLACEMENT, solver: str = "euler",
+               size_ids: str = "model") -> Inversion:
+        """Encode ``image`` (one or a list) and carry it up the flow to noise with ``source_prompt``.
+
+        The same arguments as :meth:`PFBDiffPipeline.invert <pfbdiff.pipeline.PFBDiffPipeline.invert>`, with
+        ``solver`` ("euler", "midpoint" or "fireflow", docs/method.md §13) in place of recorded blocks: a
+        transformer's source tokens are recomputed by each edit step (``record_blocks`` is accepted and unused).
+        """
+        del record_blocks  # source tokens are recomputed per step (docs/method.md §16)
+        pil_images, plan, pixels, source_prompts = self._inversion_inputs(
+            image, source_prompt, strength, mask_image=mask_image, plan=plan, crop=crop, crop_padding=crop_padding,
+            grow=grow, feather=feather, feather_placement=feather_placement)
+        clean = self.encode_images(pixels).to(self.transformer.dtype)
+        grid = self.flow_grid(self._or_recommended("num_inference_steps", num_inference_steps), clean.shape[-2:])
+        embeddings = self.encode_prompt_rows(source_prompts)
+        inverted_steps = edit_steps(grid.num_steps, strength)
+        step, carry = solver_step(solver), None
+        velocity = self._velocity(embeddings, 1.0)
+        latents = [clean]
+        with self.progress_bar(total=inverted_steps) as bar:
+            for k in range(inverted_steps):
+                z, carry = step(velocity, latents[-1], grid.sigmas[k], grid.sigmas[k + 1], carry)
+                latents.append(z)
+                bar.update()
+                if callback is not None:
+                    callback(k)
+        return Inversion(latents, [], frozenset(), grid, embeddings, source_prompts, pixels,
+                         [im.size for im in pil_images], crop_box=plan.box, source_images=pil_images,
+                         size_ids=size_ids)
+
+    # -- editing --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def edit(self, inversion: Inversion, mask_image=None, prompt="", *, preset: str | EditConfig = "object",
+             inside=None, outside=None, word_masks: dict | None = None, negative_prompt=None,
+             guidance_scale: float | None = None, num_images_per_prompt: int = 1, generator=None,
+             output_type: str = "pil", callback_on_step_end=None, return_dict: bool = True, paste_back: bool = True,
+             feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT,
+             colour_match: str = "local", auto_mask: bool = False,
+             auto_mask_threshold: float = automask.DEFAULT_THRESHOLD, auto_mask_draws: int = automask.DEFAULT_DRAWS,
+             auto_mask_seed: int = automask.DEFAULT_SEED, **overrides):
+        """Edit an inverted image: regenerate the masked region from ``prompt`` with PFB-Diff on the flow.
+
+        The arguments mean what they mean to :meth:`PFBDiffPipeline.edit <pfbdiff.pipeline.PFBDiffPipeline.edit>`;
+        ``overrides`` are :class:`EditConfig` fields, of which the flow ones are ``blend_depth``, ``text_queries``
+        and ``flow_solver`` (the inversion's). Regional prompts are not available on these families yet.
+        """
+        # 1. the settings and the step count K
+        config, guidance_scale, steps, put_back = self._edit_settings(
+            inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
+            paste_back, feather_placement, colour_match)
+        if config.own_region_prompts:
+            raise PFBDiffError.about("own_region_prompts", "is not available for SD3 and Flux models yet; "
+                                     "leave it off")
+
+        # 2. the masks of each input image, and 3. one row per output image
+        prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")
+        repeats = num_images_per_prompt
+        masks = self.prepare_masks(inversion, mask_image, prompts_in, preset=config, word_masks=word_masks,
+                                   auto_mask=auto_mask, auto_mask_threshold=auto_mask_threshold,
+                                   auto_mask_draws=auto_mask_draws, auto_mask_seed=auto_mask_seed).repeated(repeats)
+        prompts_list = _rows(prompts_in, repeats)
+        source_prompts = _rows(inversion.source_prompt, repeats)
+        sigmas = inversion.grid.sigmas[: steps + 1]
+        source_latents = [z.repeat_interleave(repeats, 0) for z in inversion.latents[: steps + 1]]
+
+        # 4. text conditioning: source, target and (SD3 with guidance) unconditional rows
+        source = inversion.source_embeddings.repeat_interleave(repeats)
+        target = self.encode_prompt_rows(prompts_list).borrowing(source, pooled=config.pooled_from == "source")
+        unconditional = None
+        if guidance_scale > 1.0 and not self.distilled_guidance:
+            negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")
+            unconditional = self.encode_prompt_rows(_rows(negatives, repeats))
+
+        # 5. attention masking inside joint attention, in every block
+        grid = (source_latents[0].shape[-2] // 2, source_latents[0].shape[-1] // 2)
+        masking = AttentionMasking(
+            token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words,
+                          positions_of_words=self._word_positions),
+            grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond)
+
+        # 6. the start latent and the latent-blend reference
+        start = source_latents[-1]
+        x = start.clone() if config.start == "inverted" else _randn(tuple(start.shape), generator, start.device,
+                                                                     start.dtype)
+        references = source_latents
+        if config.latent_reference == "noised":  # the clean latent carried to each σ with fresh noise (BLD's)
+            clean = source_latents[0]
+            references = [blend(_randn(tuple(clean.shape), generator, clean.device, clean.dtype), clean,
+                                torch.tensor(sigma, dtype=clean.dtype)) for sigma in sigmas]
+
+        # 7. the PFB-Diff loop on the flow
+        sigma_combine = config.t_combine / inversion.grid.num_train_timesteps
+        target_velocity = self._guided_velocity(target, unconditional, guidance_scale, masking, config.batch_cfg)
+        window = self.feature_transformer.window(config.blend_depth)
+        features = recomputed_flow_features(self._velocity(source, 1.0), source_latents, sigmas, window)
+        with self.progress_bar(total=steps) as bar, joint_attention_masking_installed(
+                self.feature_transformer, masking, text_queries=config.text_queries):
+
+            def on_step(n, velocity, latents):
+                bar.update()
+                if callback_on_step_end is not None:
+                    callback_on_step_end(self, steps - 1 - n, sigmas[n], {"latents": latents})
+
+            x = flow_pfb_loop(target_velocity, x, references, sigmas, features, masks.edit, masks.edit.latent,
+                              blend_points=window, sigma_combine=sigma_combine, latent_blend=config.latent_blend,
+                              on_step=on_step)
+
+        # 8. decode and put the result back into the photo
+        return self._output(x, inversion, masks, put_back, repeats, output_type, return_dict)
+
+    def _guided_velocity(self, target: Conditioning, unconditional: Conditioning | None, guidance_scale: float,
+                         masking: AttentionMasking, batch_cfg: bool):
+        """The target branch: masked, classifier-free guided (SD3) or guidance-embedded (Flux)."""
+        conditional = self._velocity(target, guidance_scale)
+        if unconditional is None:
+            def velocity(x, sigma, on_block=None):
+                masking.active, masking.unconditional_rows = True, 0
+                try:
+                    return conditional(x, sigma, on_block)
+                finally:
+                    masking.active = False
+            return velocity
+        both = self._velocity(Conditioning.cat([unconditional, target]), guidance_scale)
+        plain = self._velocity(unconditional, guidance_scale)
+
+        def guided(x, sigma, on_block=None):
+            masking.active = True
+            try:
+                if batch_cfg:
+                    masking.unconditional_rows = x.shape[0]
+                    uncond, cond = both(torch.cat([x, x]), sigma, on_block).chunk(2)
+                else:
+                    masking.unconditional_rows = x.shape[0]
+                    uncond = plain(x, sigma, on_block)
+                    masking.unconditional_rows = 0
+                    cond = conditional(x, sigma, on_block)
+            finally:
+                masking.active = False
+            return uncond + guidance_scale * (cond - uncond)
+
+        return guided
+
+    def __call__(self, image, mask_image=None, prompt="", source_prompt="", **kwargs):
+        """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`); diffusers'
+        text-to-image is :meth:`text_to_image`."""
+        return PhotoEditing.__call__(self, image, mask_image, prompt, source_prompt, **kwargs)
+
+    @torch.no_grad()
+    def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=None, guidance_scale=None,
+                      negative_prompt=None, generator=None, latents=None, output_type="pil", batch_cfg=True):
+        """Plain Euler flow sampling on the edit's grid: the baseline for cost and for the no-op property."""
+        prompts_list = _as_list(prompt)
+        guidance_scale = self._or_recommended("guidance_scale", guidance_scale)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        grid = self.flow_grid(self._or_recommended("num_inference_steps", num_inference_steps), latent_size)
+        if latents is None:
+            shape = (len(prompts_list), self.latent_channels, *latent_size)
+            latents = _randn(shape, generator, self.transformer.device, self.transformer.dtype)
+        target = self.encode_prompt_rows(prompts_list)
+        unconditional = None
+        if guidance_scale > 1.0 and not self.distilled_guidance:
+            unconditional = self.encode_prompt_rows(_broadcast(negative_prompt or "", len(prompts_list),
+                                                               "negative_prompt"))
+        velocity = self._guided_velocity(target, unconditional, guidance_scale, AttentionMasking([], (1, 1), ()),
+                                         batch_cfg)
+        x = integrate(lambda z, sigma: velocity(z, sigma), latents, tuple(reversed(grid.sigmas)), "euler")[-1]
+        images = x if output_type == "latent" else tensors.convert_output(self.decode_latents(x), output_type)
+        return PFBDiffOutput(images=images, latents=x)
+
+
+class PFBDiffSD3Pipeline(FlowEditing, StableDiffusion3Pipeline):
+    """PFB-Diff for Stable Diffusion 3 / 3.5: joint blocks, classifier-free guidance, three text encoders (two
+    CLIPs and a T5, the words of the prompt confined in the CLIP part and the T5 part alike)."""
+
+    t5_length = 256
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def _text_parts(self):
+        parts = [(self.tokenizer, self.tokenizer.model_max_length)]
+        if self.text_encoder_3 is not None:
+            parts.append((self.tokenizer_3, self._t5_tokens(self.tokenizer_3)))
+        return parts
+
+    @torch.no_grad()
+    def encode_prompt_rows(self, prompts: list[str]) -> Conditioning:
+        """The joined text sequence (CLIP-L and CLIP-G side by side, padded to T5's width, then T5's tokens) and
+        the two CLIP pooled vectors joined, by diffusers' own SD3 encoder."""
+        tokens, _, pooled, _ = self.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=self._t5_tokens(self.tokenizer_3) if self.tokenizer_3 is not None else self.t5_length,
+            device=self.transformer.device)
+        return Conditioning(tokens.to(self.transformer.dtype), pooled.to(self.transformer.dtype))
+
+    def _velocity_inputs(self, x, sigma, condition: Conditioning, guidance_scale: float) -> dict:
+        timestep = torch.full((x.shape[0],), sigma * self.scheduler.config.num_train_timesteps, device=x.device)
+        return dict(hidden_states=x, timestep=timestep, encoder_hidden_states=condition.tokens,
+                    pooled_projections=condition.pooled)
+
+
+class PFBDiffFluxPipeline(FlowEditing, FluxPipeline):
+    """PFB-Diff for Flux.1: double- then single-stream blocks on latents packed 2 × 2, the guidance scale as an
+    input (guidance-distilled, no unconditional rows), CLIP's pooled vector and T5's tokens."""
+
+    distilled_guidance = True
+    t5_length = 512
+    default_settings = {"num_inference_steps": 28, "guidance_scale": 3.5}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4
+
+    def _text_parts(self):
+        return [(self.tokenizer_2, self._t5_tokens(self.tokenizer_2))]
+
+    @torch.no_grad()
+    def encode_prompt_rows(self, prompts: list[str]) -> Conditioning:
+        """T5's tokens and CLIP's pooled vector, by diffusers' own Flux encoder."""
+        tokens, pooled, _ = self.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.transformer.device,
+                                               max_sequence_length=self._t5_tokens(self.tokenizer_2))
+        return Conditioning(tokens.to(self.transformer.dtype), pooled.to(self.transformer.dtype))
+
+    def _velocity_inputs(self, x, sigma, condition: Conditioning, guidance_scale: float) -> dict:
+        batch, channels, height, width = x.shape
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), float(guidance_scale), device=x.device, dtype=torch.float32)
+        return dict(
+            hidden_states=self._pack_latents(x, batch, channels, height, width),
+            timestep=torch.full((batch,), float(sigma), device=x.device), guidance=guidance,
+            pooled_projections=condition.pooled, encoder_hidden_states=condition.tokens,
+            txt_ids=torch.zeros(condition.tokens.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=self._prepare_latent_image_ids(batch, height // 2, width // 2, x.device, x.dtype))
+
+    def _as_image_latent(self, out, x):
+        return self._unpack_latents(out, x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor,
+                                    self.vae_scale_factor)
+
+
+def flow_pipeline_class(components: dict):
+    """The pipeline class for loaded components: SD3 has a third (T5) text encoder and joint blocks, Flux
+    single-stream blocks."""
+    transformer = components["transformer"]
+    return PFBDiffFluxPipeline if hasattr(transformer, "single_transformer_blocks") else PFBDiffSD3Pipeline
+

@@ -1,0 +1,184 @@
+"""PFB-Diff end to end on flow transformers (docs/method.md §13–16): ``PFBDiffSD3Pipeline`` and
+``PFBDiffFluxPipeline`` on tiny random-weight models built in code, loaded as users load them."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from helpers import assert_user_error
+from PIL import Image
+
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.flow_pipeline import PFBDiffFluxPipeline, PFBDiffSD3Pipeline
+from pfbdiff.models.toy_flow_models import tiny_flow_components
+from pfbdiff.pipeline import load_pipeline
+
+FAMILIES = {"sd3": (PFBDiffSD3Pipeline, StableDiffusion3Pipeline), "flux": (PFBDiffFluxPipeline, FluxPipeline)}
+SIDE = 128  # the tiny models' latents are 16 × 16: an 8 × 8 token grid
+SOURCE, TARGET = "a cat on a bench", "a red dog on a bench"
+#: Edit-free settings: nothing blended, no word masked, the latent blend never open.
+NOTHING = dict(blend_depth=0.0, attention_masking=False, latent_blend=1.0)
+
+
+def _photo(size=(SIDE, SIDE), seed=0):
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def _mask(size=(SIDE, SIDE), box=(32, 48, 96, 112)):
+    """A box on whole tokens (16 px = 2 latent pixels = one token) unless ``box`` says otherwise."""
+    mask = np.zeros((size[1], size[0]), np.float32)
+    left, top, right, bottom = box
+    mask[top:bottom, left:right] = 1.0
+    return mask
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pipe(request):
+    pipeline = FAMILIES[request.param][0](**tiny_flow_components(request.param))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_an_edit_leaves_every_pixel_outside_the_mask_bit_exact_and_changes_the_inside(pipe):
+    photo, mask = _photo(), _mask()
+    edited = np.asarray(pipe(photo, mask, TARGET, SOURCE, num_inference_steps=3).images[0])
+    before = np.asarray(photo)
+    assert np.array_equal(edited[mask == 0], before[mask == 0])
+    assert np.abs(edited[mask == 1].astype(int) - before[mask == 1]).mean() > 5
+
+
+def test_a_large_photo_is_edited_as_a_crop_around_the_mask_and_pasted_back_exactly(pipe):
+    size = (400, 300)
+    photo, mask = _photo(size, seed=1), _mask(size, box=(250, 100, 330, 180))
+    out = pipe(photo, mask, TARGET, SOURCE, num_inference_steps=2, crop=True)
+    edited = np.asarray(out.images[0])
+    assert edited.shape == (300, 400, 3)
+    assert np.array_equal(edited[mask == 0], np.asarray(photo)[mask == 0])
+    left, top, right, bottom = out.crop_box
+    assert left <= 250 and top <= 100 and right >= 330 and bottom >= 180 and (right - left) < 400
+
+
+def test_an_edit_that_blends_nothing_is_plain_flow_sampling_from_the_inverted_latent_bit_for_bit(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 3)
+    edit = pipe.edit(inversion, _mask(), TARGET, output_type="latent", guidance_scale=4.0, **NOTHING)
+    plain = pipe.text_to_image(TARGET, height=SIDE, width=SIDE, num_inference_steps=3, guidance_scale=4.0,
+                               latents=inversion.latents[-1], output_type="latent")
+    assert torch.equal(edit.latents, plain.latents)
+
+
+def test_text_to_image_follows_diffusers_own_pipeline_of_the_family(pipe):
+    """The velocity wiring (timesteps, packing, ids, pooled vector, guidance) is diffusers': the same start noise
+    gives the same latent as diffusers' own pipeline of the family, to float rounding."""
+    family_pipeline = FAMILIES["flux" if isinstance(pipe, PFBDiffFluxPipeline) else "sd3"][1](**pipe.components)
+    family_pipeline.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, pipe.latent_channels, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = pipe.text_to_image(TARGET, height=SIDE, width=SIDE, num_inference_steps=3, guidance_scale=4.0,
+                              latents=noise, output_type="latent").latents
+    if isinstance(pipe, PFBDiffFluxPipeline):
+        packed = pipe._pack_latents(noise, 1, pipe.latent_channels, 16, 16)
+        theirs = family_pipeline(TARGET, height=SIDE, width=SIDE, num_inference_steps=3, guidance_scale=4.0,
+                                 latents=packed, output_type="latent", max_sequence_length=32).images
+        theirs = pipe._unpack_latents(theirs, SIDE, SIDE, pipe.vae_scale_factor)
+    else:
+        theirs = family_pipeline(TARGET, height=SIDE, width=SIDE, num_inference_steps=3, guidance_scale=4.0,
+                                 latents=noise, output_type="latent", max_sequence_length=32).images
+    assert torch.allclose(ours, theirs, atol=1e-5), float((ours - theirs).abs().max())
+
+
+def test_with_every_block_blended_the_source_pooled_vector_and_the_latent_blend_open_the_outside_is_the_sources(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 3)
+    mask = _mask()
+    edit = pipe.edit(inversion, mask, TARGET, output_type="latent", blend_depth=1.0, pooled_from="source",
+                     latent_blend=-1.0, attention_masking=False)
+    outside = torch.from_numpy(mask[::8, ::8] == 0).expand_as(edit.latents[0])[None]
+    clean = inversion.latents[0]
+    assert torch.equal(edit.latents[outside], clean[outside])
+    assert not torch.equal(edit.latents[~outside], clean[~outside])
+
+
+def test_a_shorter_edit_inverts_only_its_share_of_the_steps(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 4, strength=0.5)
+    assert inversion.inverted_steps == 2 and inversion.grid.num_steps == 4
+    with pytest.raises(PFBDiffError, match="needs 4 inverted steps"):
+        pipe.edit(inversion, _mask(), TARGET, strength=1.0)
+    assert pipe.edit(inversion, _mask(), TARGET, strength=0.5).images[0].size == (SIDE, SIDE)
+
+
+@pytest.mark.parametrize("settings", [dict(flow_solver="fireflow"), dict(start="noise"),
+                                      dict(latent_reference="noised"), dict(text_queries=True),
+                                      dict(preset="background"), dict(batch_cfg=False)])
+def test_every_flow_option_keeps_the_photo_outside_the_edit_region(pipe, settings):
+    """Outside the region the paste-back reports (the user's mask, or the background preset's halo-snapped one)
+    every pixel is the photo's own."""
+    photo, mask = _photo(seed=2), _mask()
+    out = pipe(photo, mask, TARGET, SOURCE, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               **settings)
+    kept = np.asarray(out.masks[0]) == 0
+    assert kept.sum() > 0.5 * (mask == 0).sum()
+    assert np.array_equal(np.asarray(out.images[0])[kept], np.asarray(photo)[kept])
+
+
+def test_a_word_is_found_in_every_text_part_the_model_reads(pipe):
+    positions = pipe._word_positions("a red dog", ["dog"])
+    if isinstance(pipe, PFBDiffSD3Pipeline):  # CLIP's 77 tokens (start token first), then T5's (no start token)
+        assert positions == (3, 77 + 2)
+    else:  # Flux's text sequence is T5's alone
+        assert positions == (2,)
+    with pytest.raises(PFBDiffError) as error:
+        pipe.check_words("a red dog", pipe_config(inside=("zebra",)))
+    assert_user_error(error, "zebra")
+
+
+def pipe_config(**settings):
+    from pfbdiff.engine.presets import get_preset
+
+    return get_preset("object", **settings)
+
+
+def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 2)
+    with pytest.raises(PFBDiffError) as error:
+        pipe.edit(inversion, _mask(), TARGET, auto_mask=True)
+    assert_user_error(error, "auto_mask", "paint a mask")
+    with pytest.raises(PFBDiffError) as error:
+        pipe.edit(inversion, _mask(), TARGET, own_region_prompts=True)
+    assert_user_error(error, "own_region_prompts")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_saved_model_folder_loads_as_its_family_with_the_familys_settings(tmp_path, family):
+    ours, theirs = FAMILIES[family]
+    theirs(**tiny_flow_components(family)).save_pretrained(tmp_path, safe_serialization=True)
+    pipeline = load_pipeline(tmp_path, quiet=True)
+    assert type(pipeline) is ours
+    assert pipeline.recommended_settings == ours.default_settings
+    (tmp_path / "pfbdiff.json").write_text('{"num_inference_steps": 12, "guidance_scale": 2.5}')
+    assert load_pipeline(tmp_path, quiet=True).recommended_settings == {"num_inference_steps": 12,
+                                                                        "guidance_scale": 2.5}
+
+
+def test_a_flow_folder_without_transformer_weights_is_named_in_one_line(tmp_path):
+    StableDiffusion3Pipeline(**tiny_flow_components("sd3")).save_pretrained(tmp_path, safe_serialization=True)
+    for weights in (tmp_path / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(PFBDiffError) as error:
+        load_pipeline(tmp_path, quiet=True)
+    assert_user_error(error, "transformer", "has no weights")
+
+
+def test_the_cli_edits_with_a_flow_model_folder_and_keeps_the_photo_outside_the_mask(tmp_path):
+    from typer.testing import CliRunner
+
+    from pfbdiff.apps.cli import app
+
+    FluxPipeline(**tiny_flow_components("flux")).save_pretrained(tmp_path / "flux", safe_serialization=True)
+    size = (200, 150)
+    photo, mask = _photo(size, seed=4), _mask(size, box=(60, 40, 140, 120))
+    photo.save(tmp_path / "photo.png")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    result = CliRunner().invoke(app, ["edit", str(tmp_path / "photo.png"), "-m", str(tmp_path / "mask.png"),
+                                      "-p", TARGET, "--source-prompt", SOURCE, "--model", str(tmp_path / "flux"),
+                                      "--steps", "2", "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 0, result.output
+    edited = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+    assert np.array_equal(edited[mask == 0], np.asarray(photo)[mask == 0])
