@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,6 +195,64 @@ def test_an_sdxl_layout_model_starts_from_the_sd1_one_with_sdxls_additions_silen
     again = json.loads((export_dir / "training.json").read_text())
     assert again["unet_steps"] == 3 and again["warm_start"] == info["warm_start"]
     assert "Warm start: from the SD-1-layout ShapesWorld model" in (tmp_path / "model_sdxl_card.md").read_text()
+
+
+def test_an_sd3_layout_flow_model_trains_from_the_sd1_ones_text_encoder_and_exports_an_editable_folder(tmp_path):
+    """The SD3-layout ShapesWorld model (a flow-matching transformer): its first CLIP starts as the bundled
+    SD-1-layout model's text encoder (the positions it reads), it trains on the rectified-flow loss, resumes, and
+    exports an SD3 folder that the pipeline loads as PFBDiffSD3Pipeline and edits with."""
+    from transformers import CLIPTextModel
+
+    from pfbdiff.flow_pipeline import PFBDiffSD3Pipeline
+    from pfbdiff.models.catalog import BUNDLED_SHAPES_MODEL
+    from pfbdiff.pipeline import load_pipeline
+    from pfbdiff.shapes.train import main
+    from pfbdiff.shapes.training_setup import FLOW_TEXT_LENGTH, build_unet_stage, warm_start_sd3_from_sd1
+
+    components = build_unet_stage(tmp_path / "fresh", 0, "sd3")
+    warm_start_sd3_from_sd1(components, BUNDLED_SHAPES_MODEL)
+    sd1 = CLIPTextModel.from_pretrained(BUNDLED_SHAPES_MODEL / "text_encoder").float()
+    ids = components["tokenizer"](["a red circle on a plain blue background"], padding="max_length",
+                                  max_length=FLOW_TEXT_LENGTH, return_tensors="pt").input_ids
+    with torch.no_grad():  # causal attention: the first 32 positions see what they saw in the 77-token model
+        warm = components["text_encoder"](ids, output_hidden_states=True).hidden_states[-1]
+        old = sd1(ids, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(warm, old, atol=1e-5)
+
+    out, export_dir = tmp_path / "run", tmp_path / "model_sd3"
+    args = ["--out", str(out), "--stage", "unet", "--family", "sd3", "--init-from", str(BUNDLED_SHAPES_MODEL),
+            "--batch", "2", "--eval-minutes", "0", "--export-dir", str(export_dir)]
+    main([*args, "--unet-steps", "1"])
+    main([*args, "--unet-steps", "2"])  # resumes from the checkpoint
+    info = json.loads((export_dir / "training.json").read_text())
+    assert info["family"] == "sd3" and info["unet_steps"] == 2 and info["parameters"]["transformer"] > 1e6
+    card = (tmp_path / "model_sd3_card.md").read_text()
+    assert "SD3 layout" in card and "rectified flow" in card and "warm_start_sd3_from_sd1" in card
+    pipe = load_pipeline(str(export_dir), quiet=True)
+    assert isinstance(pipe, PFBDiffSD3Pipeline) and pipe.recommended_settings["guidance_scale"] == 4.0
+    photo = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1
+    result = pipe(photo, mask, "a red circle on a plain blue background", "a plain black background",
+                  num_inference_steps=2)
+    assert np.array_equal(np.asarray(result.images[0])[mask == 0], photo[mask == 0])
+
+
+def test_the_flow_matching_loss_is_zero_for_the_exact_velocity_and_weights_objects():
+    from pfbdiff.engine.conditioning import Conditioning
+    from pfbdiff.shapes.unet_stage import flow_matching_loss
+
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator)
+
+    class Exact(torch.nn.Module):  # knows the pair: answers ε − x₀ whatever σ it is shown at
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+            return type("Out", (), {"sample": noise - latents})()
+
+    weights = torch.ones(2, 1, 4, 4)
+    conditioning = Conditioning(torch.zeros(2, 3, 8), torch.zeros(2, 8))
+    assert flow_matching_loss(Exact(), latents, noise, conditioning, weights,
+                              torch.Generator().manual_seed(1)).item() == 0
 
 
 def test_snr_weights_keep_the_terminal_step_and_cap_the_clean_ones():

@@ -119,16 +119,18 @@ def _clip_vocab(merges: Sequence[tuple[str, str]], byte_chars: dict[int, str]) -
     return vocab
 
 
-def build_clip_tokenizer(words: Iterable[str] = TINY_WORDS, directory: str | Path | None = None) -> CLIPTokenizer:
+def build_clip_tokenizer(words: Iterable[str] = TINY_WORDS, directory: str | Path | None = None,
+                         model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
     """Write a CLIP-style byte-level BPE vocabulary for ``words`` and load it as a ``CLIPTokenizer``.
 
     ``vocab.json`` and ``merges.txt`` (and, after loading, the files of ``save_pretrained``) are written into
     ``directory`` so the tokenizer reloads with ``CLIPTokenizer.from_pretrained(directory)``; without a
     directory a temporary one is used and removed. Words are lower-cased, as CLIP's normalizer does.
+    ``model_max_length`` is the token limit (CLIP's 77 unless a small model reads fewer).
     """
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="pfbdiff-tokenizer-") as scratch:
-            return build_clip_tokenizer(words, scratch)
+            return build_clip_tokenizer(words, scratch, model_max_length)
 
     unique_words = list(dict.fromkeys(word.strip().lower() for word in words if word.strip()))
     byte_chars = bytes_to_unicode()
@@ -141,7 +143,7 @@ def build_clip_tokenizer(words: Iterable[str] = TINY_WORDS, directory: str | Pat
 
     tokenizer = CLIPTokenizer.from_pretrained(
         directory,
-        model_max_length=CLIP_MAX_LENGTH,
+        model_max_length=model_max_length,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,

@@ -91,6 +91,8 @@ def generate(components: dict, captions: Sequence[str], seeds: Sequence[int], *,
 
     if len(captions) != len(seeds):
         raise ValueError(f"{len(captions)} captions but {len(seeds)} seeds")
+    if "transformer" in components:
+        return _generate_flow(components, captions, seeds, steps=steps, guidance=guidance, batch_size=batch_size)
     vae, unet = components["vae"], components["unet"]
     scheduler = DDIMScheduler.from_config(components["scheduler"].config)
     dtype = unet.dtype
@@ -116,6 +118,28 @@ def generate(components: dict, captions: Sequence[str], seeds: Sequence[int], *,
         decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         images.append(to_uint8(decoded))
     return np.concatenate(images)
+
+
+def _generate_flow(components: dict, captions, seeds, *, steps: int, guidance: float, batch_size: int) -> np.ndarray:
+    """:func:`generate` for the SD3-layout flow model: Euler steps of the flow, classifier-free guidance."""
+    from pfbdiff.flow_pipeline import PFBDiffSD3Pipeline
+
+    pipe = PFBDiffSD3Pipeline(**{k: v for k, v in components.items() if k in PIPELINE_PARTS})
+    pipe.set_progress_bar_config(disable=True)
+    side = components["vae"].config.sample_size
+    images = []
+    for start in range(0, len(captions), batch_size):
+        latents = initial_latents(seeds[start:start + batch_size], pipe.transformer, dtype=pipe.transformer.dtype)
+        out = pipe.text_to_image(list(captions[start:start + batch_size]), height=side, width=side,
+                                 num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                                 output_type="latent")
+        images.append(to_uint8(pipe.decode_latents(out.latents)))
+    return np.concatenate(images)
+
+
+#: What diffusers' SD3 pipeline is built from.
+PIPELINE_PARTS = ("vae", "transformer", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "text_encoder_3", "tokenizer_3")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

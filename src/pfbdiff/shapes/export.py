@@ -19,10 +19,14 @@ import torch
 from pfbdiff.models.catalog import RECOMMENDED_FILE
 from pfbdiff.shapes.training_loop import hardware, log, replace_folder
 from pfbdiff.shapes.training_setup import (
+    FLOW_T5_WIDTH,
+    FLOW_TEXT_LENGTH,
+    TRAINED,
     build_unet_stage,
     count_parameters,
     load_vae,
     trained_modules,
+    transformer_config,
     unet_config,
     vae_config,
 )
@@ -54,7 +58,7 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     The weights are stored in ``dtype`` but every config keeps fp32 as the default dtype, so a plain
     ``StableDiffusionPipeline.from_pretrained(folder)`` loads everything in fp32 on the CPU.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file, save_file
 
     seed = args.seed if args is not None else 0
@@ -62,6 +66,8 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
     components = ema_components(out, seed, family=family)
     if family == "sdxl":  # trained with empty captions encoded, so the unconditional rows are not zeros
         pipeline = StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=False)
+    elif family == "sd3":
+        pipeline = StableDiffusion3Pipeline(**components)
     else:
         pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
@@ -85,7 +91,7 @@ def export_model(out: Path, export_dir: Path, args=None, dtype: torch.dtype = to
         "unet_cpu_seconds": round(state.get("cpu_seconds", 0.0), 1) or None,
         "vae": vae_info,
         "parameters": {name: count_parameters(components[name])
-                       for name in ("unet", "text_encoder", "text_encoder_2", "vae") if name in components},
+                       for name in (*TRAINED, "vae") if name in components},
         "hardware": " + ".join(dict.fromkeys(p["hardware"] for p in phases if p.get("hardware"))) or hardware(),
         "quick_eval": _last_row(out / "unet_eval.csv", max_step=state["step"]),
         "unet_phases": phases,
@@ -154,12 +160,18 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
     card_path = Path(card_path) if card_path else model_dir.parent / f"{model_dir.name}_card.md"
     vae = info["vae"]
     params = info["parameters"]
-    sdxl = info.get("family") == "sdxl"
+    family = info.get("family", "sd1")
+    sdxl = family == "sdxl"
     lines = [
-        "# ShapesWorld text-to-image model, SDXL layout" if sdxl
-        else "# ShapesWorld text-to-image model (bundled with pfbdiff)",
+        {"sdxl": "# ShapesWorld text-to-image model, SDXL layout",
+         "sd3": "# ShapesWorld text-to-image model, SD3 layout (a flow-matching transformer)"}.get(
+            family, "# ShapesWorld text-to-image model (bundled with pfbdiff)"),
         "",
-        ("A small latent diffusion model with SDXL's component types and layout (`AutoencoderKL`, `CLIPTextModel` + "
+        ("A small flow-matching transformer with SD3's component types and layout (`AutoencoderKL`, two "
+         "`CLIPTextModelWithProjection`s and a `T5EncoderModel` with their tokenizers, `SD3Transformer2DModel`, "
+         "`FlowMatchEulerDiscreteScheduler`), so that PFB-Diff on SD3 and Flux's kind of model can be scored "
+         "without downloading either. " if family == "sd3" else
+         "A small latent diffusion model with SDXL's component types and layout (`AutoencoderKL`, `CLIPTextModel` + "
          "`CLIPTextModelWithProjection` with their `CLIPTokenizer`s, `UNet2DConditionModel` with the pooled vector "
          "and size ids, `DDIMScheduler`), so that PFB-Diff on SDXL can be scored without downloading SDXL. "
          if sdxl else
@@ -183,7 +195,8 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
         f"* VAE: `AutoencoderKL`, block_out_channels {list(vae_config()['block_out_channels'])}, downscale factor 4 "
         f"(64 x 64 x 3 -> 16 x 16 x 4), {params['vae'] / 1e6:.2f}M parameters, scaling_factor "
         f"{vae['scaling_factor']} (1 / measured latent std).",
-        *_component_lines(params, sdxl),
+        *_component_lines(params, family),
+        "* Scheduler: `FlowMatchEulerDiscreteScheduler`, no shift." if family == "sd3" else
         "* Scheduler: `DDIMScheduler`, SD's scaled-linear betas rescaled to zero terminal SNR, v-prediction, "
         "trailing timestep spacing.",
         "",
@@ -191,11 +204,13 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
         "",
         f"* VAE: {vae['steps']} steps of batch {vae['batch_size']} ({vae['seconds'] / 60:.1f} min); L1 + L2 + "
         "image-gradient L1 + 1e-5 KL; AdamW, cosine decay.",
-        *_warm_start_lines(info.get("warm_start")),
-        f"* U-Net + text encoder{'s' if sdxl else ''} (jointly, "
-        f"{'from the model above' if info.get('warm_start') else 'from scratch'}): {info['unet_steps']} steps "
-        f"({info['unet_seconds'] / 60:.1f} min; batch sizes by phase below); v-prediction, min-SNR-5 weights "
-        "(for v: min(snr + 1, 5) / (snr + 1)), AdamW with warm-up, 10 % empty captions, EMA weights exported.",
+        *_warm_start_lines(info.get("warm_start"), family),
+        f"* {'Transformer' if family == 'sd3' else 'U-Net'} + text encoder{'' if family == 'sd1' else 's'} "
+        f"(jointly, {'from the model above' if info.get('warm_start') else 'from scratch'}): {info['unet_steps']} "
+        f"steps ({info['unet_seconds'] / 60:.1f} min; batch sizes by phase below); "
+        + ("rectified flow (velocity ε − x₀ at logit-normal σ)" if family == "sd3" else
+           "v-prediction, min-SNR-5 weights (for v: min(snr + 1, 5) / (snr + 1))")
+        + ", AdamW with warm-up, 10 % empty captions, EMA weights exported.",
         *[f"  * {_phase_text(phase)}." for phase in info.get("unet_phases", [])],
         f"* Hardware: {info['hardware']}. Script: `python -m pfbdiff.shapes.train` (see its docstring).",
         "",
@@ -228,9 +243,20 @@ def write_model_card(model_dir: Path, card_path: Path | None = None) -> Path:
     return card_path
 
 
-def _component_lines(params: dict, sdxl: bool) -> list[str]:
+def _component_lines(params: dict, family: str) -> list[str]:
     tokenizer = "tokenizer: CLIP BPE in which every ShapesWorld word is one token, max length 77"
-    if sdxl:
+    if family == "sd3":
+        layout = transformer_config()
+        return [f"* Text encoders: `CLIPTextModelWithProjection`, hidden 128, 3 layers, "
+                f"{params['text_encoder'] / 1e6:.2f}M parameters; `CLIPTextModelWithProjection`, hidden 64, 2 layers, "
+                f"{params['text_encoder_2'] / 1e6:.2f}M; both on one CLIP BPE tokenizer (every ShapesWorld word one "
+                f"token, {FLOW_TEXT_LENGTH} tokens); `T5EncoderModel`, d_model {FLOW_T5_WIDTH}, 2 layers, "
+                f"{params['text_encoder_3'] / 1e6:.2f}M, on a SentencePiece-style tokenizer ({FLOW_TEXT_LENGTH} "
+                "tokens).",
+                f"* Transformer: `SD3Transformer2DModel`, {layout['num_layers']} joint blocks of width "
+                f"{layout['num_attention_heads'] * layout['attention_head_dim']}, patch 2 (8 x 8 tokens), "
+                f"{params['transformer'] / 1e6:.2f}M parameters."]
+    if family == "sdxl":
         return [f"* Text encoders: `CLIPTextModel`, hidden 128, 4 layers (the penultimate is read), 4 heads, "
                 f"{params['text_encoder'] / 1e6:.2f}M parameters; `CLIPTextModelWithProjection`, hidden 64, 2 layers, "
                 f"{params['text_encoder_2'] / 1e6:.2f}M parameters (its pooled vector goes to the U-Net); both on one "
@@ -246,9 +272,14 @@ def _component_lines(params: dict, sdxl: bool) -> list[str]:
             f"layers_per_block {unet_config()['layers_per_block']}, {params['unet'] / 1e6:.2f}M parameters."]
 
 
-def _warm_start_lines(warm_start: dict | None) -> list[str]:
+def _warm_start_lines(warm_start: dict | None, family: str) -> list[str]:
     if not warm_start:
         return []
+    if family == "sd3":
+        return [f"* Warm start: the first CLIP from the SD-1-layout ShapesWorld model `{Path(warm_start['from']).name}/`'s "
+                f"text encoder ({warm_start['unet_steps']} steps on {warm_start['hardware']}; its first "
+                f"{FLOW_TEXT_LENGTH} positions); the transformer, the second CLIP and T5 from scratch "
+                "(`training_setup.warm_start_sd3_from_sd1`)."]
     return [f"* Warm start: from the SD-1-layout ShapesWorld model `{Path(warm_start['from']).name}/` "
             f"({warm_start['unet_steps']} steps on {warm_start['hardware']}): what both layouts share was copied "
             "(first text encoder, U-Net convolutions and resnets, the 8 x 8 and mid-block attention); SDXL's "
@@ -258,7 +289,7 @@ def _warm_start_lines(warm_start: dict | None) -> list[str]:
 
 #: The quality the bundled model is meant to reach (single-object and two-object captions fully right, VAE PSNR).
 QUALITY_BAR = {"single_full": 0.90, "two_full": 0.70, "vae_psnr": 30.0}
-#: The SDXL-layout model's bar (it shares the bundled model's VAE): single-object captions fully right.
+#: The SDXL- and SD3-layout models' bar (they share the bundled model's VAE): single-object captions fully right.
 SDXL_QUALITY_BAR = {"single_full": 0.85}
 
 
@@ -267,7 +298,7 @@ def quality_bar_section(vae_psnr: float, evaluation: dict | None, family: str = 
     lines = ["## Quality bar", ""]
     if not evaluation:
         return lines + ["Not judged yet: run the full evaluation."]
-    if family == "sdxl":
+    if family in ("sdxl", "sd3"):
         bar, value = SDXL_QUALITY_BAR["single_full"], evaluation["single_full"]
         return lines + [f"* single-object captions fully right: {value:.0%} (bar {bar:.0%}): "
                         f"{'met' if value >= bar else '**not met**'}; two-object captions fully right: "

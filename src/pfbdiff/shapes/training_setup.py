@@ -18,7 +18,11 @@ from pfbdiff.shapes.world import VOCABULARY, caption, render, sample_scene
 # Second word of each stage's data-stream entropy (see training_batch); never reuse a code.
 STAGE_CODES = {"vae": 1, "unet": 2, "decoder": 3}
 EMPTY_CAPTION = ""
-FAMILIES = ("sd1", "sdxl")
+FAMILIES = ("sd1", "sdxl", "sd3")
+#: The SD3-layout flow model reads this many tokens from each text part (its captions are short).
+FLOW_TEXT_LENGTH = 32
+#: Its T5 width: the joint-attention width, as wide as the two CLIPs side by side (128 + POOLED_WIDTH).
+FLOW_T5_WIDTH = 192
 # The SDXL-layout model's second (projecting) text encoder: its width is that of the pooled vector.
 POOLED_WIDTH = 64
 SIZE_ID_WIDTH = 8  # sinusoidal width of each of SDXL's six size ids
@@ -79,6 +83,29 @@ def unet_config(cross_attention_dim: int = 128, family: str = "sd1") -> dict:
     return config
 
 
+def transformer_config() -> dict:
+    """SD3Transformer2DModel on 16 x 16 x 4 latents: patches of 2 x 2 (an 8 x 8 token grid), 8 joint blocks of
+    width 128 (4 heads of 32), text read at the T5 width, the two CLIP pooled vectors joined."""
+    return {
+        "sample_size": 16,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 8,
+        "attention_head_dim": 32,
+        "num_attention_heads": 4,
+        "joint_attention_dim": FLOW_T5_WIDTH,
+        "caption_projection_dim": 128,
+        "pooled_projection_dim": 128 + POOLED_WIDTH,
+        "pos_embed_max_size": 16,
+    }
+
+
+def flow_scheduler_config() -> dict:
+    """Rectified flow without a noise-level shift (the images are small: 64 tokens)."""
+    return {"num_train_timesteps": 1000, "shift": 1.0}
+
+
 def text_encoder_config(tokenizer, hidden_size: int = 128, layers: int = 3):
     """A small CLIP text transformer whose vocabulary and special token ids match ``tokenizer``.
 
@@ -128,12 +155,15 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def build_unet_stage(out: Path, seed: int, family: str = "sd1") -> dict:
     """The trained components of a fresh model (weights seeded): ``tokenizer``, ``text_encoder``, ``unet``,
-    ``scheduler``, and for ``family="sdxl"`` also ``tokenizer_2`` and ``text_encoder_2``."""
+    ``scheduler``, and for ``family="sdxl"`` also ``tokenizer_2`` and ``text_encoder_2``; for ``family="sd3"``
+    SD3's: two projecting CLIPs, a T5 and its tokenizer, a ``transformer`` and a flow-matching scheduler."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from pfbdiff.models.toy_models import build_clip_tokenizer
 
+    if family == "sd3":
+        return _build_sd3_stage(out, seed)
     tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer")
     torch.manual_seed(seed)
     components = {"tokenizer": tokenizer, "scheduler": DDIMScheduler.from_config(scheduler_config())}
@@ -150,7 +180,36 @@ def build_unet_stage(out: Path, seed: int, family: str = "sd1") -> dict:
     return components
 
 
-TRAINED = ("unet", "text_encoder", "text_encoder_2")
+def _build_sd3_stage(out: Path, seed: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from pfbdiff.models.toy_flow_models import build_t5_tokenizer
+    from pfbdiff.models.toy_models import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(VOCABULARY, out / "tokenizer", model_max_length=FLOW_TEXT_LENGTH)
+    t5_tokenizer = build_t5_tokenizer(VOCABULARY, FLOW_TEXT_LENGTH)
+    torch.manual_seed(seed)
+    t5 = T5Config(vocab_size=len(t5_tokenizer), d_model=FLOW_T5_WIDTH, d_kv=48, d_ff=4 * FLOW_T5_WIDTH, num_layers=2,
+                  num_heads=4, relative_attention_num_buckets=16, pad_token_id=t5_tokenizer.pad_token_id,
+                  eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=t5_tokenizer.pad_token_id)
+    return {
+        "tokenizer": tokenizer, "tokenizer_2": tokenizer, "tokenizer_3": t5_tokenizer,
+        "text_encoder": CLIPTextModelWithProjection(text_encoder_config(tokenizer)),
+        "text_encoder_2": CLIPTextModelWithProjection(text_encoder_config(tokenizer, hidden_size=POOLED_WIDTH,
+                                                                          layers=2)),
+        "text_encoder_3": T5EncoderModel(t5),
+        "transformer": SD3Transformer2DModel(**transformer_config()),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(flow_scheduler_config()),
+    }
+
+
+TRAINED = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def denoiser(components: dict) -> torch.nn.Module:
+    """The network that is trained to denoise: the U-Net, or the SD3-layout model's transformer."""
+    return components["unet"] if "unet" in components else components["transformer"]
 
 
 def trained_modules(components: dict) -> list[torch.nn.Module]:
@@ -162,9 +221,17 @@ def caption_conditioning(components: dict, captions: list[str]):
     """The captions' text conditioning as the model's family reads it (:mod:`pfbdiff.engine.conditioning`):
     SD's last hidden states, or SDXL's two penultimate layers, pooled vector and the 64 x 64 size ids.
     Gradients flow (the training calls it too)."""
-    from pfbdiff.engine.conditioning import encode_sd, encode_sdxl
+    from pfbdiff.engine.conditioning import Conditioning, encode_sd, encode_sdxl
 
-    dtype = components["unet"].dtype
+    dtype = denoiser(components).dtype
+    if "transformer" in components:  # SD3's joined text, by diffusers' own encoder
+        from diffusers import StableDiffusion3Pipeline
+
+        text = StableDiffusion3Pipeline(vae=None, **{k: v for k, v in components.items() if k != "vae"})
+        tokens, _, pooled, _ = text.encode_prompt(
+            prompt=list(captions), prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+            max_sequence_length=FLOW_TEXT_LENGTH, device=components["transformer"].device)
+        return Conditioning(tokens.to(dtype), pooled.to(dtype))
     if "text_encoder_2" in components:
         encoders = [(components["tokenizer"], components["text_encoder"]),
                     (components["tokenizer_2"], components["text_encoder_2"])]
@@ -225,6 +292,24 @@ def sample_latents(posterior, generator: torch.Generator) -> torch.Tensor:
     repeat it on any device)."""
     noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean.device)
     return posterior.mean + posterior.std * noise
+
+
+@torch.no_grad()
+def warm_start_sd3_from_sd1(components: dict, model_dir: Path) -> None:
+    """Start the SD3-layout model's first CLIP from the exported SD-1-layout model's text encoder (the same width
+    and layers; its first position embeddings, the SD3 model reading fewer tokens). The transformer, the second
+    CLIP and T5 start fresh: a transformer shares nothing with a U-Net."""
+    from transformers import CLIPTextModel
+
+    sd1_text = CLIPTextModel.from_pretrained(model_dir / "text_encoder").float()
+    source = getattr(sd1_text, "text_model", sd1_text).state_dict()  # transformers 5 has no text_model level here
+    target = components["text_encoder"].text_model.state_dict()
+    for name, value in source.items():
+        if name.endswith("position_embedding.weight"):
+            value = value[: target[name].shape[0]]
+        elif name.endswith("position_ids"):
+            value = value[:, : target[name].shape[1]]
+        target[name].copy_(value)
 
 
 @torch.no_grad()

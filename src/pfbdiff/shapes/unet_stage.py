@@ -32,14 +32,17 @@ from pfbdiff.shapes.training_loop import (
 )
 from pfbdiff.shapes.training_setup import (
     EMPTY_CAPTION,
+    TRAINED,
     batch_stream,
     build_unet_stage,
     caption_conditioning,
     count_parameters,
+    denoiser,
     load_vae,
     sample_latents,
     trained_modules,
     warm_start_from_sd1,
+    warm_start_sd3_from_sd1,
 )
 
 # Columns of unet_eval.csv taken from the generation_accuracy summary.
@@ -75,6 +78,23 @@ def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: fl
     return snr_v.clamp(max=gamma) / snr_v
 
 
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error with per-latent-pixel ``weights`` (normalised by their sum)."""
+    return (weights * (prediction - target) ** 2).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3)) * target.shape[1])
+
+
+def flow_matching_loss(transformer, latents, noise, conditioning, weights, generator) -> torch.Tensor:
+    """Rectified-flow loss of the SD3-layout model (docs/method.md §13): at σ drawn logit-normally (SD3's
+    training density, most weight at mid noise) the model sees ``(1 − σ) x₀ + σ ε`` at timestep 1000 σ and is
+    asked for the velocity ``ε − x₀``."""
+    sigmas = torch.sigmoid(torch.randn(len(latents), generator=generator)).to(latents.device)
+    shaped = sigmas.view(-1, 1, 1, 1)
+    noisy = (1 - shaped) * latents + shaped * noise
+    prediction = transformer(hidden_states=noisy, timestep=1000 * sigmas, encoder_hidden_states=conditioning.tokens,
+                             pooled_projections=conditioning.pooled).sample
+    return weighted_mse(prediction, noise - latents, weights).mean()
+
+
 def object_loss_weights(objects: torch.Tensor, latent_size: int, object_weight: float) -> torch.Tensor:
     """Per-latent-pixel loss weights ``1 + object_weight * (fraction of the pixel's image area on an object)``."""
     coverage = torch.nn.functional.adaptive_avg_pool2d(objects, latent_size)
@@ -98,15 +118,15 @@ def checkpoint_from_export(model_dir: Path, out: Path, seed: int, family: str = 
     if exported_family == family:
         phases = info.get("unet_phases") or [{"steps": [0, info["unet_steps"]], "batch": info["unet_batch_size"]}]
         phases = [{"hardware": info["hardware"], **phase} for phase in phases]  # exports before phases named theirs
-        for name in ("unet", "text_encoder", "text_encoder_2"):
+        for name in TRAINED:
             if name in components:
                 loaded = type(components[name]).from_pretrained(model_dir / name).float()
                 components[name].load_state_dict(loaded.state_dict())
         step, elapsed, cpu_seconds = info["unet_steps"], info["unet_seconds"], info.get("unet_cpu_seconds") or 0.0
         if info.get("warm_start"):  # a continued run keeps saying which model it first started from
             (out / "warm_start.json").write_text(json.dumps(info["warm_start"]) + "\n")
-    elif (exported_family, family) == ("sd1", "sdxl"):
-        warm_start_from_sd1(components, model_dir)
+    elif exported_family == "sd1" and family in ("sdxl", "sd3"):
+        (warm_start_from_sd1 if family == "sdxl" else warm_start_sd3_from_sd1)(components, model_dir)
         phases, step, elapsed, cpu_seconds = [], 0, 0.0, 0.0
         (out / "warm_start.json").write_text(json.dumps(
             {"from": str(model_dir), "unet_steps": info["unet_steps"], "hardware": info["hardware"]}) + "\n")
@@ -115,8 +135,7 @@ def checkpoint_from_export(model_dir: Path, out: Path, seed: int, family: str = 
     (out / "unet_phases.json").write_text(json.dumps(phases, indent=2) + "\n")
     params = [p for m in trained_modules(components) for p in m.parameters()]
     optimizer = torch.optim.AdamW(params)
-    atomic_save({**{name: components[name].state_dict() for name in ("unet", "text_encoder", "text_encoder_2")
-                    if name in components},
+    atomic_save({**{name: components[name].state_dict() for name in TRAINED if name in components},
                  "optimizer": optimizer.state_dict(), "ema": [p.detach().clone() for p in params], "step": step,
                  "elapsed": elapsed, "cpu_seconds": cpu_seconds, "warmup_from": step}, out / "unet_checkpoint.pt")
     log(f"UNet: starting from the exported model {model_dir} (step {step})")
@@ -132,7 +151,7 @@ def train_unet(args, stop: StopFlag) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     vae = load_vae(out).to(device)
     components = build_unet_stage(out, args.seed, args.family)
-    unet, scheduler = components["unet"], components["scheduler"]
+    model, scheduler = denoiser(components), components["scheduler"]
     modules = trained_modules(components)
     for module in modules:
         module.to(device)
@@ -143,8 +162,7 @@ def train_unet(args, stop: StopFlag) -> None:
     step, warmup_from, next_eval, next_export = 0, 0, args.eval_minutes * 60, args.export_minutes * 60
 
     def state() -> dict:
-        return {**{name: components[name].state_dict() for name in ("unet", "text_encoder", "text_encoder_2")
-                    if name in components},
+        return {**{name: components[name].state_dict() for name in TRAINED if name in components},
                 "optimizer": optimizer.state_dict(), "ema": ema.shadow, "step": step, "warmup_from": warmup_from,
                 "elapsed": clock.elapsed,
                 "cpu_seconds": clock.cpu_seconds, "next_eval": next_eval, "next_export": next_export}
@@ -152,7 +170,7 @@ def train_unet(args, stop: StopFlag) -> None:
     clock = Checkpointer(out / "unet_checkpoint.pt", args, stop, state, console_seconds=120)
     resumed = clock.start("UNet")
     if resumed:
-        for name in ("unet", "text_encoder", "text_encoder_2"):
+        for name in TRAINED:
             if name in components:
                 components[name].load_state_dict(resumed[name])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -162,13 +180,14 @@ def train_unet(args, stop: StopFlag) -> None:
         step, warmup_from = resumed["step"], resumed.get("warmup_from", 0)
         next_eval, next_export = resumed.get("next_eval", next_eval), resumed.get("next_export", next_export)
     else:
-        log(f"UNet: {count_parameters(unet) / 1e6:.3f}M parameters, text encoder "
+        log(f"{type(model).__name__}: {count_parameters(model) / 1e6:.3f}M parameters, text encoder "
             f"{sum(count_parameters(m) for m in modules[1:]) / 1e6:.3f}M, VAE {count_parameters(vae) / 1e6:.3f}M; batch "
             f"{args.batch}, lr {args.lr}")
     for module in modules:
         module.train()
     scaling = vae.config.scaling_factor
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    flow = "transformer" in components
+    alphas_cumprod = None if flow else scheduler.alphas_cumprod.to(device)
     losses: list[float] = []  # step losses since the last log row
     batches = batch_stream(args.seed, "unet", step, args.batch, args.workers)
     while (args.unet_steps is None or step < args.unet_steps) and not stop.stop:
@@ -182,17 +201,19 @@ def train_unet(args, stop: StopFlag) -> None:
                 latents = sample_latents(vae.encode(images).latent_dist, generator) * scaling
             # Noise and timesteps are drawn on the CPU so that the data stream is the same on every device.
             noise = torch.randn(latents.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
-                                      generator=generator).to(device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = scheduler.get_velocity(latents, noise, timesteps)
             conditioning = caption_conditioning(components, captions)
-            prediction = unet(noisy, timesteps, encoder_hidden_states=conditioning.tokens,
-                              added_cond_kwargs=conditioning.added_cond_kwargs()).sample
             weights = object_loss_weights(objects, latents.shape[-1], args.object_weight)
-            per_sample = (weights * (prediction - target) ** 2).sum(dim=(1, 2, 3)) / (weights.sum(dim=(1, 2, 3))
-                                                                                     * latents.shape[1])
-            loss = (snr_weights(alphas_cumprod, timesteps, args.snr_gamma) * per_sample).mean()
+            if flow:
+                loss = flow_matching_loss(model, latents, noise, conditioning, weights, generator)
+            else:
+                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
+                                          generator=generator).to(device)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                target = scheduler.get_velocity(latents, noise, timesteps)
+                prediction = model(noisy, timesteps, encoder_hidden_states=conditioning.tokens,
+                                   added_cond_kwargs=conditioning.added_cond_kwargs()).sample
+                loss = (snr_weights(alphas_cumprod, timesteps, args.snr_gamma)
+                        * weighted_mse(prediction, target, weights)).mean()
             optimizer_step(optimizer, loss, params, lr_at(step - warmup_from, args.lr, args.warmup,
                                                            args.decay_until and args.decay_until - warmup_from))
             step += 1
