@@ -45,3 +45,25 @@ def test_an_sdxl_model_skips_the_paper_job_whose_block_numbers_are_sd1s(monkeypa
     monkeypatch.setattr(speed, "benchmark_pipeline", lambda name, device, dtype: sdxl)
     rows = speed.run_speed_benchmark("tiny-sdxl", size=128, steps=1, repeats=1)
     assert [row["job"][:3] for row in rows] == ["(a)", "(b)", "(c)"]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_on_a_flow_model_the_inversion_records_the_source_tokens_and_the_first_step_brings_its_own(monkeypatch,
+                                                                                                    family):
+    """On SD3 and Flux an Euler inversion records the blend window's source tokens where the edit needs them, all
+    but the first edit step's (Z[K] is never evaluated while inverting): that step's source row rides in the
+    target's call. So an edit costs K calls, K target steps' rows and one source row; SD3's target rows carry
+    the guidance rows, Flux's (guidance-distilled) do not."""
+    from pfbdiff.flow_pipeline import flow_pipeline_class
+    from pfbdiff.models.toy_flow_models import reduced_flow_components, tiny_flow_components
+
+    components = tiny_flow_components(family)
+    pipe = flow_pipeline_class(components)(**components)
+    monkeypatch.setattr(speed, "benchmark_pipeline", lambda name, device, dtype: speed._quiet(pipe))
+    rows = {row["job"][:3]: row for row in speed.run_speed_benchmark(family, size=128, steps=2, repeats=1)}
+    k, guided = 2, 2 if family == "sd3" else 1
+    assert {job: row["unet_passes"] for job, row in rows.items()} == {"(a)": k, "(b)": 2 * k, "(c)": k}
+    assert {job: row["unet_evaluations"] for job, row in rows.items()} == {
+        "(a)": guided * k, "(b)": k + guided * k + 1, "(c)": guided * k + 1}
+    reduced = reduced_flow_components(family, sample_size=8)["transformer"]
+    assert sum(p.numel() for p in reduced.parameters()) > 2e7  # the timed architecture is not the tiny one

@@ -182,3 +182,22 @@ def test_the_cli_edits_with_a_flow_model_folder_and_keeps_the_photo_outside_the_
     assert result.exit_code == 0, result.output
     edited = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
     assert np.array_equal(edited[mask == 0], np.asarray(photo)[mask == 0])
+
+
+def test_an_euler_inversion_records_the_source_tokens_the_edit_would_compute(pipe):
+    """The tokens an Euler inversion records at (Z[k], σ[k]) are those of the source branch there, bit for bit; an
+    edit that takes them gives what an edit computing its source rows in its own batch gives."""
+    from pfbdiff.engine.inversion import FeatureRecorder
+
+    inversion = pipe.invert(_photo(), SOURCE, 3)
+    window = pipe.feature_transformer.window(0.5)
+    assert inversion.recorded_blocks == frozenset(window) and len(inversion.features) == 3
+    for k in range(3):
+        recorder = FeatureRecorder(window)
+        pipe._velocity(inversion.source_embeddings, 1.0)(inversion.latents[k], inversion.grid.sigmas[k], recorder)
+        assert all(torch.equal(recorder.features[b], inversion.features[k][b]) for b in window)
+    cached = pipe.edit(inversion, _mask(), TARGET, output_type="latent").latents
+    in_batch = pipe.edit(inversion, _mask(), TARGET, output_type="latent", cache_source=False).latents
+    separate = pipe.edit(inversion, _mask(), TARGET, output_type="latent", cache_source=False, batch_cfg=False).latents
+    assert torch.allclose(cached, in_batch, atol=1e-5) and torch.allclose(cached, separate, atol=1e-5)
+    assert not pipe.invert(_photo(), SOURCE, 3, solver="midpoint").recorded_blocks  # midpoints are off the grid

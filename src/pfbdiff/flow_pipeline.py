@@ -34,7 +34,7 @@ from pfbdiff.engine.blending import blend
 from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.flow import FlowGrid, integrate, solver_step
 from pfbdiff.engine.flow_loop import flow_pfb_loop, recomputed_flow_features
-from pfbdiff.engine.inversion import Inversion
+from pfbdiff.engine.inversion import FeatureRecorder, Inversion
 from pfbdiff.engine.joint_attention import joint_attention_masking_installed
 from pfbdiff.engine.presets import EditConfig
 from pfbdiff.engine.sampling import edit_steps
@@ -43,6 +43,9 @@ from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing
 from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows
+
+#: The most memory an inversion spends on recorded source tokens (the edit computes what does not fit).
+SOURCE_CACHE_BYTES = 2 * 2**30
 
 
 class FlowEditing(PhotoEditing):
@@ -56,8 +59,9 @@ class FlowEditing(PhotoEditing):
     #: The steps and guidance scale of diffusers' pipeline of the family, for a model that recommends none.
     default_settings = {"num_inference_steps": 28, "guidance_scale": 7.0}
 
-    #: denoiser evaluations made so far (inversion, source and target branches)
+    #: denoiser calls and rows evaluated so far (inversion, source and target branches)
     model_calls = 0
+    model_rows = 0
 
     @functools.cached_property
     def feature_transformer(self) -> FeatureTransformer:
@@ -80,8 +84,13 @@ class FlowEditing(PhotoEditing):
 
     @property
     def unet_calls(self) -> int:
-        """Denoiser evaluations so far (the name the U-Net pipeline's callers read)."""
+        """Denoiser calls so far (the name the U-Net pipeline's callers read)."""
         return self.model_calls
+
+    @property
+    def unet_evaluations(self) -> int:
+        """Denoiser rows evaluated so far (a batched guidance pass counts its rows)."""
+        return self.model_rows
 
     def _model_sides(self) -> dict:
         multiple = self.vae_scale_factor * 2  # 2 × 2 latent pixels per token (SD3's patch, Flux's packing)
@@ -99,8 +108,22 @@ class FlowEditing(PhotoEditing):
         raise PFBDiffError("auto_mask is not available for SD3 and Flux models yet; paint a mask instead")
 
     def inversion_options(self, config: EditConfig) -> dict:
-        """The :meth:`invert` argument an edit with ``config`` needs: its inversion solver."""
-        return dict(solver=config.flow_solver)
+        """The :meth:`invert` arguments an edit with ``config`` needs: its solver, and the blocks whose source
+        tokens it would take from the inversion."""
+        window = self.feature_transformer.window(config.blend_depth) if config.cache_source else ()
+        return dict(solver=config.flow_solver, record_blocks=frozenset(window))
+
+    def _blocks_to_record(self, record_blocks, solver: str, clean: torch.Tensor, steps: int) -> frozenset[int]:
+        """The blocks an inversion records: ``record_blocks`` (default: the default blend window) where the solver
+        evaluates on the grid (Euler) and their tokens fit in :data:`SOURCE_CACHE_BYTES`, else none."""
+        if record_blocks is None:
+            record_blocks = self.feature_transformer.window(EditConfig().blend_depth)
+        blocks = frozenset(record_blocks)
+        config = self.transformer.config
+        tokens = clean.shape[0] * (clean.shape[-2] // 2) * (clean.shape[-1] // 2)
+        width = config.num_attention_heads * config.attention_head_dim
+        size = tokens * width * len(blocks) * steps * clean.element_size()
+        return blocks if solver == "euler" and size <= SOURCE_CACHE_BYTES else frozenset()
 
     # -- the model ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,11 +148,13 @@ class FlowEditing(PhotoEditing):
     def _t5_tokens(self, tokenizer) -> int:
         return min(self.t5_length, tokenizer.model_max_length)
 
-    def _velocity(self, condition: Conditioning, guidance_scale: float):
-        """``velocity(x, σ, on_block)`` of the conditioning's rows on latents laid out as images (B × C × h × w)."""
+    def _velocity(self, condition: Conditioning, guidance_scale):
+        """``velocity(x, σ, on_block)`` of the conditioning's rows on latents laid out as images (B × C × h × w);
+        ``guidance_scale`` (Flux's guidance input) is one number or one per row."""
 
         def velocity(x, sigma, on_block=None):
             self.model_calls += 1
+            self.model_rows += x.shape[0]
             inputs = self._velocity_inputs(x, sigma, condition, guidance_scale)
             out = self.feature_transformer(on_block=on_block, **inputs)
             return self._as_image_latent(out, x)
@@ -149,10 +174,11 @@ class FlowEditing(PhotoEditing):
         """Encode ``image`` (one or a list) and carry it up the flow to noise with ``source_prompt``.
 
         The same arguments as :meth:`PFBDiffPipeline.invert <pfbdiff.pipeline.PFBDiffPipeline.invert>`, with
-        ``solver`` ("euler", "midpoint" or "fireflow", docs/method.md §13) in place of recorded blocks: a
-        transformer's source tokens are recomputed by each edit step (``record_blocks`` is accepted and unused).
+        ``solver`` ("euler", "midpoint" or "fireflow", docs/method.md §13). An Euler inversion evaluates the
+        source branch exactly where the edit will, so it records the image tokens of ``record_blocks`` (default:
+        the default blend window) when they fit in :data:`SOURCE_CACHE_BYTES`; the edit computes the rest in its
+        own batch.
         """
-        del record_blocks  # source tokens are recomputed per step (docs/method.md §16)
         pil_images, plan, pixels, source_prompts = self._inversion_inputs(
             image, source_prompt, strength, mask_image=mask_image, plan=plan, crop=crop, crop_padding=crop_padding,
             grow=grow, feather=feather, feather_placement=feather_placement)
@@ -161,16 +187,23 @@ class FlowEditing(PhotoEditing):
         embeddings = self.encode_prompt_rows(source_prompts)
         inverted_steps = edit_steps(grid.num_steps, strength)
         step, carry = solver_step(solver), None
-        velocity = self._velocity(embeddings, 1.0)
-        latents = [clean]
+        blocks = self._blocks_to_record(record_blocks, solver, clean, inverted_steps)
+        velocity, latents, features = self._velocity(embeddings, 1.0), [clean], []
+
+        def recording(z, sigma):  # Euler's one evaluation per step is the source branch at (Z[k], σ[k])
+            recorder = FeatureRecorder(blocks)
+            output = velocity(z, sigma, recorder if blocks else None)
+            features.append(recorder.features)
+            return output
+
         with self.progress_bar(total=inverted_steps) as bar:
             for k in range(inverted_steps):
-                z, carry = step(velocity, latents[-1], grid.sigmas[k], grid.sigmas[k + 1], carry)
+                z, carry = step(recording, latents[-1], grid.sigmas[k], grid.sigmas[k + 1], carry)
                 latents.append(z)
                 bar.update()
                 if callback is not None:
                     callback(k)
-        return Inversion(latents, [], frozenset(), grid, embeddings, source_prompts, pixels,
+        return Inversion(latents, features if blocks else [], blocks, grid, embeddings, source_prompts, pixels,
                          [im.size for im in pil_images], crop_box=plan.box, source_images=pil_images,
                          size_ids=size_ids)
 
@@ -236,9 +269,10 @@ class FlowEditing(PhotoEditing):
 
         # 7. the PFB-Diff loop on the flow
         sigma_combine = config.t_combine / inversion.grid.num_train_timesteps
-        target_velocity = self._guided_velocity(target, unconditional, guidance_scale, masking, config.batch_cfg)
         window = self.feature_transformer.window(config.blend_depth)
-        features = recomputed_flow_features(self._velocity(source, 1.0), source_latents, sigmas, window)
+        target_velocity = self._guided_velocity(target, unconditional, guidance_scale, masking, config.batch_cfg,
+                                                source)
+        features = self._source_features(inversion, config, window, source, source_latents, sigmas, repeats)
         with self.progress_bar(total=steps) as bar, joint_attention_masking_installed(
                 self.feature_transformer, masking, text_queries=config.text_queries):
 
@@ -249,39 +283,55 @@ class FlowEditing(PhotoEditing):
 
             x = flow_pfb_loop(target_velocity, x, references, sigmas, features, masks.edit, masks.edit.latent,
                               blend_points=window, sigma_combine=sigma_combine, latent_blend=config.latent_blend,
-                              on_step=on_step)
+                              on_step=on_step, inverted_latents=source_latents)
 
         # 8. decode and put the result back into the photo
         return self._output(x, inversion, masks, put_back, repeats, output_type, return_dict)
 
-    def _guided_velocity(self, target: Conditioning, unconditional: Conditioning | None, guidance_scale: float,
-                         masking: AttentionMasking, batch_cfg: bool):
-        """The target branch: masked, classifier-free guided (SD3) or guidance-embedded (Flux)."""
-        conditional = self._velocity(target, guidance_scale)
-        if unconditional is None:
-            def velocity(x, sigma, on_block=None):
-                masking.active, masking.unconditional_rows = True, 0
-                try:
-                    return conditional(x, sigma, on_block)
-                finally:
-                    masking.active = False
-            return velocity
-        both = self._velocity(Conditioning.cat([unconditional, target]), guidance_scale)
-        plain = self._velocity(unconditional, guidance_scale)
+    def _source_features(self, inversion, config: EditConfig, window, source: Conditioning, source_latents,
+                         sigmas, repeats: int):
+        """F_src(n) of the blend window: recorded by the inversion where it holds them; elsewhere ``None`` (the
+        source rows ride in the target's call), or recomputed in a call of their own where they cannot ride
+        along (``mask_uncond`` would mask them; ``batch_cfg=False`` makes two target calls)."""
+        recorded = config.cache_source and set(window) <= inversion.recorded_blocks
+        recompute = None
+        if config.mask_uncond or not config.batch_cfg:
+            recompute = recomputed_flow_features(self._velocity(source, 1.0), source_latents, sigmas, window)
 
-        def guided(x, sigma, on_block=None):
-            masking.active = True
+        def at(n: int):
+            if recorded and n < len(inversion.features):
+                return {b: inversion.features[n][b].repeat_interleave(repeats, 0) for b in window}
+            return None if recompute is None else recompute(n)
+
+        return at
+
+    def _guided_velocity(self, target: Conditioning, unconditional: Conditioning | None, guidance_scale: float,
+                         masking: AttentionMasking, batch_cfg: bool, source: Conditioning | None = None):
+        """The target branch, ``velocity(x, σ, on_block, source_latent=None)``: masked, classifier-free guided
+        (SD3) or guidance-embedded (Flux). With a ``source_latent`` the source branch's rows (``source``'s
+        conditioning, guidance 1 as in the inversion) run in front of the target's in the same call, unmasked."""
+
+        def run(rows: list[tuple[torch.Tensor, Conditioning, float]], sigma, on_block, unmasked: int):
+            latents, conditions, scales = zip(*rows)
+            guidance = torch.cat([torch.full((len(z),), float(g)) for z, g in zip(latents, scales)])
+            masking.active, masking.unconditional_rows = True, unmasked
             try:
-                if batch_cfg:
-                    masking.unconditional_rows = x.shape[0]
-                    uncond, cond = both(torch.cat([x, x]), sigma, on_block).chunk(2)
-                else:
-                    masking.unconditional_rows = x.shape[0]
-                    uncond = plain(x, sigma, on_block)
-                    masking.unconditional_rows = 0
-                    cond = conditional(x, sigma, on_block)
+                return self._velocity(Conditioning.cat(list(conditions)), guidance)(torch.cat(latents), sigma,
+                                                                                    on_block)
             finally:
                 masking.active = False
+
+        def guided(x, sigma, on_block=None, source_latent=None):
+            lead = [] if source_latent is None else [(source_latent, source, 1.0)]
+            if unconditional is None:
+                return run([*lead, (x, target, guidance_scale)], sigma, on_block, len(lead and x))[len(lead and x):]
+            if batch_cfg or lead:
+                out = run([*lead, (x, unconditional, guidance_scale), (x, target, guidance_scale)], sigma, on_block,
+                          (len(lead) + 1) * len(x))
+                uncond, cond = out[len(lead) * len(x):].chunk(2)
+            else:
+                uncond = run([(x, unconditional, guidance_scale)], sigma, on_block, len(x))
+                cond = run([(x, target, guidance_scale)], sigma, on_block, 0)
             return uncond + guidance_scale * (cond - uncond)
 
         return guided
@@ -290,6 +340,15 @@ class FlowEditing(PhotoEditing):
         """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`); diffusers'
         text-to-image is :meth:`text_to_image`."""
         return PhotoEditing.__call__(self, image, mask_image, prompt, source_prompt, **kwargs)
+
+    def target_velocity(self, prompts: list[str], guidance_scale: float, negative_prompt=None, *, batch_cfg=True):
+        """``velocity(x, σ)`` of plain text-to-image with ``prompts``: guided as the family is, nothing masked."""
+        target = self.encode_prompt_rows(prompts)
+        unconditional = None
+        if guidance_scale > 1.0 and not self.distilled_guidance:
+            unconditional = self.encode_prompt_rows(_broadcast(negative_prompt or "", len(prompts), "negative_prompt"))
+        return self._guided_velocity(target, unconditional, guidance_scale, AttentionMasking([], (1, 1), ()),
+                                     batch_cfg)
 
     @torch.no_grad()
     def text_to_image(self, prompt, *, height: int, width: int, num_inference_steps=None, guidance_scale=None,
@@ -302,13 +361,7 @@ class FlowEditing(PhotoEditing):
         if latents is None:
             shape = (len(prompts_list), self.latent_channels, *latent_size)
             latents = _randn(shape, generator, self.transformer.device, self.transformer.dtype)
-        target = self.encode_prompt_rows(prompts_list)
-        unconditional = None
-        if guidance_scale > 1.0 and not self.distilled_guidance:
-            unconditional = self.encode_prompt_rows(_broadcast(negative_prompt or "", len(prompts_list),
-                                                               "negative_prompt"))
-        velocity = self._guided_velocity(target, unconditional, guidance_scale, AttentionMasking([], (1, 1), ()),
-                                         batch_cfg)
+        velocity = self.target_velocity(prompts_list, guidance_scale, negative_prompt, batch_cfg=batch_cfg)
         x = integrate(lambda z, sigma: velocity(z, sigma), latents, tuple(reversed(grid.sigmas)), "euler")[-1]
         images = x if output_type == "latent" else tensors.convert_output(self.decode_latents(x), output_type)
         return PFBDiffOutput(images=images, latents=x)
@@ -371,8 +424,8 @@ class PFBDiffFluxPipeline(FlowEditing, FluxPipeline):
     def _velocity_inputs(self, x, sigma, condition: Conditioning, guidance_scale: float) -> dict:
         batch, channels, height, width = x.shape
         guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((batch,), float(guidance_scale), device=x.device, dtype=torch.float32)
+        if self.transformer.config.guidance_embeds:  # one scale per row (the source rows' is 1)
+            guidance = torch.as_tensor(guidance_scale, dtype=torch.float32).expand(batch).to(x.device)
         return dict(
             hidden_states=self._pack_latents(x, batch, channels, height, width),
             timestep=torch.full((batch,), float(sigma), device=x.device), guidance=guidance,

@@ -124,8 +124,13 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         """The network that denoises: the U-Net."""
         return self.unet
 
+    @property
+    def native_side(self) -> int:
+        """The side of the pixel count the model is trained at (512 for SD 1.x, 1024 for SDXL)."""
+        return regions.native_side(self.unet, self.vae_scale_factor)
+
     def _model_sides(self) -> dict:
-        return dict(native=regions.native_side(self.unet, self.vae_scale_factor),
+        return dict(native=self.native_side,
                     multiple=regions.size_multiple(self.unet, self.vae_scale_factor),
                     min_side=regions.min_model_side(self.feature_unet.num_levels, self.vae_scale_factor))
 
@@ -147,6 +152,11 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         inversion (none when it re-runs the source branch) and SDXL's size-id policy."""
         return dict(record_blocks=self.blend_plan(config).source_blocks if config.cache_source else frozenset(),
                     size_ids=config.size_ids)
+
+    @property
+    def unet_evaluations(self) -> int:
+        """U-Net rows evaluated so far (a batched guidance pass counts its rows)."""
+        return self.feature_unet.evaluations
 
     @property
     def unet_calls(self) -> int:

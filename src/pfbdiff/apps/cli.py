@@ -306,7 +306,7 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("speed")
 def bench_speed(
-    models: list[str] = typer.Option(["tiny", "sd15-random"], "--model", help="Models to time: tiny, sd15-random, sdxl-random (full-size random-weight architectures), or any --model value."),
+    models: list[str] = typer.Option(["tiny", "sd15-random"], "--model", help="Models to time: tiny, sd15-random, sdxl-random (full-size random-weight architectures), sd3-reduced, flux-reduced (SD3 / Flux blocks, fewer and narrower), or any --model value."),
     size: int = typer.Option(256, "--size", help="Image side in pixels."),
     steps: int = typer.Option(4, "--steps", help="DDIM steps (2–5 keeps the full-size model quick on a CPU)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),

@@ -37,8 +37,15 @@ from pfbdiff.engine.presets import EditConfig
 from pfbdiff.engine.sampling import ddim_move, ddim_step, edit_steps, split_prediction
 from pfbdiff.io import tensors
 
-#: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step).
-LATENT_BLENDING = dict(blend_blocks=(), attention_masking=False, latent_blend=-1.0)
+#: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step; on a
+#: flow transformer an empty blend window).
+LATENT_BLENDING = dict(blend_blocks=(), blend_depth=0.0, attention_masking=False, latent_blend=-1.0)
+#: The same as Blended Latent Diffusion runs it on a flow: from noise, the source carried to each σ with fresh
+#: noise, ``(1 − σ) z₀ + σ ε``, as the latent-blend reference.
+FLOW_BLENDED_LATENTS = dict(LATENT_BLENDING, start="noise", latent_reference="noised")
+#: A KV-Edit-like setting on a flow: every block's image tokens blended outside the mask, the source's pooled
+#: vector, the latent blend at every step (what KV-Edit keeps by reusing the source's keys and values).
+KV_EDIT_LIKE = dict(blend_depth=1.0, pooled_from="source", latent_blend=-1.0)
 
 
 @dataclass
@@ -61,7 +68,7 @@ def _noise(shape, generator, like: torch.Tensor) -> torch.Tensor:
 def encode_source(pipe, image: np.ndarray) -> torch.Tensor:
     """VAE latent (posterior mean, scaled) of an H×W×3 uint8 image whose sides suit the VAE."""
     pixels = tensors.image_to_tensor(Image.fromarray(np.asarray(image, np.uint8)))
-    return pipe.encode_images(pixels).to(pipe.unet.dtype)
+    return pipe.encode_images(pixels).to(pipe.denoiser.dtype)
 
 
 def latent_mask(pipe, mask: np.ndarray, latent: torch.Tensor) -> EditMask:
@@ -122,6 +129,23 @@ def masked_sdedit(pipe, image, mask, prompt, *, steps: int, strength: float, gui
     z0 = encode_source(pipe, image)
     x = ddim_move(z0, _noise(z0.shape, generator, z0), grid.alpha(grid.timesteps[k - 1]))
     x = plain_sampling_loop(pipe.feature_unet, x, grid, target_prompts(pipe, prompt, guidance_scale), guidance_scale, num_steps=k)
+    raw = decode_uint8(pipe, x)
+    return BaselineResult(paste_back(raw, np.asarray(image), mask), raw)
+
+
+@torch.no_grad()
+def masked_flow_sdedit(pipe, image, mask, prompt, *, steps: int, strength: float, guidance_scale: float,
+                       generator) -> BaselineResult:
+    """SDEdit on a flow: the source latent carried to σ_K = ``strength`` of the grid with fresh noise,
+    ``(1 − σ) z₀ + σ ε``, Euler steps down with the target prompt (classifier-free guided), paste-back."""
+    from pfbdiff.engine.flow import integrate
+
+    z0 = encode_source(pipe, image)
+    grid = pipe.flow_grid(steps, tuple(z0.shape[-2:]))
+    sigmas = grid.sigmas[: edit_steps(grid.num_steps, strength) + 1]
+    x = (1 - sigmas[-1]) * z0 + sigmas[-1] * _noise(z0.shape, generator, z0)
+    velocity = pipe.target_velocity([prompt], guidance_scale)
+    x = integrate(lambda z, sigma: velocity(z, sigma), x, tuple(reversed(sigmas)), "euler")[-1]
     raw = decode_uint8(pipe, x)
     return BaselineResult(paste_back(raw, np.asarray(image), mask), raw)
 

@@ -44,6 +44,7 @@ PAPER_PRESET = {"object": "paper-object", "attribute": "paper-object", "backgrou
                 "multi-object": "paper-object"}
 DEFAULT_GUIDANCE = 4.0  # the bundled shapes model's evaluation guidance (pfbdiff.shapes.evaluate)
 SDEDIT_STRENGTHS = (0.5, 0.7, 0.9)
+FLOW_BLEND_DEPTHS = (0.25, 0.75, 1.0)  # blend windows beside the default's (the first half of the blocks)
 QUICK_CASES, FULL_CASES = 20, 200  # cases per task of --quick and of the full run
 
 
@@ -70,8 +71,16 @@ class Method:
     applies: Callable[[object], bool] = lambda pipe: True  # whether a run of all methods includes it for ``pipe``
 
 
+def _unet(pipe) -> bool:  # a U-Net model (SD 1.x/2.x, SDXL), not a flow transformer
+    return getattr(pipe, "feature_unet", None) is not None
+
+
+def _flow(pipe) -> bool:  # a flow-matching transformer (SD3, Flux)
+    return not _unet(pipe)
+
+
 def _sd1_blocks(pipe) -> bool:  # the paper presets' block numbers are SD 1.x's
-    return pipe.feature_unet.sd1_layout
+    return _unet(pipe) and pipe.feature_unet.sd1_layout
 
 
 def _pooled(pipe) -> bool:  # a model with a pooled text vector (SDXL)
@@ -107,11 +116,12 @@ def _variant(tasks=None, **changes) -> Callable[[str, object], EditConfig]:
 
 def _sdedit(strength: float) -> Method:
     def run(pipe, images, steps, guidance, generator, paste_back=True):  # masked SDEdit always pastes back
-        return baselines.masked_sdedit(pipe, images.source, images.mask, images.case.target_caption, steps=steps,
-                                       strength=strength, guidance_scale=guidance, generator=generator)
+        editor = baselines.masked_sdedit if _unet(pipe) else baselines.masked_flow_sdedit
+        return editor(pipe, images.source, images.mask, images.case.target_caption, steps=steps,
+                      strength=strength, guidance_scale=guidance, generator=generator)
 
-    return Method(f"sdedit-{strength}", f"masked SDEdit from {strength:.0%} noise, source pixels pasted back outside the mask",
-                  run=run, settings={"strength": strength, "paste_back": True})
+    return Method(f"sdedit-{strength}", f"masked SDEdit from {strength:.0%} noise (on a flow: σ = {strength}), source "
+                  "pixels pasted back outside the mask", run=run, settings={"strength": strength, "paste_back": True})
 
 
 def _bld(pipe, images, steps, guidance, generator, paste_back=True):  # BLD has no paste-back
@@ -131,29 +141,45 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            config=paper_config, applies=_sd1_blocks),
     Method("pfb-no-attn", "ablation: the task preset without attention masking", config=_variant(attention_masking=False)),
     Method("pfb-latent-only", "ablation: no feature blending (blend_blocks=()), latent blending and masking kept",
-           config=_variant(blend_blocks=())),
+           config=_variant(blend_blocks=()), applies=_unet),
     Method("pfb-deep", "ablation: feature blending at the deepest level only (blend_levels=(-1,))",
-           config=_variant(blend_blocks=None, blend_levels=(-1,))),
+           config=_variant(blend_blocks=None, blend_levels=(-1,)), applies=_unet),
     Method("pfb-deep-mid", "ablation: feature blending at the two deepest levels (blend_levels=(-2, -1))",
-           config=_variant(blend_blocks=None, blend_levels=(-2, -1))),
-    Method("pfb-pooled-target", "ablation (SDXL): the edit's rows take the target prompt's pooled vector "
+           config=_variant(blend_blocks=None, blend_levels=(-2, -1)), applies=_unet),
+    *[Method(f"pfb-depth-{depth}", f"ablation (SD3 / Flux): the first {depth:.0%} of the blocks blended "
+             f"(blend_depth={depth})", config=_variant(blend_depth=depth), applies=_flow)
+      for depth in FLOW_BLEND_DEPTHS],
+    Method("pfb-text-queries", "ablation (SD3 / Flux): a confined word's own text queries also see only its region "
+           "(text_queries=True)", config=_variant(text_queries=True), applies=_flow),
+    Method("pfb-fireflow", "ablation (SD3 / Flux): the photo inverted with FireFlow's second-order steps "
+           "(flow_solver='fireflow') instead of Euler's", config=_variant(flow_solver="fireflow"), applies=_flow),
+    Method("pfb-pooled-target", "ablation (SDXL, SD3): the edit's rows take the target prompt's pooled vector "
            "(pooled_from='target')", config=_variant(pooled_from="target"), applies=_pooled),
-    Method("pfb-pooled-source", "ablation (SDXL): the edit's rows take the source prompt's pooled vector "
+    Method("pfb-pooled-source", "ablation (SDXL, SD3): the edit's rows take the source prompt's pooled vector "
            "(pooled_from='source')", config=_variant(pooled_from="source"), applies=_pooled),
     Method("pfb-attn-no-top", "ablation: cross-attention masked at every level but the full-resolution one (the "
-           "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3))),
+           "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3)),
+           applies=_unet),
     Method("pfb-region-prompts", "ablation (multi-object): inside each object's mask, cross-attention reads the "
            "object's phrase alone as its prompt (own_region_prompts=True)",
-           config=_variant(tasks=("multi-object",), own_region_prompts=True)),
-    Method("bld-inverted", "baseline: latent blending with the DDIM-inverted source at every step, no feature "
+           config=_variant(tasks=("multi-object",), own_region_prompts=True), applies=_unet),
+    Method("bld-inverted", "baseline: latent blending with the inverted source at every step, no feature "
            "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
            config=_variant(**baselines.LATENT_BLENDING)),
     Method("bld", "baseline: Blended Latent Diffusion, forward-noised source blended after every step, start from noise",
-           run=_bld, settings={"start": "forward-noised source at the first timestep", "blend": "every step, fresh noise"}),
+           run=_bld, settings={"start": "forward-noised source at the first timestep", "blend": "every step, fresh noise"},
+           applies=_unet),
+    Method("flow-bld", "baseline (SD3 / Flux): Blended Latent Diffusion on the flow: from noise, the source carried "
+           "to each σ with fresh noise blended in after every step", config=_variant(**baselines.FLOW_BLENDED_LATENTS),
+           applies=_flow),
+    Method("kv-edit-like", "baseline (SD3 / Flux): every block's image tokens blended, the source's pooled vector, "
+           "the latent blend at every step (what KV-Edit keeps)", config=_variant(**baselines.KV_EDIT_LIKE),
+           applies=_flow),
     *[_sdedit(s) for s in SDEDIT_STRENGTHS],
     Method("diffedit", "baseline: DiffEdit, automatic mask (3 copies at 50 % noise, clip 3.5x mean, threshold 0.5), "
            "empty-prompt DDIM inversion, latent blending every step", run=_diffedit,
-           settings={"copies": 3, "noise_level": 0.5, "clip": 3.5, "threshold": 0.5, "encode_ratio": 1.0}),
+           settings={"copies": 3, "noise_level": 0.5, "clip": 3.5, "threshold": 0.5, "encode_ratio": 1.0},
+           applies=_unet),
 ]}
 
 
@@ -168,7 +194,7 @@ def select(names, choices, what: str) -> tuple[str, ...]:
 
 
 def model_image_size(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return pipe.native_side
 
 
 def method_settings(method: Method, pipe) -> dict:
@@ -180,13 +206,17 @@ def method_settings(method: Method, pipe) -> dict:
     per_task = {}
     for task in TASKS:
         config = method.config(task, pipe)
-        plan = pipe.blend_plan(config)
-        attention = config.attention_blocks
-        if attention is None:
-            attention = pipe.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        if _unet(pipe):
+            blend = pipe.blend_plan(config).blend_points
+            attention = config.attention_blocks
+            if attention is None:
+                attention = pipe.feature_unet.attention_blocks_at_levels(config.attention_levels)
+        else:  # a flow transformer: the blend window, and word masking in every block
+            blend = pipe.feature_transformer.window(config.blend_depth)
+            attention = [block.index for block in pipe.feature_transformer.blocks]
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
         fields["inside"] = fields["outside"] = "per case: see words"
-        fields["resolved_blend_blocks"] = sorted(plan.blend_points)
+        fields["resolved_blend_blocks"] = sorted(blend)
         fields["resolved_attention_blocks"] = sorted(attention) if config.attention_masking else []
         per_task[task] = fields
     info["settings"] = per_task
@@ -239,18 +269,18 @@ def score(images: CaseImages, image: np.ndarray, raw: np.ndarray | None = None) 
 
 
 class _Meter:
-    """U-Net passes, rows and wall time of a block of work."""
+    """Denoiser passes, rows and wall time of a block of work."""
 
     def __init__(self, pipe):
-        self.unet = pipe.feature_unet
+        self.pipe = pipe
 
     def __enter__(self):
-        self.calls, self.rows, self.start = self.unet.calls, self.unet.evaluations, time.perf_counter()
+        self.calls, self.rows, self.start = self.pipe.unet_calls, self.pipe.unet_evaluations, time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.calls = self.unet.calls - self.calls
-        self.rows = self.unet.evaluations - self.rows
+        self.calls = self.pipe.unet_calls - self.calls
+        self.rows = self.pipe.unet_evaluations - self.rows
         self.seconds = time.perf_counter() - self.start
 
 
@@ -267,10 +297,17 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
 
     results, pictures, done = {}, {}, {}
     baseline_view = baseline_images(images)
-    inversion = None
-    if any(METHODS[m].config for m in methods):
-        with _Meter(pipe) as inv_cost:
-            inversion = pipe.invert(Image.fromarray(images.source), case.source_caption, steps, strength=1.0)
+    inversions = {}  # one inversion per way of inverting (a flow's solver), shared by the methods that use it
+
+    def inverted(config):
+        options = {k: v for k, v in pipe.inversion_options(config).items() if k != "record_blocks"}
+        key = tuple(sorted(options.items()))
+        if key not in inversions:
+            with _Meter(pipe) as cost:
+                inversions[key] = (pipe.invert(Image.fromarray(images.source), case.source_caption, steps,
+                                               strength=1.0, **options), cost)
+        return inversions[key]
+
     for name in methods:
         method = METHODS[name]
         extra = {}
@@ -282,6 +319,7 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
                     pictures[name] = pictures[done[config]]
                 continue
             done[config] = name
+            inversion, inv_cost = inverted(config)
             with _Meter(pipe) as cost:
                 out = baselines.pipeline_edit(pipe, inversion, prompt=case.target_caption, preset=config,
                                               guidance_scale=guidance, generator=generator(),

@@ -4,7 +4,8 @@ Four timed jobs on one model, measured in one run and reported as ratios to (a):
 
 (a) text-to-image with the same number of steps (the floor: 2 U-Net evaluations per step, batched);
 (b) a first edit, inversion included (K inversion passes + K batched guided passes);
-(c) a second edit of the same inversion (K batched guided passes: the source features are cached);
+(c) a second edit of the same inversion (K batched guided passes: the source features are cached; on SD3 and
+    Flux, K more source passes, since a transformer's source tokens are recomputed);
 (d) the ``paper-object`` preset, which follows the official code's sequential path (K + 3K passes); SD 1.x
     layouts only, since its block numbers are SD 1.x's.
 
@@ -32,21 +33,26 @@ PROMPT, SOURCE_PROMPT = "a dog on a bench", "a cat on a bench"
 
 
 def benchmark_pipeline(name: str, device=None, dtype=None) -> PFBDiffPipeline:
-    """The pipeline of ``name`` (``sd15-random``, ``sdxl-random``, ``tiny`` or any ``--model`` value) on ``device``
-    in ``dtype`` (default: the best device, fp16 on GPUs)."""
-    from pfbdiff.models import full_size, toy_models
+    """The pipeline of ``name`` (``sd15-random``, ``sdxl-random``, ``sd3-reduced``, ``flux-reduced``, ``tiny`` or any
+    ``--model`` value) on ``device`` in ``dtype`` (default: the best device, fp16 on GPUs)."""
+    from pfbdiff.flow_pipeline import flow_pipeline_class
+    from pfbdiff.models import full_size, toy_flow_models, toy_models
     from pfbdiff.models.devices import resolve_device, resolve_dtype
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     random_models = {"sd15-random": full_size.sd15_random_components, "sdxl-random": full_size.sdxl_random_components,
+                     "sd3-reduced": lambda: toy_flow_models.reduced_flow_components("sd3"),
+                     "flux-reduced": lambda: toy_flow_models.reduced_flow_components("flux"),
                      "tiny": toy_models.tiny_sd_components}
     if name not in random_models:
         return _quiet(PFBDiffPipeline.from_pretrained(name, device=device, torch_dtype=dtype))
     components = random_models[name]()
-    for network in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if network in components:
-            components[network].to(device=device, dtype=dtype)
+    for network in components.values():
+        if isinstance(network, torch.nn.Module) and (network.dtype != dtype or network.device != device):
+            network.to(device=device, dtype=dtype)
+    if "transformer" in components:
+        return _quiet(flow_pipeline_class(components)(**components))
     return _quiet(PFBDiffPipeline(**components))  # which keeps SDXL's VAE in float32, as the model asks
 
 
@@ -64,10 +70,10 @@ def _inputs(size: int):
 
 
 def _time_once(pipe, job) -> tuple[float, int, int]:
-    calls, rows = pipe.feature_unet.calls, pipe.feature_unet.evaluations
+    calls, rows = pipe.unet_calls, pipe.unet_evaluations
     start = time.perf_counter()
     job()
-    return time.perf_counter() - start, pipe.feature_unet.calls - calls, pipe.feature_unet.evaluations - rows
+    return time.perf_counter() - start, pipe.unet_calls - calls, pipe.unet_evaluations - rows
 
 
 def _resident_bytes() -> int | None:
@@ -103,7 +109,7 @@ def _peak_memory(job, device: torch.device) -> int | None:
 def _time_in_rounds(pipe, jobs: dict, repeats: int) -> dict:
     """Peak memory of each job in its warm-up run, then the median wall time of each; the jobs take turns in every
     round, so a load that comes and goes on the machine falls on all of them alike and the ratios stay fair."""
-    peaks = {name: _peak_memory(job, pipe.unet.device) for name, job in jobs.items()}
+    peaks = {name: _peak_memory(job, pipe.denoiser.device) for name, job in jobs.items()}
     samples = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():
@@ -134,15 +140,15 @@ def run_speed_benchmark(model: str, *, size: int = 256, steps: int = 4, repeats:
                                                        crop=False),
         "(c) second edit, same inversion": second_edit,
     }
-    if pipe.feature_unet.sd1_layout:  # the paper presets' block numbers are SD 1.x's
+    if getattr(pipe, "feature_unet", None) is not None and pipe.feature_unet.sd1_layout:  # SD 1.x's block numbers
         jobs["(d) paper preset, sequential"] = lambda: pipe(image, mask, PROMPT, SOURCE_PROMPT, preset="paper-object",
                                                             num_inference_steps=steps, crop=False)
     rows = []
     for job, (seconds, passes, evaluations, peak) in _time_in_rounds(pipe, jobs, repeats).items():
         rows.append(dict(model=model, size=size, steps=steps, job=job, seconds=seconds, unet_passes=passes,
-                         device=str(pipe.unet.device), dtype=str(pipe.unet.dtype).replace("torch.", ""),
+                         device=str(pipe.denoiser.device), dtype=str(pipe.denoiser.dtype).replace("torch.", ""),
                          unet_evaluations=evaluations, peak_memory_gb=None if peak is None else peak / 2**30,
-                         memory="allocated" if pipe.unet.device.type == "cuda" else "resident"))
+                         memory="allocated" if pipe.denoiser.device.type == "cuda" else "resident"))
     floor, floor_memory = rows[0]["seconds"], rows[0]["peak_memory_gb"]
     for row in rows:
         row["ratio"] = row["seconds"] / floor

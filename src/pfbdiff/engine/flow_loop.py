@@ -5,7 +5,9 @@ update replaced by a step of the flow ODE, for transformers walked by
 The source latents Z[0..N] come from integrating the flow from the photo (σ = 0) to noise (σ = 1,
 :func:`~pfbdiff.engine.flow.integrate`). For n = N−1 down to 0, from σ[n+1] to σ[n]:
 
-1. source features F_src(n+1): the source branch's image tokens at (Z[n+1], σ[n+1]), recomputed each step (a
+1. source features F_src(n+1): the source branch's image tokens at (Z[n+1], σ[n+1]): recorded by an Euler
+   inversion where they fit in memory, else computed in the same batch as the target (the source rows ride in
+   front of the target's, and :class:`SourceRowsBlender` blends the target rows with them block by block; a
    transformer's tokens at every block would take tens of GB to cache at 1024², docs/method.md §14);
 2. the target velocity, with F_src blended into the blend window's blocks while σ > ``sigma_combine``;
 3. an Euler step to σ[n];
@@ -26,6 +28,24 @@ from pfbdiff.engine.inversion import FeatureRecorder
 Velocity = Callable[[torch.Tensor, float, Callable | None], torch.Tensor]
 
 
+class SourceRowsBlender:
+    """The ``on_block`` hook of a call whose first ``rows`` rows are the source branch: at each blend point the
+    other rows (the target's, with their guidance copies) are blended with the source rows' own tokens of that
+    very block, which are left as they are."""
+
+    def __init__(self, rows: int, mask: EditMask, points):
+        self.rows = rows
+        self.mask = mask
+        self.points = frozenset(points)
+
+    def __call__(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        if index not in self.points:
+            return h
+        source = h[: self.rows]
+        blended = FeatureBlender({index: source}, self.mask, self.points)(index, h[self.rows:])
+        return torch.cat([source, blended])
+
+
 def recomputed_flow_features(source_velocity: Velocity, source_latents, sigmas, blocks) -> Callable:
     """F_src at step n: the chosen blocks' image tokens of the source branch at (Z[n], σ[n])."""
 
@@ -41,19 +61,28 @@ def recomputed_flow_features(source_velocity: Velocity, source_latents, sigmas, 
 def flow_pfb_loop(target_velocity: Velocity, x: torch.Tensor, source_latents: list[torch.Tensor], sigmas,
                   source_features: Callable[[int], dict], mask: EditMask, latent_mask: torch.Tensor, *,
                   blend_points=(), sigma_combine: float = 0.0, latent_blend: float = 0.5,
-                  on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                  on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                  inverted_latents: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Run the N = len(sigmas) − 1 edit steps from ``x`` (at σ = ``sigmas[-1]``) and return the latent at σ = 0.
 
-    ``sigmas`` ascend from 0 to 1, and ``source_latents[k]`` lies at ``sigmas[k]``. ``latent_mask`` is the edit
-    mask laid out like ``x`` (1 = edit). ``on_step(n, velocity, x)`` sees each step's target velocity and result.
+    ``sigmas`` ascend from 0 to 1, and ``source_latents[k]`` (the latent-blend references) lie at ``sigmas[k]``.
+    ``source_features(n)`` gives F_src at Z[n], or ``None`` where it is not at hand: then the source branch runs in
+    the target's call, ``target_velocity(x, σ, hook, source_latent)`` with ``inverted_latents[n]`` as the source
+    rows. ``latent_mask`` is the edit mask laid out like ``x`` (1 = edit). ``on_step(n, velocity, x)`` sees each
+    step's target velocity and result.
     """
     num_steps = len(sigmas) - 1
     for n in reversed(range(num_steps)):
         sigma_from, sigma_to = sigmas[n + 1], sigmas[n]
-        hook = None
         if blend_points and sigma_from > sigma_combine:
-            hook = FeatureBlender(source_features(n + 1), mask, blend_points)
-        velocity = target_velocity(x, sigma_from, hook)
+            features = source_features(n + 1)
+            if features is None:  # the source rows ride in front of the target's
+                velocity = target_velocity(x, sigma_from, SourceRowsBlender(len(x), mask, blend_points),
+                                           inverted_latents[n + 1])
+            else:
+                velocity = target_velocity(x, sigma_from, FeatureBlender(features, mask, blend_points))
+        else:
+            velocity = target_velocity(x, sigma_from, None)
         x = x + (sigma_to - sigma_from) * velocity
         if latent_blend_is_open(n, num_steps, latent_blend):
             x = blend(x, source_latents[n], latent_mask.to(x.dtype))

@@ -63,12 +63,13 @@ def flow_scheduler(family: str) -> FlowMatchEulerDiscreteScheduler:
 
 
 def tiny_flow_components(family: str = "sd3", seed: int = 0, *, sample_size: int = 16, width: int = 16,
-                         layers: int = 2, words: Iterable[str] = TINY_WORDS) -> dict:
+                         layers: int = 2, heads: int = 2, head_width: int = 8, single_layers: int | None = None,
+                         words: Iterable[str] = TINY_WORDS) -> dict:
     """Random-weight SD3 or Flux components, every network in eval mode without gradients.
 
     ``sample_size`` is the latent side (images are 8 × larger); ``width`` the narrowest text width (the second
-    CLIP and T5 are wider, as in the real models); ``layers`` the number of (double-stream, for Flux) blocks,
-    Flux adding as many single-stream ones.
+    CLIP and T5 are wider, as in the real models); ``layers`` the number of (double-stream, for Flux) blocks, of
+    ``heads`` × ``head_width`` channels; Flux adds ``single_layers`` single-stream ones (default: as many).
     """
     if family not in FLOW_FAMILIES:
         raise ValueError(f"family must be one of {FLOW_FAMILIES}, got {family!r}")
@@ -76,7 +77,6 @@ def tiny_flow_components(family: str = "sd3", seed: int = 0, *, sample_size: int
     tokenizer, t5_tokenizer = build_clip_tokenizer(words), build_t5_tokenizer(words)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**{**tiny_vae_config(sample_size * 8), "scaling_factor": 1.0, "shift_factor": 0.0})
-    heads, head_width = 2, 8
     if family == "sd3":
         clip_l = CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer, hidden_size=width))
         clip_g = CLIPTextModelWithProjection(tiny_text_encoder_config(tokenizer, hidden_size=2 * width))
@@ -90,9 +90,10 @@ def tiny_flow_components(family: str = "sd3", seed: int = 0, *, sample_size: int
     else:
         t5_width = 2 * width
         transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers, attention_head_dim=head_width,
+            patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers if single_layers is None
+            else single_layers, attention_head_dim=head_width,
             num_attention_heads=heads, joint_attention_dim=t5_width, pooled_projection_dim=width,
-            guidance_embeds=False, axes_dims_rope=[2, 2, 4])
+            guidance_embeds=False, axes_dims_rope=_rope_axes(head_width))
         components = dict(text_encoder=CLIPTextModel(tiny_text_encoder_config(tokenizer, hidden_size=width)),
                           tokenizer=tokenizer, text_encoder_2=_t5(t5_tokenizer, t5_width), tokenizer_2=t5_tokenizer)
     components.update(transformer=transformer, vae=vae, scheduler=flow_scheduler(family))
@@ -100,3 +101,20 @@ def tiny_flow_components(family: str = "sd3", seed: int = 0, *, sample_size: int
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return components
+
+
+def _rope_axes(head_width: int) -> list[int]:
+    """Flux's rotary axes (id, row, column) for a head width: 16/56/56 of 128 in Flux.1, scaled."""
+    side = (head_width * 7 // 16) // 2 * 2
+    return [head_width - 2 * side, side, side]
+
+
+#: The reduced architectures ``pfbdiff bench speed`` times on a CPU (their real counterparts are 1536 / 3072
+#: wide with 24 / 19 + 38 blocks): the same kinds of block, fewer and narrower.
+REDUCED = {"sd3": dict(layers=6, heads=6, head_width=64, width=128),
+           "flux": dict(layers=4, single_layers=8, heads=6, head_width=64, width=128)}
+
+
+def reduced_flow_components(family: str, seed: int = 0, sample_size: int = 64) -> dict:
+    """Random-weight SD3 or Flux components of :data:`REDUCED` width and depth, for speed measurements."""
+    return tiny_flow_components(family, seed, sample_size=sample_size, **REDUCED[family])
