@@ -201,3 +201,29 @@ def test_an_euler_inversion_records_the_source_tokens_the_edit_would_compute(pip
     separate = pipe.edit(inversion, _mask(), TARGET, output_type="latent", cache_source=False, batch_cfg=False).latents
     assert torch.allclose(cached, in_batch, atol=1e-5) and torch.allclose(cached, separate, atol=1e-5)
     assert not pipe.invert(_photo(), SOURCE, 3, solver="midpoint").recorded_blocks  # midpoints are off the grid
+
+
+def test_the_web_ui_edits_with_a_flow_model_and_reuses_its_inversion(pipe, tmp_path):
+    from pfbdiff.apps import ui
+
+    photo, mask = np.asarray(_photo(seed=5)), _mask()
+    session = ui.EditSession(pipe, "tiny-flow", output_dir=tmp_path)
+    first = session.run(photo, mask, TARGET, source_prompt=SOURCE, steps=2)
+    second = session.run(photo, mask, "a blue dog on a bench", source_prompt=SOURCE, steps=2)
+    assert not first.reused_inversion and second.reused_inversion and second.unet_calls < first.unet_calls
+    assert np.array_equal(np.asarray(second.image)[mask == 0], photo[mask == 0])
+
+
+def test_a_single_file_transformer_loads_with_the_other_components_from_its_familys_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    FluxPipeline(**tiny_flow_components("flux")).save_pretrained(tmp_path / "flux", safe_serialization=True)
+    tuned = tiny_flow_components("flux", seed=7)["transformer"]  # other weights, as a fine-tune's file has
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(tmp_path / "flux-tuned.safetensors"))
+    pipeline = load_pipeline(tmp_path / "flux-tuned.safetensors", config=str(tmp_path / "flux"), quiet=True)
+    assert type(pipeline) is PFBDiffFluxPipeline
+    loaded = pipeline.transformer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in tuned.state_dict().items())
+    with pytest.raises(PFBDiffError) as error:
+        load_pipeline(tmp_path / "flux-tuned.safetensors", quiet=True)
+    assert_user_error(error, "single-file Flux transformer", "--config")

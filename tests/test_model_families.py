@@ -1,5 +1,5 @@
 """Honest limits: a model of a family pfbdiff cannot edit yet (SD3 and Flux variants, PixArt, an SDXL refiner,
-inpainting U-Nets, single-file SD3 and Flux checkpoints) is named in one line, from a folder, a hub id or a single file, before any weights load; a flow-matching schedule is
+inpainting U-Nets; an SD3 or Flux transformer file with another family's configs) is named in one line, from a folder, a hub id or a single file, before any weights load; a flow-matching schedule is
 never read as a DDPM one; the paper presets' SD 1.x block numbers are refused on another layout."""
 
 import json
@@ -72,9 +72,9 @@ def test_a_cached_hub_id_of_another_family_is_named_without_trying_the_network(m
 
 @pytest.mark.parametrize("weights, fragment", [
     ({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2)}, "is an SDXL refiner checkpoint"),
-    ({"model.diffusion_model.joint_blocks.0.x.weight": torch.zeros(2)}, "is a Stable Diffusion 3 checkpoint"),
-    ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "is a Flux checkpoint"),
-    ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "pass the model's diffusers folder or hub id"),
+    ({"model.diffusion_model.joint_blocks.0.x.weight": torch.zeros(2)},
+     "is a Stable Diffusion 3 transformer but --config"),
+    ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "is not a Flux diffusers folder"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 9, 3, 3)},
      "is an inpainting or depth checkpoint (its U-Net takes 9 input channels)"),
 ])

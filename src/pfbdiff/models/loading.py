@@ -223,6 +223,9 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
             f"'{path}' is neither a diffusers folder nor a .safetensors checkpoint; {MODEL_HINT}"
         )
 
+    flow = _single_file_flow_family(path) if suffix == SAFETENSORS_SUFFIX else None
+    if flow:
+        return _load_flow_transformer_file(path, flow, dtype, weights, config)
     sdxl = _single_file_is_sdxl(path) if suffix == SAFETENSORS_SUFFIX else None  # a pickle: as its configs say
     config_folder = _resolve_config_folder(path, config, sdxl)
     if sdxl is None:
@@ -260,11 +263,56 @@ def _load_single_file(path: Path, dtype: torch.dtype, weights: WeightChoice, con
 #: Weight names that only other families' single-file checkpoints have, and what to say of such a file.
 _OTHER_FAMILY_KEYS = {
     "conditioner.embedders.0.model.text_projection": f"an SDXL refiner checkpoint; {SUPPORTED}: pass a base model",
-    "joint_blocks.": "a Stable Diffusion 3 checkpoint; pfbdiff loads SD3 and Flux from diffusers folders only for "
-                     "now: pass the model's diffusers folder or hub id",
-    "double_blocks.": "a Flux checkpoint; pfbdiff loads SD3 and Flux from diffusers folders only for now: pass the "
-                      "model's diffusers folder or hub id",
 }
+#: Weight names of SD3's and Flux's transformers, in the original layout and in diffusers'.
+_FLOW_KEYS = {"sd3": ("joint_blocks.", "context_embedder.weight"), "flux": ("double_blocks.", "single_transformer_blocks.")}
+_FLOW_NAMES = {"sd3": "Stable Diffusion 3", "flux": "Flux"}
+
+
+def _single_file_flow_family(path: Path) -> str | None:
+    """``"sd3"`` or ``"flux"`` when the ``.safetensors`` file holds one of their transformers (read from its
+    header), else ``None``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            names = list(checkpoint.keys())
+    except (OSError, SafetensorError):
+        return None
+    if any(marker in key for key in names for marker in _FLOW_KEYS["flux"]):
+        return "flux"
+    if any(marker in key for key in names for marker in _FLOW_KEYS["sd3"]):
+        return "sd3"
+    return None
+
+
+def _load_flow_transformer_file(path: Path, family: str, dtype: torch.dtype, weights: WeightChoice, config) -> dict:
+    """An SD3 or Flux transformer file (what ComfyUI and the model makers ship as one file), with the other
+    components and the transformer's config from ``config``, a diffusers folder of the same family."""
+    name = _FLOW_NAMES[family]
+    if config is None:
+        raise PFBDiffError(f"'{path}' is a single-file {name} transformer, which holds no text encoders, VAE or "
+                           f"configs; pass --config /path/to/a/{family}-diffusers-folder (or its hub id) to supply them")
+    folder = Path(os.fspath(config)).expanduser()
+    if not folder.is_dir() and _looks_like_hub_id(os.fspath(config)):
+        folder = hub.local_snapshot(os.fspath(config), weights)
+    if flow_family(folder) != family:
+        raise PFBDiffError(f"'{path}' is a {name} transformer but --config '{config}' is not a {name} diffusers "
+                           f"folder; pfbdiff takes the other components from the folder of the model the file was "
+                           "made from: pass it")
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from safetensors import SafetensorError
+
+    components = load_flow_folder(folder, dtype, weights)
+    transformer_class = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    try:
+        components["transformer"] = transformer_class.from_single_file(
+            str(path), config=str(folder), subfolder="transformer", local_files_only=True,
+            torch_dtype=None if dtype == torch.float32 else dtype)
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as err:
+        raise PFBDiffError(f"could not load '{path}' with the transformer config of '{folder}' ({gist(err)}); check "
+                           f"that the file is a {name} transformer of the same size as --config's") from err
+    return components
 _SDXL_KEY = "conditioner.embedders.1."
 _FIRST_UNET_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
