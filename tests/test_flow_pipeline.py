@@ -227,3 +227,24 @@ def test_a_single_file_transformer_loads_with_the_other_components_from_its_fami
     with pytest.raises(PFBDiffError) as error:
         load_pipeline(tmp_path / "flux-tuned.safetensors", quiet=True)
     assert_user_error(error, "single-file Flux transformer", "--config")
+
+
+def test_a_transformer_lora_loads_through_load_pipeline_and_changes_the_edit(tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    FluxPipeline(**tiny_flow_components("flux")).save_pretrained(tmp_path / "flux", safe_serialization=True)
+    transformer = tiny_flow_components("flux")["transformer"]
+    torch.manual_seed(1)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                       init_lora_weights=False))
+    FluxPipeline.save_lora_weights(str(tmp_path / "lora"), transformer_lora_layers=get_peft_model_state_dict(
+        transformer), safe_serialization=True)
+    lora = {"path": str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "scale": 1.0}
+    plain, styled = (load_pipeline(tmp_path / "flux", quiet=True, loras=loras) for loras in ((), [lora]))
+    photo, mask = _photo(seed=6), _mask()
+    outputs = [p(photo, mask, TARGET, SOURCE, num_inference_steps=2).images[0] for p in (plain, styled)]
+    assert not np.array_equal(np.asarray(outputs[0]), np.asarray(outputs[1]))
+    assert np.array_equal(np.asarray(outputs[1])[mask == 0], np.asarray(photo)[mask == 0])
+    with pytest.raises(PFBDiffError) as error:
+        load_pipeline(tmp_path / "flux", quiet=True, embeddings=[{"path": lora["path"], "token": "<x>"}])
+    assert_user_error(error, "embeddings are not supported on SD3 and Flux")

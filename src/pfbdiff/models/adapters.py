@@ -19,6 +19,9 @@ from pfbdiff.models.diffusers_folders import SAFETENSORS_SUFFIX
 
 def apply(pipe, loras=(), embeddings=(), *, allow_pickle: bool = False) -> None:
     """Load ``loras`` (active together, at their scales) and ``embeddings`` into ``pipe``."""
+    if embeddings and getattr(pipe, "transformer", None) is not None:
+        raise PFBDiffError("textual-inversion embeddings are not supported on SD3 and Flux models yet; "
+                           "leave --embedding out")
     for embedding in embeddings:
         path = _checked_file(embedding["path"], "embedding", allow_pickle)
         token = embedding.get("token") or _token_of(path)
@@ -44,10 +47,10 @@ def apply(pipe, loras=(), embeddings=(), *, allow_pickle: bool = False) -> None:
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, RuntimeError, OSError, KeyError) as error:
             raise PFBDiffError(f"cannot apply the LoRA {path} to this model ({gist(error)}); is it made for this "
-                               "model's family (SD 1.x, 2.x or SDXL) and size?") from error
+                               "model's family (SD 1.x, 2.x, SDXL, SD3 or Flux) and size?") from error
         if _parameter_count(pipe) == before:
             raise PFBDiffError(f"the LoRA {path} changes no layer of this model; is it made for this model's family "
-                               "(SD 1.x, 2.x or SDXL)?")
+                               "(SD 1.x, 2.x, SDXL, SD3 or Flux)?")
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[lora["scale"] for lora in loras])
@@ -105,5 +108,5 @@ def _token_of(path: Path) -> str | None:
 
 def _parameter_count(pipe) -> int:
     """Parameters of every network a LoRA may change (SDXL's second text encoder too)."""
-    networks = (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+    networks = (pipe.denoiser, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     return sum(p.numel() for module in networks if module is not None for p in module.parameters())
