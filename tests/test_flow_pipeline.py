@@ -8,6 +8,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from helpers import assert_user_error
 from PIL import Image
 
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.flow_pipeline import PFBDiffFluxPipeline, PFBDiffSD3Pipeline
 from pfbdiff.models.toy_flow_models import tiny_flow_components
@@ -138,11 +139,24 @@ def pipe_config(**settings):
 def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe):
     inversion = pipe.invert(_photo(), SOURCE, 2)
     with pytest.raises(PFBDiffError) as error:
-        pipe.edit(inversion, _mask(), TARGET, auto_mask=True)
-    assert_user_error(error, "auto_mask", "paint a mask")
-    with pytest.raises(PFBDiffError) as error:
         pipe.edit(inversion, _mask(), TARGET, own_region_prompts=True)
     assert_user_error(error, "own_region_prompts")
+
+
+def test_the_auto_mask_comes_from_the_two_prompts_velocities_and_bounds_the_edit(pipe):
+    """Where the two prompts agree the velocities agree exactly, so the same prompt twice finds nothing; with
+    another prompt the estimated region is edited and every pixel outside it is the photo's."""
+    from pfbdiff.engine import automask
+
+    inversion = pipe.invert(_photo(seed=3), SOURCE, 2)
+    same = Conditioning.cat([inversion.source_embeddings] * 2)
+    nothing = automask.flow_difference_map(pipe._velocity(same, 1.0), inversion.latents[0], draws=2)
+    assert not nothing.any()
+    out = pipe.edit(inversion, None, TARGET, auto_mask=True, auto_mask_threshold=0.3)
+    estimated = np.asarray(out.auto_masks[0]) > 0
+    assert 0 < estimated.mean() < 1
+    kept = np.asarray(out.masks[0]) == 0
+    assert kept.any() and np.array_equal(np.asarray(out.images[0])[kept], np.asarray(_photo(seed=3))[kept])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -105,7 +105,13 @@ class FlowEditing(PhotoEditing):
         return joined_positions(self._text_parts(), prompt, phrases)
 
     def _auto_mask_estimator(self, inversion, prompts, *, draws, threshold, seed):
-        raise PFBDiffError("auto_mask is not available for SD3 and Flux models yet; paint a mask instead")
+        """DiffEdit-style masks of the inverted box from the two prompts' velocities (docs/method.md §17)."""
+        def estimate(box):
+            both = Conditioning.cat([inversion.source_embeddings, self.encode_prompt_rows(prompts)])
+            difference = automask.flow_difference_map(self._velocity(both, 1.0), inversion.latents[0], draws=draws,
+                                                      seed=seed)
+            return automask.masks_from_difference(difference, [box.size] * len(prompts), threshold)
+        return estimate
 
     def inversion_options(self, config: EditConfig) -> dict:
         """The :meth:`invert` arguments an edit with ``config`` needs: its solver, and the blocks whose source

@@ -15,6 +15,8 @@ over a few noise draws this difference is a map of the region the edit is about 
 Predictions are turned into noise estimates ε̂ with :func:`pfbdiff.engine.sampling.split_prediction`, so
 v-prediction models work; the U-Net runs through the pipeline's :class:`~pfbdiff.engine.backbones.unet.FeatureUNet`
 (no hooks), so its calls are counted with the edit's. Cost: 2·D U-Net rows per image (D = 4 by default).
+On a rectified flow (SD3, Flux) the same map comes from the velocities: z₀ is carried to σ = level with
+fresh noise and ε̂ = x + (1 − σ) v (:func:`flow_difference_map`).
 
 The estimate is at latent resolution; :func:`upsample_mask` brings it to pixels. When the user also paints a
 coarse mask, the estimate is clipped to it: the user mask is a hard outer bound.
@@ -37,29 +39,61 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_SEED = 0
 
 
+def _checked(draws: int, level: float) -> None:
+    if draws < 1:
+        raise PFBDiffError(f"auto-mask needs at least one noise draw, got {draws}")
+    if not 0.0 < level < 1.0:
+        raise PFBDiffError(f"auto-mask noise level must be in (0, 1), got {level}")
+
+
+def _averaged_difference(z0: torch.Tensor, draws: int, seed: int, noise_estimates) -> torch.Tensor:
+    """Δ: the mean over ``draws`` seeded noises of |ε̂_tgt − ε̂_src| (``noise_estimates(noise)`` gives both),
+    averaged over channels and smoothed with a 3×3 box."""
+    generator = torch.Generator().manual_seed(int(seed))
+    total = torch.zeros((z0.shape[0], 1, *z0.shape[-2:]), dtype=torch.float32, device=z0.device)
+    for _ in range(draws):
+        noise = torch.randn(tuple(z0.shape), generator=generator, dtype=torch.float32).to(z0.device, z0.dtype)
+        eps_source, eps_target = noise_estimates(noise)
+        total += (eps_target.float() - eps_source.float()).abs().mean(dim=1, keepdim=True)
+    return F.avg_pool2d(total / draws, 3, stride=1, padding=1, count_include_pad=False)
+
+
 @torch.no_grad()
 def difference_map(unet, z0: torch.Tensor, source_embeddings: Conditioning, target_embeddings: Conditioning,
                    grid: DDIMGrid, *, draws: int = DEFAULT_DRAWS, level: float = DEFAULT_LEVEL,
                    seed: int = DEFAULT_SEED) -> torch.Tensor:
     """The averaged prediction difference Δ (B×1×h×w, float32), before rescaling and thresholding."""
-    if draws < 1:
-        raise PFBDiffError(f"auto-mask needs at least one noise draw, got {draws}")
-    if not 0.0 < level < 1.0:
-        raise PFBDiffError(f"auto-mask noise level must be in (0, 1), got {level}")
+    _checked(draws, level)
     t = int(round(level * (grid.num_train_timesteps - 1)))
     alpha = grid.alpha(t)
-    generator = torch.Generator().manual_seed(int(seed))
-    batch = z0.shape[0]
-    total = torch.zeros((batch, 1, *z0.shape[-2:]), dtype=torch.float32, device=z0.device)
     embeddings = Conditioning.cat([source_embeddings, target_embeddings]).to(z0.dtype)
-    for _ in range(draws):
-        noise = torch.randn(tuple(z0.shape), generator=generator, dtype=torch.float32).to(z0.device, z0.dtype)
-        noisy = ddim_move(z0, noise, alpha)
-        both = torch.cat([noisy, noisy])
+
+    def noise_estimates(noise):
+        both = torch.cat([ddim_move(z0, noise, alpha)] * 2)
         _, eps = split_prediction(unet(both, t, embeddings), both, alpha, grid.prediction_type)
-        eps_source, eps_target = eps.float().chunk(2)
-        total += (eps_target - eps_source).abs().mean(dim=1, keepdim=True)
-    return F.avg_pool2d(total / draws, 3, stride=1, padding=1, count_include_pad=False)
+        return eps.chunk(2)
+
+    return _averaged_difference(z0, draws, seed, noise_estimates)
+
+
+@torch.no_grad()
+def flow_difference_map(velocity, z0: torch.Tensor, *, draws: int = DEFAULT_DRAWS, level: float = DEFAULT_LEVEL,
+                        seed: int = DEFAULT_SEED) -> torch.Tensor:
+    """Δ on a rectified flow (SD3, Flux): z₀ carried to σ = ``level`` as ``(1 − σ) z₀ + σ ε``, and the noise each
+    prompt's velocity points to, ``x + (1 − σ) v``; ``velocity(x, σ)`` runs the source rows, then the target's."""
+    _checked(draws, level)
+
+    def noise_estimates(noise):
+        both = torch.cat([(1 - level) * z0 + level * noise] * 2)
+        return (both + (1 - level) * velocity(both, level)).chunk(2)
+
+    return _averaged_difference(z0, draws, seed, noise_estimates)
+
+
+def masks_from_difference(difference: torch.Tensor, sizes, threshold: float = DEFAULT_THRESHOLD) -> list[np.ndarray]:
+    """Binary auto-masks from Δ, one H×W float32 array per row, at the pixel ``sizes`` (width, height)."""
+    soft = rescale(difference)
+    return [upsample_mask(soft[i : i + 1], size, threshold) for i, size in enumerate(sizes)]
 
 
 def rescale(difference: torch.Tensor, low: float = 0.01, high: float = 0.99) -> torch.Tensor:
@@ -86,9 +120,9 @@ def upsample_mask(soft: torch.Tensor, size: tuple[int, int], threshold: float = 
 def estimate_masks(unet, z0, source_embeddings, target_embeddings, grid, sizes, *, draws=DEFAULT_DRAWS,
                    level=DEFAULT_LEVEL, threshold=DEFAULT_THRESHOLD, seed=DEFAULT_SEED) -> list[np.ndarray]:
     """Binary auto-masks, one H×W float32 array per row of ``z0``, at the pixel ``sizes`` (width, height)."""
-    soft = rescale(difference_map(unet, z0, source_embeddings, target_embeddings, grid,
-                                  draws=draws, level=level, seed=seed))
-    return [upsample_mask(soft[i : i + 1], size, threshold) for i, size in enumerate(sizes)]
+    difference = difference_map(unet, z0, source_embeddings, target_embeddings, grid, draws=draws, level=level,
+                                seed=seed)
+    return masks_from_difference(difference, sizes, threshold)
 
 
 def clip_to_bound(estimate: np.ndarray, bound: np.ndarray | None) -> np.ndarray:
