@@ -33,7 +33,12 @@ from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.blending import blend
 from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.flow import FlowGrid, integrate, solver_step
-from pfbdiff.engine.flow_loop import flow_pfb_loop, recomputed_flow_features
+from pfbdiff.engine.flow_loop import (
+    flow_pfb_loop,
+    flow_source_features,
+    guided_flow_velocity,
+    recomputed_flow_features,
+)
 from pfbdiff.engine.inversion import FeatureRecorder, Inversion
 from pfbdiff.engine.joint_attention import joint_attention_masking_installed
 from pfbdiff.engine.presets import EditConfig
@@ -278,7 +283,11 @@ class FlowEditing(PhotoEditing):
         window = self.feature_transformer.window(config.blend_depth)
         target_velocity = self._guided_velocity(target, unconditional, guidance_scale, masking, config.batch_cfg,
                                                 source)
-        features = self._source_features(inversion, config, window, source, source_latents, sigmas, repeats)
+        recompute = None  # where the source rows cannot ride in the target's call: mask_uncond would mask them,
+        if config.mask_uncond or not config.batch_cfg:  # and without batch_cfg there are two target calls
+            recompute = recomputed_flow_features(self._velocity(source, 1.0), source_latents, sigmas, window)
+        recorded = inversion.features if config.cache_source and set(window) <= inversion.recorded_blocks else []
+        features = flow_source_features(recorded, window, repeats, recompute)
         with self.progress_bar(total=steps) as bar, joint_attention_masking_installed(
                 self.feature_transformer, masking, text_queries=config.text_queries):
 
@@ -294,53 +303,11 @@ class FlowEditing(PhotoEditing):
         # 8. decode and put the result back into the photo
         return self._output(x, inversion, masks, put_back, repeats, output_type, return_dict)
 
-    def _source_features(self, inversion, config: EditConfig, window, source: Conditioning, source_latents,
-                         sigmas, repeats: int):
-        """F_src(n) of the blend window: recorded by the inversion where it holds them; elsewhere ``None`` (the
-        source rows ride in the target's call), or recomputed in a call of their own where they cannot ride
-        along (``mask_uncond`` would mask them; ``batch_cfg=False`` makes two target calls)."""
-        recorded = config.cache_source and set(window) <= inversion.recorded_blocks
-        recompute = None
-        if config.mask_uncond or not config.batch_cfg:
-            recompute = recomputed_flow_features(self._velocity(source, 1.0), source_latents, sigmas, window)
-
-        def at(n: int):
-            if recorded and n < len(inversion.features):
-                return {b: inversion.features[n][b].repeat_interleave(repeats, 0) for b in window}
-            return None if recompute is None else recompute(n)
-
-        return at
-
     def _guided_velocity(self, target: Conditioning, unconditional: Conditioning | None, guidance_scale: float,
                          masking: AttentionMasking, batch_cfg: bool, source: Conditioning | None = None):
-        """The target branch, ``velocity(x, σ, on_block, source_latent=None)``: masked, classifier-free guided
-        (SD3) or guidance-embedded (Flux). With a ``source_latent`` the source branch's rows (``source``'s
-        conditioning, guidance 1 as in the inversion) run in front of the target's in the same call, unmasked."""
-
-        def run(rows: list[tuple[torch.Tensor, Conditioning, float]], sigma, on_block, unmasked: int):
-            latents, conditions, scales = zip(*rows)
-            guidance = torch.cat([torch.full((len(z),), float(g)) for z, g in zip(latents, scales)])
-            masking.active, masking.unconditional_rows = True, unmasked
-            try:
-                return self._velocity(Conditioning.cat(list(conditions)), guidance)(torch.cat(latents), sigma,
-                                                                                    on_block)
-            finally:
-                masking.active = False
-
-        def guided(x, sigma, on_block=None, source_latent=None):
-            lead = [] if source_latent is None else [(source_latent, source, 1.0)]
-            if unconditional is None:
-                return run([*lead, (x, target, guidance_scale)], sigma, on_block, len(lead and x))[len(lead and x):]
-            if batch_cfg or lead:
-                out = run([*lead, (x, unconditional, guidance_scale), (x, target, guidance_scale)], sigma, on_block,
-                          (len(lead) + 1) * len(x))
-                uncond, cond = out[len(lead) * len(x):].chunk(2)
-            else:
-                uncond = run([(x, unconditional, guidance_scale)], sigma, on_block, len(x))
-                cond = run([(x, target, guidance_scale)], sigma, on_block, 0)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return guided
+        """The target branch of this model (:func:`~pfbdiff.engine.flow_loop.guided_flow_velocity`)."""
+        return guided_flow_velocity(self._velocity, target, unconditional, guidance_scale, masking,
+                                    batch_cfg=batch_cfg, source=source)
 
     def __call__(self, image, mask_image=None, prompt="", source_prompt="", **kwargs):
         """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`); diffusers'

@@ -20,7 +20,9 @@ from collections.abc import Callable
 
 import torch
 
+from pfbdiff.engine.attention import AttentionMasking
 from pfbdiff.engine.blending import FeatureBlender, blend, latent_blend_is_open
+from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.inversion import FeatureRecorder
 
@@ -55,6 +57,53 @@ def recomputed_flow_features(source_velocity: Velocity, source_latents, sigmas, 
         return recorder.features
 
     return at
+
+
+def flow_source_features(recorded: list[dict], window, repeats: int, recompute: Callable | None = None) -> Callable:
+    """F_src(n) of the blend ``window``: from the inversion's ``recorded`` tokens (one dict per step, repeated for
+    ``repeats`` edits of each image) where they are; elsewhere from ``recompute(n)``, or ``None``, which makes the
+    loop run the source rows in the target's own call."""
+
+    def at(n: int):
+        if n < len(recorded):
+            return {b: recorded[n][b].repeat_interleave(repeats, 0) for b in window}
+        return None if recompute is None else recompute(n)
+
+    return at
+
+
+def guided_flow_velocity(velocity_of, target: Conditioning, unconditional: Conditioning | None,
+                         guidance_scale: float, masking: AttentionMasking, *, batch_cfg: bool = True,
+                         source: Conditioning | None = None):
+    """The target branch, ``velocity(x, σ, on_block, source_latent=None)``: word-masked, classifier-free guided
+    (``unconditional`` rows, SD3) or with the scale as the model's guidance input (Flux, no ``unconditional``).
+    ``velocity_of(conditioning, guidance)`` is the model's velocity for those rows (one guidance per row). With a
+    ``source_latent`` the source branch's rows (``source``'s conditioning, guidance 1 as in the inversion) run in
+    front of the target's in the same call, unmasked, and only the target's velocity is returned."""
+
+    def run(rows: list[tuple[torch.Tensor, Conditioning, float]], sigma, on_block, unmasked: int):
+        latents, conditions, scales = zip(*rows)
+        guidance = torch.cat([torch.full((len(z),), float(g)) for z, g in zip(latents, scales)])
+        masking.active, masking.unconditional_rows = True, unmasked
+        try:
+            return velocity_of(Conditioning.cat(list(conditions)), guidance)(torch.cat(latents), sigma, on_block)
+        finally:
+            masking.active = False
+
+    def guided(x, sigma, on_block=None, source_latent=None):
+        lead = [] if source_latent is None else [(source_latent, source, 1.0)]
+        skip = len(x) if lead else 0  # the source rows come first and are not the target's
+        if unconditional is None:
+            return run([*lead, (x, target, guidance_scale)], sigma, on_block, skip)[skip:]
+        if batch_cfg or lead:
+            rows = [*lead, (x, unconditional, guidance_scale), (x, target, guidance_scale)]
+            uncond, cond = run(rows, sigma, on_block, skip + len(x))[skip:].chunk(2)
+        else:
+            uncond = run([(x, unconditional, guidance_scale)], sigma, on_block, len(x))
+            cond = run([(x, target, guidance_scale)], sigma, on_block, 0)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
 
 
 @torch.no_grad()
