@@ -262,3 +262,12 @@ def test_a_transformer_lora_loads_through_load_pipeline_and_changes_the_edit(tmp
     with pytest.raises(PFBDiffError) as error:
         load_pipeline(tmp_path / "flux", quiet=True, embeddings=[{"path": lora["path"], "token": "<x>"}])
     assert_user_error(error, "embeddings are not supported on SD3 and Flux")
+
+
+def test_the_bundled_sd3_layout_model_is_named_with_how_to_make_it_where_it_is_missing(monkeypatch, tmp_path):
+    from pfbdiff.models import catalog
+
+    monkeypatch.setattr(catalog, "BUNDLED_SHAPES_SD3_MODEL", tmp_path / "absent")
+    with pytest.raises(PFBDiffError) as error:
+        load_pipeline("shapes-sd3", quiet=True)
+    assert_user_error(error, "'shapes-sd3' model is not in this install", "--family sd3")

@@ -12,18 +12,22 @@ import json
 from pathlib import Path
 
 #: Models named by a short name instead of a path (``pfbdiff.models.loading.MODEL_ALIASES`` loads them).
-SHORT_NAMES = ("tiny", "shapes", "shapes-xl")
+SHORT_NAMES = ("tiny", "shapes", "shapes-xl", "shapes-sd3")
 #: Where the bundled ShapesWorld model ships (a diffusers folder), when it does.
 BUNDLED_SHAPES_MODEL = Path(__file__).parent.parent / "shapes" / "model"
 #: Its SDXL-layout sibling (two text encoders, pooled vector, size ids), for measuring PFB-Diff on SDXL's layout.
 BUNDLED_SHAPES_XL_MODEL = Path(__file__).parent.parent / "shapes" / "model_sdxl"
-BUNDLED_NAMES = ("shapes", "shapes-xl")
+#: Its SD3-layout sibling (a flow-matching transformer), for measuring PFB-Diff on SD3 and Flux's kind of model.
+BUNDLED_SHAPES_SD3_MODEL = Path(__file__).parent.parent / "shapes" / "model_sd3"
+BUNDLED_NAMES = ("shapes", "shapes-xl", "shapes-sd3")
 #: How to make each bundled model where an install lacks it.
 TRAINING_HINTS = {
     "shapes": "train and export it with `python -m pfbdiff.shapes.train --out runs/shapes --stage all "
               "--export-dir src/pfbdiff/shapes/model`",
     "shapes-xl": "train it with `python -m pfbdiff.shapes.train --family sdxl --init-from src/pfbdiff/shapes/model "
                  "--export-dir src/pfbdiff/shapes/model_sdxl`",
+    "shapes-sd3": "train it with `python -m pfbdiff.shapes.train --family sd3 --init-from src/pfbdiff/shapes/model "
+                  "--object-weight 3 --export-dir src/pfbdiff/shapes/model_sd3`",
 }
 #: diffusers' default ``num_train_timesteps``, used when a scheduler config leaves it out.
 DEFAULT_TRAINING_STEPS = 1000
@@ -35,11 +39,12 @@ DEFAULT_RECOMMENDED = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
 def bundled_folder(name: str) -> Path:
     """Where the bundled model ``name`` ships (read from the constants above when asked)."""
-    return {"shapes": BUNDLED_SHAPES_MODEL, "shapes-xl": BUNDLED_SHAPES_XL_MODEL}[name]
+    return {"shapes": BUNDLED_SHAPES_MODEL, "shapes-xl": BUNDLED_SHAPES_XL_MODEL,
+            "shapes-sd3": BUNDLED_SHAPES_SD3_MODEL}[name]
 
 
 def shipped(name: str = "shapes") -> bool:
-    """Whether this install ships the bundled model ``name`` (``"shapes"`` or ``"shapes-xl"``)."""
+    """Whether this install ships the bundled model ``name`` (one of :data:`BUNDLED_NAMES`)."""
     return (bundled_folder(name) / "model_index.json").is_file()
 
 
