@@ -59,6 +59,28 @@ def test_inside_word_gets_zero_attention_outside_the_mask_and_rows_sum_to_one(ti
     assert torch.all(probs[0][..., [2, 3]] > 0)  # unconditional row untouched by default
 
 
+def test_the_word_boost_multiplies_a_words_odds_inside_its_region_by_e_to_the_boost_in_the_early_steps(tiny_pipe):
+    """Against another token, a boosted word's attention inside its region gains exactly a factor e^b (the
+    logits gain b), in the conditional row only; outside its region it stays zero; below the gate's timestep
+    nothing is boosted."""
+    boost = 2.0
+    plain, boosted = (AttentionMasking([TokenRegion((2, 3), _left_half())], (16, 16), {8}, word_boost=b,
+                                       word_boost_until=500) for b in (0.0, boost))
+    for controller in (plain, boosted):
+        controller.active, controller.timestep = True, 800
+    _, _, before = _run(tiny_pipe, plain)
+    _, _, after = _run(tiny_pipe, boosted)
+    inside = _left_half().binary_at((4, 4)).reshape(-1)
+    odds_before = before[1][:, inside][..., 2] / before[1][:, inside][..., 5]
+    odds_after = after[1][:, inside][..., 2] / after[1][:, inside][..., 5]
+    torch.testing.assert_close(odds_after / odds_before, torch.full_like(odds_after, float(np.exp(boost))))
+    assert torch.all(after[1][:, ~inside][..., [2, 3]] == 0)
+    torch.testing.assert_close(after[0], before[0])  # the unconditional row is not boosted
+    boosted.timestep = 400  # past the gate: the plain masking, bit for bit
+    _, _, late = _run(tiny_pipe, boosted)
+    assert torch.equal(late, before)
+
+
 def test_outside_word_gets_zero_attention_inside_the_mask(tiny_pipe):
     controller = AttentionMasking([TokenRegion((4,), _left_half().complement())], (16, 16), {8})
     controller.active = True

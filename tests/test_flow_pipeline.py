@@ -107,7 +107,7 @@ def test_a_shorter_edit_inverts_only_its_share_of_the_steps(pipe):
 
 @pytest.mark.parametrize("settings", [dict(flow_solver="fireflow"), dict(start="noise"),
                                       dict(latent_reference="noised"), dict(text_queries=True),
-                                      dict(preset="background"), dict(batch_cfg=False)])
+                                      dict(preset="background"), dict(batch_cfg=False), dict(word_boost=4.0)])
 def test_every_flow_option_keeps_the_photo_outside_the_edit_region(pipe, settings):
     """Outside the region the paste-back reports (the user's mask, or the background preset's halo-snapped one)
     every pixel is the photo's own."""

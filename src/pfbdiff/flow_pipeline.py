@@ -266,7 +266,8 @@ class FlowEditing(PhotoEditing):
         masking = AttentionMasking(
             token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words,
                           positions_of_words=self._word_positions),
-            grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond)
+            grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond,
+            word_boost=config.word_boost, word_boost_until=config.word_boost_until)
 
         # 6. the start latent and the latent-blend reference
         start = source_latents[-1]
@@ -307,7 +308,8 @@ class FlowEditing(PhotoEditing):
                          masking: AttentionMasking, batch_cfg: bool, source: Conditioning | None = None):
         """The target branch of this model (:func:`~pfbdiff.engine.flow_loop.guided_flow_velocity`)."""
         return guided_flow_velocity(self._velocity, target, unconditional, guidance_scale, masking,
-                                    batch_cfg=batch_cfg, source=source)
+                                    batch_cfg=batch_cfg, source=source,
+                                    timestep_of=lambda sigma: sigma * self.scheduler.config.num_train_timesteps)
 
     def __call__(self, image, mask_image=None, prompt="", source_prompt="", **kwargs):
         """Invert ``image`` and edit it in one call (see :meth:`invert` and :meth:`edit`); diffusers'

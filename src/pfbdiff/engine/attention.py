@@ -64,15 +64,23 @@ class AttentionMasking:
     batch are unconditional (half of a batched guidance pass, all of a sequential unconditional pass).
     ``observer``, if set, receives ``(L, probabilities)`` of every masked layer; it is how tests and
     visualisations see the attention maps.
+
+    ``word_boost`` (docs/method.md §5) adds that many logits to a confined word's attention inside its own region,
+    in the conditional rows, while the loop's ``timestep`` is above ``word_boost_until``: in the early steps,
+    where the layout is decided, each word is pulled to its region as well as kept out of the rest (as
+    DenseDiffusion modulates attention).
     """
 
     def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False,
-                 region_prompts: list[RegionPrompt] = ()):
+                 region_prompts: list[RegionPrompt] = (), word_boost: float = 0.0, word_boost_until: float = 0.0):
         self.regions = regions
         self.region_prompts = list(region_prompts)
         self.latent_size = tuple(latent_size)
         self.blocks = frozenset(blocks)
         self.mask_uncond = mask_uncond
+        self.word_boost = float(word_boost)
+        self.word_boost_until = word_boost_until
+        self.timestep = float("inf")  # set by the loop before each pass
         self.active = False
         self.unconditional_rows = 0
         self.observer: Callable[[int, torch.Tensor], None] | None = None
@@ -95,7 +103,7 @@ class AttentionMasking:
         blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
         if not self.regions:
             return None
-        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype)
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype, self._boosting)
         if key not in self._bias_cache:
             self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
         return self._bias_cache[key]
@@ -113,10 +121,33 @@ class AttentionMasking:
         allowed = allowed.repeat(batch // images, 1, 1)
         if not self.mask_uncond:
             allowed[: self.unconditional_rows] = True
-        if bool(allowed.all()):
+        boost = self._boost(size, num_pixels, num_tokens, images, dtype) if self._boosting else None
+        if bool(allowed.all()) and boost is None:
             return None
-        blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        if boost is not None:
+            bias += boost.repeat(batch // images, 1, 1)
+            bias[: self.unconditional_rows] = 0
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @property
+    def _boosting(self) -> bool:
+        return self.word_boost != 0 and self.timestep > self.word_boost_until
+
+    def _boost(self, size, num_pixels, num_tokens, images, dtype) -> torch.Tensor:
+        """``word_boost`` on each confined word's tokens inside its region (images × pixels × tokens); a region
+        that covers every pixel says nothing about where the word belongs and gets none."""
+        device = self.regions[0].region.latent.device
+        boost = torch.zeros(images, num_pixels, num_tokens, dtype=dtype, device=device)
+        for token_region in self.regions:
+            inside = token_region.region.binary_at(size).reshape(images, num_pixels)
+            for image in range(images):
+                if bool(inside[image].all()):
+                    continue
+                for position in token_region.positions_of_image(image):
+                    if position < num_tokens:
+                        boost[image, :, position] += self.word_boost * inside[image].to(dtype)
+        return boost
 
 
 class MaskedCrossAttention:

@@ -74,17 +74,20 @@ def flow_source_features(recorded: list[dict], window, repeats: int, recompute: 
 
 def guided_flow_velocity(velocity_of, target: Conditioning, unconditional: Conditioning | None,
                          guidance_scale: float, masking: AttentionMasking, *, batch_cfg: bool = True,
-                         source: Conditioning | None = None):
+                         source: Conditioning | None = None, timestep_of: Callable | None = None):
     """The target branch, ``velocity(x, σ, on_block, source_latent=None)``: word-masked, classifier-free guided
     (``unconditional`` rows, SD3) or with the scale as the model's guidance input (Flux, no ``unconditional``).
     ``velocity_of(conditioning, guidance)`` is the model's velocity for those rows (one guidance per row). With a
     ``source_latent`` the source branch's rows (``source``'s conditioning, guidance 1 as in the inversion) run in
-    front of the target's in the same call, unmasked, and only the target's velocity is returned."""
+    front of the target's in the same call, unmasked, and only the target's velocity is returned.
+    ``timestep_of(σ)`` tells the masking controller the step's timestep (its word-boost gate)."""
 
     def run(rows: list[tuple[torch.Tensor, Conditioning, float]], sigma, on_block, unmasked: int):
         latents, conditions, scales = zip(*rows)
         guidance = torch.cat([torch.full((len(z),), float(g)) for z, g in zip(latents, scales)])
         masking.active, masking.unconditional_rows = True, unmasked
+        if timestep_of is not None:
+            masking.timestep = timestep_of(sigma)
         try:
             return velocity_of(Conditioning.cat(list(conditions)), guidance)(torch.cat(latents), sigma, on_block)
         finally:

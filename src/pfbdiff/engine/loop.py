@@ -138,7 +138,7 @@ def pfb_sampling_loop(
         if blending and plan.blend_points:
             hook = FeatureBlender(source_features(n, t), mask, plan.blend_points, plan.source_of)
         if masking is not None:
-            masking.active = blending
+            masking.active, masking.timestep = blending, t
         out = guided_prediction(unet, x, t, prompts, hook, guidance_scale, batch_cfg=batch_cfg, blend_skips=plan.blend_skips,
                                 masking=masking)
         x = ddim_step(out, x, grid.alpha(t), grid.alpha_prev(n), grid.prediction_type)

@@ -46,6 +46,10 @@ class EditConfig:
     # multi-object edits: inside each word mask's region the cross-attention reads a prompt of the region's own
     # (``region_prompts[word]``, else the word itself) instead of the edit's prompt (regional prompting)
     own_region_prompts: bool = False
+    # a confined word's attention inside its own region gets this many extra logits in the early steps
+    # (while t > word_boost_until), so each word is drawn where its region is (docs/method.md §5)
+    word_boost: float = 0.0
+    word_boost_until: int = 500
     # -- gates (docs/method.md §1)
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
