@@ -134,9 +134,10 @@ class AttentionMasking:
     def _boosting(self) -> bool:
         return self.word_boost != 0 and self.timestep > self.word_boost_until
 
-    def _boost(self, size, num_pixels, num_tokens, images, dtype) -> torch.Tensor:
+    def _boost(self, size, num_pixels, num_tokens, images, dtype) -> torch.Tensor | None:
         """``word_boost`` on each confined word's tokens inside its region (images × pixels × tokens); a region
-        that covers every pixel says nothing about where the word belongs and gets none."""
+        that covers every pixel says nothing about where the word belongs and gets none (``None``: nothing
+        boosted, so a layer with nothing blocked either runs unchanged)."""
         device = self.regions[0].region.latent.device
         boost = torch.zeros(images, num_pixels, num_tokens, dtype=dtype, device=device)
         for token_region in self.regions:
@@ -147,7 +148,7 @@ class AttentionMasking:
                 for position in token_region.positions_of_image(image):
                     if position < num_tokens:
                         boost[image, :, position] += self.word_boost * inside[image].to(dtype)
-        return boost
+        return boost if bool(boost.any()) else None
 
 
 class MaskedCrossAttention:

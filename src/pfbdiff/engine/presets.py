@@ -47,9 +47,11 @@ class EditConfig:
     # (``region_prompts[word]``, else the word itself) instead of the edit's prompt (regional prompting)
     own_region_prompts: bool = False
     # a confined word's attention inside its own region gets this many extra logits in the early steps
-    # (while t > word_boost_until), so each word is drawn where its region is (docs/method.md §5)
-    word_boost: float = 0.0
-    word_boost_until: int = 500
+    # (while t > word_boost_until), so each word is drawn where its region is (docs/method.md §5). The official
+    # code has no boost; on ShapesBench's tuning cases it raised multi-object successes from 25 to 42 of 80 and
+    # object ones from 53 to 60 (README)
+    word_boost: float = 8.0
+    word_boost_until: int = 700
     # -- gates (docs/method.md §1)
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
@@ -121,6 +123,7 @@ _PAPER_QUIRKS = dict(
     reference_latent_index=True,
     latent_mask="binary",
     auto_words=None,
+    word_boost=0.0,
     cache_source=False,
     batch_cfg=False,
 )
