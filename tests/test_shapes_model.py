@@ -77,13 +77,24 @@ def test_held_out_captions_are_drawn_as_the_oracles_read_them(shapes_components)
     assert sum(verdicts.values()) >= MIN_PASSING, verdicts
 
 
+def _edits_a_scene_inside_the_mask_only(pipe):
+    import numpy as np
+
+    from pfbdiff.shapes.world import Scene, ShapeObject, render
+
+    photo = render(Scene("yellow", "plain", (ShapeObject("red", "circle", 0.5, 0.5, 0.4),)), 64).image
+    mask = np.zeros((64, 64), np.float32)
+    mask[12:52, 12:52] = 1
+    result = pipe(photo, mask, "a blue square on a plain yellow background", "a red circle on a plain yellow background")
+    edited = np.asarray(result.images[0])
+    assert np.array_equal(edited[mask == 0], photo[mask == 0]) and not np.array_equal(edited, photo)
+
+
 def test_the_sdxl_layout_model_ships_loads_by_name_and_edits_as_sdxl():
     """``shapes-xl``: the SDXL-layout sibling (two text encoders, pooled vector, size ids), at most 20 MB."""
-    import numpy as np
 
     from pfbdiff.models import catalog
     from pfbdiff.pipeline import PFBDiffXLPipeline, load_pipeline
-    from pfbdiff.shapes.world import Scene, ShapeObject, render
 
     folder = catalog.BUNDLED_SHAPES_XL_MODEL
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 20 * 1024 * 1024
@@ -91,31 +102,19 @@ def test_the_sdxl_layout_model_ships_loads_by_name_and_edits_as_sdxl():
     pipe = load_pipeline("shapes-xl", quiet=True)
     assert isinstance(pipe, PFBDiffXLPipeline) and pipe.unet.config.addition_embed_type == "text_time"
     assert pipe.feature_unet.attention_blocks_at_levels([0]) == ()  # SDXL's layout: none at the top level
-    photo = render(Scene("yellow", "plain", (ShapeObject("red", "circle", 0.5, 0.5, 0.4),)), 64).image
-    mask = np.zeros((64, 64), np.float32)
-    mask[12:52, 12:52] = 1
-    result = pipe(photo, mask, "a blue square on a plain yellow background", "a red circle on a plain yellow background")
-    edited = np.asarray(result.images[0])
-    assert np.array_equal(edited[mask == 0], photo[mask == 0]) and not np.array_equal(edited, photo)
+    _edits_a_scene_inside_the_mask_only(pipe)
 
 
 def test_the_sd3_layout_flow_model_ships_loads_by_name_and_edits_as_sd3():
     """``shapes-sd3``: the SD3-layout flow transformer (two CLIPs and a T5, joint blocks), at most 20 MB."""
-    import numpy as np
 
     from pfbdiff.flow_pipeline import PFBDiffSD3Pipeline
     from pfbdiff.models import catalog
     from pfbdiff.pipeline import load_pipeline
-    from pfbdiff.shapes.world import Scene, ShapeObject, render
 
     folder = catalog.BUNDLED_SHAPES_SD3_MODEL
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 20 * 1024 * 1024
     assert catalog.recommended_settings("shapes-sd3") == {"num_inference_steps": 20, "guidance_scale": 4.0}
     pipe = load_pipeline("shapes-sd3", quiet=True)
     assert isinstance(pipe, PFBDiffSD3Pipeline) and pipe.native_side == 64
-    photo = render(Scene("yellow", "plain", (ShapeObject("red", "circle", 0.5, 0.5, 0.4),)), 64).image
-    mask = np.zeros((64, 64), np.float32)
-    mask[12:52, 12:52] = 1
-    result = pipe(photo, mask, "a blue square on a plain yellow background", "a red circle on a plain yellow background")
-    edited = np.asarray(result.images[0])
-    assert np.array_equal(edited[mask == 0], photo[mask == 0]) and not np.array_equal(edited, photo)
+    _edits_a_scene_inside_the_mask_only(pipe)
