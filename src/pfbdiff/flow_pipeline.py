@@ -55,7 +55,7 @@ SOURCE_CACHE_BYTES = 2 * 2**30
 
 class FlowEditing(PhotoEditing):
     """PFB-Diff's ``invert`` and ``edit`` on a flow transformer; a family class supplies ``encode_prompt_rows``,
-    ``_velocity_inputs`` and ``_text_parts``."""
+    ``_velocity_inputs``, ``_text_parts`` and ``latent_channels``."""
 
     #: ``True`` for a guidance-distilled family: the guidance scale is an input of the model, not a second pass.
     distilled_guidance = False
