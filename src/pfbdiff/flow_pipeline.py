@@ -30,9 +30,8 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from pfbdiff.engine import automask
 from pfbdiff.engine.attention import AttentionMasking, token_regions
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
-from pfbdiff.engine.blending import blend
 from pfbdiff.engine.conditioning import Conditioning
-from pfbdiff.engine.flow import FlowGrid, integrate, solver_step
+from pfbdiff.engine.flow import FlowGrid, along_path, integrate, solver_step
 from pfbdiff.engine.flow_loop import (
     flow_pfb_loop,
     flow_source_features,
@@ -276,8 +275,8 @@ class FlowEditing(PhotoEditing):
         references = source_latents
         if config.latent_reference == "noised":  # the clean latent carried to each σ with fresh noise (BLD's)
             clean = source_latents[0]
-            references = [blend(_randn(tuple(clean.shape), generator, clean.device, clean.dtype), clean,
-                                torch.tensor(sigma, dtype=clean.dtype)) for sigma in sigmas]
+            references = [along_path(clean, _randn(tuple(clean.shape), generator, clean.device, clean.dtype),
+                                     sigma) for sigma in sigmas]
 
         # 7. the PFB-Diff loop on the flow
         sigma_combine = config.t_combine / inversion.grid.num_train_timesteps

@@ -138,12 +138,12 @@ def masked_flow_sdedit(pipe, image, mask, prompt, *, steps: int, strength: float
                        generator) -> BaselineResult:
     """SDEdit on a flow: the source latent carried to σ_K = ``strength`` of the grid with fresh noise,
     ``(1 − σ) z₀ + σ ε``, Euler steps down with the target prompt (classifier-free guided), paste-back."""
-    from pfbdiff.engine.flow import integrate
+    from pfbdiff.engine.flow import along_path, integrate
 
     z0 = encode_source(pipe, image)
     grid = pipe.flow_grid(steps, tuple(z0.shape[-2:]))
     sigmas = grid.sigmas[: edit_steps(grid.num_steps, strength) + 1]
-    x = (1 - sigmas[-1]) * z0 + sigmas[-1] * _noise(z0.shape, generator, z0)
+    x = along_path(z0, _noise(z0.shape, generator, z0), sigmas[-1])
     velocity = pipe.target_velocity([prompt], guidance_scale)
     x = integrate(lambda z, sigma: velocity(z, sigma), x, tuple(reversed(sigmas)), "euler")[-1]
     raw = decode_uint8(pipe, x)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pfbdiff.engine.conditioning import Conditioning
+from pfbdiff.engine.flow import along_path
 from pfbdiff.engine.sampling import DDIMGrid, ddim_move, split_prediction
 from pfbdiff.errors import PFBDiffError
 
@@ -84,7 +85,7 @@ def flow_difference_map(velocity, z0: torch.Tensor, *, draws: int = DEFAULT_DRAW
     _checked(draws, level)
 
     def noise_estimates(noise):
-        both = torch.cat([(1 - level) * z0 + level * noise] * 2)
+        both = torch.cat([along_path(z0, noise, level)] * 2)
         return (both + (1 - level) * velocity(both, level)).chunk(2)
 
     return _averaged_difference(z0, draws, seed, noise_estimates)

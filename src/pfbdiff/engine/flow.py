@@ -64,6 +64,11 @@ class FlowGrid:
         return cls(tuple(reversed(descending)), int(scheduler.config.num_train_timesteps))
 
 
+def along_path(clean: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The point at σ on the straight path from ``clean`` to ``noise``: ``(1 − σ) x₀ + σ ε``."""
+    return (1 - sigma) * clean + sigma * noise
+
+
 def split_velocity(x: torch.Tensor, velocity: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean latent and the noise a velocity points between: ``x₀ = x − σ v``, ``ε = x + (1 − σ) v``."""
     return x - sigma * velocity, x + (1 - sigma) * velocity
