@@ -383,3 +383,22 @@ def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "BUNDLED_SHAPES_MODEL", tmp_path / "missing")
     missing = runner.invoke(app, ["bench", "shapes", "--quick"])
     assert missing.exit_code == 2 and "--model" in missing.output and "Traceback" not in missing.output
+
+
+def test_the_cli_bench_on_a_flow_model_folder_runs_what_applies_and_the_familys_background_preset(tmp_path):
+    """Without --methods the CLI runs every method that applies to the model (the U-Net-only ones would fail on a
+    transformer), and a flow's background edits blend the latent at every step (presets.FAMILY_PRESETS)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from pfbdiff.apps.cli import app
+    from pfbdiff.models.toy_flow_models import tiny_flow_components
+
+    StableDiffusion3Pipeline(**tiny_flow_components("sd3")).save_pretrained(tmp_path / "sd3", safe_serialization=True)
+    out = tmp_path / "sb"
+    done = CliRunner().invoke(app, ["bench", "shapes", "--model", str(tmp_path / "sd3"), "--cases", "1", "--tasks",
+                                    "background", "--steps", "2", "--out", str(out), "--grid-cases", "0"])
+    assert done.exit_code == 0, done.output
+    result = json.loads((out / "shapesbench.json").read_text())
+    assert "kv-edit-like" in result["config"]["methods"] and "pfb-paper" not in result["config"]["methods"]
+    settings = result["methods"]["pfb"]["settings"]["background"]
+    assert settings["latent_blend"] == -1.0 and get_preset("background").latent_blend == 0.8

@@ -97,6 +97,37 @@ def test_with_every_block_blended_the_source_pooled_vector_and_the_latent_blend_
     assert not torch.equal(edit.latents[~outside], clean[~outside])
 
 
+def test_a_background_edit_on_a_flow_keeps_the_subjects_latent_cells_the_photos_at_every_step(pipe):
+    """The flow family's background preset blends the latent at every step (presets.FAMILY_PRESETS): the latent
+    cells wholly outside the (background) mask end as the photo's clean latent exactly, where the U-Net preset
+    lets them go after the first fifth of the steps."""
+    inversion = pipe.invert(_photo(), SOURCE, 3)
+    subject = _mask(box=(48, 48, 96, 96))
+    background = 1.0 - subject
+    edit = pipe.edit(inversion, background, TARGET, preset="background", output_type="latent", halo=0)
+    kept = torch.from_numpy(background[::8, ::8] == 0).expand_as(edit.latents[0])[None]
+    clean = inversion.latents[0]
+    assert torch.equal(edit.latents[kept], clean[kept])
+    assert not torch.equal(edit.latents[~kept], clean[~kept])
+
+
+def test_a_request_runs_its_preset_as_the_pipelines_family_does(pipe, tmp_path, monkeypatch):
+    """The CLI, batch and UI all go through ``run_request``: it resolves the preset for the loaded family."""
+    from pfbdiff.apps.request import EditRequest, run_request
+    from pfbdiff.engine.presets import get_preset
+
+    _photo().save(tmp_path / "photo.png")
+    Image.fromarray((255 - _mask() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    request = EditRequest.checked(image=str(tmp_path / "photo.png"), mask=str(tmp_path / "mask.png"), prompt=TARGET,
+                                  source_prompt=SOURCE, preset="background", steps=2, guidance_scale=4.0,
+                                  settings={"halo": 0})
+    seen, edit = [], pipe.edit
+    monkeypatch.setattr(pipe, "edit", lambda *args, preset, **kwargs: seen.append(preset) or edit(*args, preset=preset,
+                                                                                                   **kwargs))
+    run_request(request, pipe)
+    assert seen == [get_preset("background", "flow", halo=0)] and seen[0].latent_blend != request.edit_config.latent_blend
+
+
 def test_a_shorter_edit_inverts_only_its_share_of_the_steps(pipe):
     inversion = pipe.invert(_photo(), SOURCE, 4, strength=0.5)
     assert inversion.inverted_steps == 2 and inversion.grid.num_steps == 4

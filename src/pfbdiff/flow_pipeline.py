@@ -62,6 +62,7 @@ class FlowEditing(PhotoEditing):
     t5_length = 256
     #: The steps and guidance scale of diffusers' pipeline of the family, for a model that recommends none.
     default_settings = {"num_inference_steps": 28, "guidance_scale": 7.0}
+    preset_family = "flow"
 
     #: denoiser calls and rows evaluated so far (inversion, source and target branches)
     model_calls = 0

@@ -54,6 +54,9 @@ class PhotoEditing:
     and the attribute ``recommended_settings``.
     """
 
+    #: The family whose version of a named preset this pipeline runs (``presets.FAMILY_PRESETS``; None: a U-Net's).
+    preset_family: str | None = None
+
     def _or_recommended(self, name: str, value):
         """``value``, or the model's recommended one (:attr:`recommended_settings`) when it is ``None``."""
         return self.recommended_settings[name] if value is None else value
@@ -103,7 +106,7 @@ class PhotoEditing:
                       auto_mask_seed: int = automask.DEFAULT_SEED, **overrides) -> mask_set.MaskSet:
         """Every mask of an edit of ``inversion`` (``photo/mask_set.py``), one per input image: the latent-size
         edit mask and word masks the method uses, and the full-size masks of the paste-back."""
-        config = _resolve(preset, overrides)
+        config = _resolve(preset, overrides, self.preset_family)
         size, n = inversion.original_sizes[0], inversion.batch_size
 
         def load(source, name):
@@ -140,7 +143,7 @@ class PhotoEditing:
                        colour_match):
         """The resolved settings of an edit of ``inversion``: (config, guidance scale, step count K, paste-back),
         every one checked against the inversion and the photo."""
-        config = _resolve(preset, overrides)
+        config = _resolve(preset, overrides, self.preset_family)
         guidance_scale = self._or_recommended("guidance_scale", guidance_scale)
         checks.finite_number("guidance_scale", guidance_scale)
         for photo_size in inversion.original_sizes:
@@ -180,7 +183,7 @@ class PhotoEditing:
         :meth:`edit`.
         """
         settings = {k: edit_kwargs.pop(k) for k in list(edit_kwargs) if k in EditConfig.__dataclass_fields__}
-        config = _resolve(preset, {**settings, "strength": strength})
+        config = _resolve(preset, {**settings, "strength": strength}, self.preset_family)
         self.check_words(prompt, config)  # name a misspelt word before the costly inversion
         images = [imgs.load_image(i) for i in _as_list(image)]
         size = images[0].size
@@ -219,12 +222,13 @@ class PhotoEditing:
         )
 
 
-def _resolve(preset: str | EditConfig, overrides: dict) -> EditConfig:
-    """``preset`` (a name or an :class:`EditConfig`) with the given (not ``None``) ``overrides``."""
+def _resolve(preset: str | EditConfig, overrides: dict, family: str | None) -> EditConfig:
+    """``preset`` (a name, resolved for the pipeline's ``family``, or an :class:`EditConfig`) with the given (not
+    ``None``) ``overrides``."""
     overrides = {k: tuple(v) if k in ("inside", "outside") else v for k, v in overrides.items() if v is not None}
     if isinstance(preset, EditConfig):
         return preset.replace(**overrides) if overrides else preset
-    return get_preset(preset, **overrides)
+    return get_preset(preset, family, **overrides)
 
 
 def _as_list(value) -> list:

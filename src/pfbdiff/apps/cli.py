@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pfbdiff import __version__  # noqa: E402
-from pfbdiff.engine.presets import PRESET_HELP, PRESETS, EditConfig  # noqa: E402
+from pfbdiff.engine.presets import FAMILY_NAMES, FAMILY_PRESETS, PRESET_HELP, PRESETS, EditConfig  # noqa: E402
 from pfbdiff.errors import EmptyMaskError, PFBDiffError  # noqa: E402
 from pfbdiff.io import images as imgs  # noqa: E402
 from pfbdiff.io import outputs  # noqa: E402
@@ -333,7 +333,7 @@ def bench_shapes(
     cases: Optional[int] = typer.Option(None, "--cases", help="Cases per task (overrides --quick)."),
     first_case: int = typer.Option(0, "--first-case", help="Index of each task's first case: the bench's own are 0-199; later ones serve for tuning."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps, the same for every method."),
-    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default all): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, pfb-pooled-target, pfb-pooled-source, pfb-attn-no-top, bld-inverted, bld, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
+    methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default: all that apply to the model): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, pfb-depth-0.25, pfb-depth-0.75, pfb-depth-1.0, pfb-text-queries, pfb-fireflow, pfb-pooled-target, pfb-pooled-source, pfb-attn-no-top, pfb-region-prompts, bld-inverted, bld, flow-bld, kv-edit-like, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Tasks (default all): object, attribute, background, multi-object."),
     guidance: float = typer.Option(4.0, "--guidance", "-g", help="Classifier-free guidance scale for every method and for text-to-image."),
     grid_cases: int = typer.Option(4, "--grid-cases", help="Cases per task shown in the image grid."),
@@ -352,7 +352,8 @@ def bench_shapes(
     with user_errors():
         count = cases if cases is not None else (shapesbench.QUICK_CASES if quick else shapesbench.FULL_CASES)
         chosen_tasks = shapesbench.select(tasks, shapesbench.TASKS, "task")
-        chosen_methods = shapesbench.select(methods, tuple(shapesbench.METHODS), "method")
+        # no --methods: run_shapesbench runs every method that applies to the model (U-Net or flow transformer)
+        chosen_methods = shapesbench.select(methods, tuple(shapesbench.METHODS), "method") if methods else None
         if count < 1 or steps < 1 or first_case < 0:
             raise PFBDiffError(f"--cases and --steps must be at least 1 and --first-case at least 0, got {count}, "
                                f"{steps} and {first_case}")
@@ -420,6 +421,10 @@ def presets():
         shown = {key: value for key, value in vars(config).items() if config is base or value != getattr(base, key)}
         print(f"{name}: {PRESET_HELP[name]}")
         print(f"    {' '.join(f'{key}={setting_text(value)}' for key, value in shown.items())}")
+        for family, changes in FAMILY_PRESETS.items():
+            if name in changes:
+                print(f"    on {FAMILY_NAMES[family]}: "
+                      f"{' '.join(f'{key}={setting_text(value)}' for key, value in changes[name].items())}")
     print("\nEach preset lists the settings it changes from `object`, which lists them all. Block numbers "
           "(blend_blocks, attention_blocks) count an SD 1.x U-Net's blocks in the order they run (docs/method.md §3): "
           "the paper-* presets reproduce the official SD 1.x code only.")

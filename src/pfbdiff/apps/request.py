@@ -119,13 +119,19 @@ class EditRequest:
         return data
 
     # -- what it resolves to -----------------------------------------------------------------------------------
-    @functools.cached_property
-    def edit_config(self) -> EditConfig:
-        """The preset with the request's settings and words applied: the one resolution of ``preset`` (a request
-        is not changed after :meth:`checked`; ``dataclasses.replace`` makes a new one)."""
-        config = get_preset(self.preset, **self.settings)
+    def config_for(self, family: str | None) -> EditConfig:
+        """The preset as a pipeline of ``family`` runs it (its ``preset_family``), with the request's settings and
+        words applied: the one resolution of ``preset``."""
+        config = get_preset(self.preset, family, **self.settings)
         words = {k: tuple(getattr(self, k)) for k in ("inside", "outside") if getattr(self, k)}
         return config.replace(**words) if words else config
+
+    @functools.cached_property
+    def edit_config(self) -> EditConfig:
+        """:meth:`config_for` a U-Net, for what is the same on every family: the checks of the settings, the mask's
+        reach, how the photo is inverted (a request is not changed after :meth:`checked`; ``dataclasses.replace``
+        makes a new one)."""
+        return self.config_for(None)
 
     def edit_steps(self) -> int:
         """K: the steps that are inverted and edited."""
@@ -374,7 +380,7 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
     import torch
 
     inputs = inputs or load_inputs(request)
-    config = request.edit_config
+    config = request.config_for(pipe.preset_family)
     pipe.check_words(request.prompt, config)  # a misspelt word, before the costly inversion
     plan = pipe.crop_plan(inputs.source.size, inputs.mask, crop=request.crop, crop_padding=request.crop_padding,
                           grow=config.mask_reach, feather=request.feather)

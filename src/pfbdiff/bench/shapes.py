@@ -88,7 +88,8 @@ def _pooled(pipe) -> bool:  # a model with a pooled text vector (SDXL)
 
 
 def default_config(task: str, pipe=None) -> EditConfig:
-    return get_preset(TASK_PRESET[task])
+    """The task's preset as ``pipe``'s family runs it."""
+    return get_preset(TASK_PRESET[task], getattr(pipe, "preset_family", None))
 
 
 def paper_config(task: str, pipe) -> EditConfig:
@@ -111,7 +112,7 @@ def paper_config(task: str, pipe) -> EditConfig:
 def _variant(tasks=None, **changes) -> Callable[[str, object], EditConfig]:
     """The task's preset with ``changes`` (on ``tasks`` only, when given: elsewhere the preset itself, run once
     and reported as the same)."""
-    return lambda task, pipe=None: default_config(task).replace(**(changes if tasks is None or task in tasks else {}))
+    return lambda task, pipe=None: default_config(task, pipe).replace(**(changes if tasks is None or task in tasks else {}))
 
 
 def _sdedit(strength: float) -> Method:
