@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pfbdiff.apps.cli import app
 from pfbdiff.apps.manifest import read_manifest
 from pfbdiff.apps.request import setting_value
-from pfbdiff.engine.presets import PRESETS, get_preset
+from pfbdiff.engine.presets import FAMILY_PRESETS, PRESETS, get_preset
 
 runner = CliRunner()
 LONG_PROMPT = "a cat on a bench, " + "very " * 80 + "and a blue dog"
@@ -250,11 +250,12 @@ def test_presets_print_to_stdout_as_settings_that_give_the_preset_back():
         assert PRESETS["object"].replace(**values) == preset, name
     assert "blend_blocks=8,9,10,11,12,14,15,16,17,18" in result.stdout and "(8, 9" not in result.stdout
     # a family's own version of a preset is printed under it the same way
-    header = rows.index(next(row for row in rows if row.startswith("background: ")))
-    label, _, changes = rows[header + 2].partition(": ")
-    assert label.strip() == "on SD3 and Flux"
-    values = {key: setting_value(key, text) for key, text in (pair.split("=", 1) for pair in changes.split())}
-    assert PRESETS["background"].replace(**values) == get_preset("background", "flow") != PRESETS["background"]
+    for name in FAMILY_PRESETS["flow"]:
+        header = rows.index(next(row for row in rows if row.startswith(f"{name}: ")))
+        label, _, changes = rows[header + 2].partition(": ")
+        assert label.strip() == "on SD3 and Flux"
+        values = {key: setting_value(key, text) for key, text in (pair.split("=", 1) for pair in changes.split())}
+        assert PRESETS[name].replace(**values) == get_preset(name, "flow") != PRESETS[name]
 
 
 def test_help_shows_install_hints_with_brackets():
