@@ -157,13 +157,13 @@ PRESET_HELP = {
 }
 
 
-#: What a family of models changes in a preset, measured on its own ShapesBench model (README). On a flow
-#: transformer (SD3, Flux), text and image tokens share joint attention's softmax, so the word boost takes the
-#: region's attention from the image tokens: at 8 it doubled the seam error of object edits on the shapes-sd3
-#: tuning cases (24 against 12 at 1) and drew the target in 7 of 40 (16 at 1); attribute edits, which start at
-#: t = 800 and so are boosted in their first two steps only, keep 8 (22 of 40; 15 at 1). A background edit blends the latent at every
-#: step: the early-only latent blend left the new background a haze over the old one (4 of 40 right, 17 with
-#: it), while on the U-Net it loses (52 against 45 of 80).
+#: What a family of models changes in a preset, measured on its own ShapesBench model (README, "ShapesBench on
+#: the SD3 layout"). On a flow transformer (SD3, Flux) text and image tokens share joint attention's softmax, so
+#: the word boost takes the region's attention from the image tokens too: at 8 object edits' seam error was twice
+#: that at 1 (23.5 against 12.0 on the bench's cases, the same successes). Attribute edits start at t = 800, so
+#: only their first two steps are boosted, and they keep 8 (22 of 40 tuning cases; 15 at 1). Background edits
+#: blend the latent at every step: the early-only blend left the new background a haze over the old one (4 of 40
+#: tuning cases right, 17 with it), while on the U-Net it loses (52 against 45 of 80).
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
     "flow": {"object": dict(word_boost=1.0), "multi-object": dict(word_boost=1.0),
              "background": dict(latent_blend=-1.0)},
