@@ -82,6 +82,19 @@ def test_manifest_lines_get_defaults_relative_paths_and_aliases(folder):
     assert first.parameters_hash("m") != first.parameters_hash("other-model")
 
 
+def test_a_finished_line_goes_stale_when_any_familys_version_of_its_preset_changes(folder, monkeypatch):
+    # the manifest is hashed before the model (and so its family) is known: a flow model's batch must rerun
+    # when only the flow version of the preset changes
+    from pfbdiff.engine import presets
+
+    (line,), _ = read_manifest(_write(folder, [_line()]), steps=9, guidance=5.0)
+    before = line.parameters_hash("shapes-sd3")
+    flow = {**presets.FAMILY_PRESETS["flow"], "object": {"word_boost": 3.0}}
+    monkeypatch.setitem(presets.FAMILY_PRESETS, "flow", flow)
+    assert line.config == line.request.config_for(None)  # the U-Net version is unchanged...
+    assert line.parameters_hash("shapes-sd3") != before  # ...and the line is stale all the same
+
+
 @pytest.mark.parametrize("entry, fragment", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "must be a JSON object"),

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from pfbdiff.apps import provenance
 from pfbdiff.apps.request import SETTING_NAMES, EditRequest
-from pfbdiff.engine.presets import EditConfig
+from pfbdiff.engine.presets import FAMILY_PRESETS, EditConfig
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io.images import check_readable_file, one_line
 
@@ -76,11 +76,16 @@ class BatchLine:
         return dataclasses.replace(self.request, model=model)
 
     def parameters_hash(self, model: str) -> str:
-        """A hash of everything that decides the output's pixels (file contents, not their paths)."""
+        """A hash of everything that decides the output's pixels (file contents, not their paths).
+
+        The preset is hashed as every model family resolves it (``FAMILY_PRESETS``): the manifest is read before
+        the model, whose family decides which one runs, so a change to any family's version of a preset makes
+        the line's earlier output stale."""
         request = self.request_for(model)
         decisive = {**request.to_dict(), "adapter_sha256": provenance.adapter_digests(request)}
-        decisive.update(image=self.image_digest, mask=self.mask_digest, device=None, dtype=None,
-                        effective=_jsonable(dataclasses.asdict(self.config)))
+        effective = {str(family): _jsonable(dataclasses.asdict(request.config_for(family)))
+                     for family in (None, *FAMILY_PRESETS)}
+        decisive.update(image=self.image_digest, mask=self.mask_digest, device=None, dtype=None, effective=effective)
         return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
