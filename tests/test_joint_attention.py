@@ -8,7 +8,7 @@ from helpers import LATENT, tiny_flux_transformer, tiny_sd3_transformer
 from pfbdiff.engine.attention import AttentionMasking, TokenRegion
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.edit_mask import EditMask
-from pfbdiff.engine.joint_attention import joint_attention_masking_installed, sd3_joint_attention
+from pfbdiff.engine.joint_attention import joint_attention, joint_attention_masking_installed, text_share_kept
 
 GRID = (LATENT // 2, LATENT // 2)
 TEXT, WORD = 6, 2  # text tokens, and the position of the confined word
@@ -21,9 +21,14 @@ def _region() -> EditMask:
     return EditMask(grid)
 
 
-def _attention_call(walker, block, image, text, part="image"):
-    """The block's attention on (image, text) as the model calls it; returns its image (or text) tokens' output."""
+def _attention_call(walker, block, image, text, part="image", computed=None):
+    """The block's attention on (image, text) as the model calls it (or, given a bias ``computed``, as
+    :func:`joint_attention` computes it); returns its image (or text) tokens' output."""
     attn = block.module.attn
+    if computed is not None:
+        def attn(hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+            return joint_attention(block.module.attn, hidden_states, encoder_hidden_states, computed,
+                                   text_first=walker.flux, rotary=image_rotary_emb)
     if not walker.flux:
         return attn(hidden_states=image, encoder_hidden_states=text)[0 if part == "image" else 1]
     rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
@@ -97,16 +102,65 @@ def test_masking_with_nothing_blocked_is_the_blocks_own_attention_bit_for_bit(wa
     assert torch.equal(masked, plain)
 
 
-def test_sd3s_masked_attention_is_the_stock_attention_when_the_bias_is_zero():
-    walker = FeatureTransformer(tiny_sd3_transformer())
+@pytest.mark.parametrize("walker, block", _blocks())
+def test_the_computed_joint_attention_is_the_stock_attention_when_the_bias_is_zero(walker, block):
+    # where a bias is needed the attention is computed here, not by the block's processor: it must be the same
+    # attention, in the family's token order and position embedding (the last SD3 block has no text output)
     image, text, _ = _inputs(walker)
-    for block in walker.blocks:  # the last block is context_pre_only: no text output projection
-        attn = block.module.attn
+    joined = image.shape[1] + TEXT
+    for part in ("image", "text"):
         with torch.no_grad():
-            stock = attn(hidden_states=image, encoder_hidden_states=text)
-            ours = sd3_joint_attention(attn, image, text, torch.zeros(1, 1, image.shape[1] + TEXT, image.shape[1] + TEXT))
-        for a, b in zip(stock, ours):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            stock = _attention_call(walker, block, image, text, part)
+            ours = _attention_call(walker, block, image, text, part, computed=torch.zeros(1, 1, joined, joined))
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("walker, block", _blocks())
+def test_the_word_boost_acts_only_while_its_gate_is_open(walker, block):
+    # the joint bias is shared by the blocks of a step; it must follow the boost's gate from step to step
+    controller = AttentionMasking([TokenRegion((WORD,), _region())], GRID, {block.index}, word_boost=8.0,
+                                  word_boost_until=700)
+    plain = AttentionMasking([TokenRegion((WORD,), _region())], GRID, {block.index})
+    controller.active = plain.active = True
+    image, text, _ = _inputs(walker)
+    outputs = {}
+    with torch.no_grad():
+        with joint_attention_masking_installed(walker, plain):
+            outputs["masked"] = _attention_call(walker, block, image, text)
+        with joint_attention_masking_installed(walker, controller):
+            for timestep in (900, 500, 900):
+                controller.timestep = timestep
+                outputs[timestep] = outputs.get(timestep, []) + [_attention_call(walker, block, image, text)]
+    assert torch.equal(outputs[500][0], outputs["masked"])  # below the gate: the plain masked attention
+    assert not torch.allclose(outputs[900][0], outputs["masked"])  # above it: boosted
+    assert torch.equal(outputs[900][0], outputs[900][1])
+
+
+def test_a_boosted_word_gains_odds_against_the_text_only_and_the_image_keeps_its_share():
+    # in joint attention one softmax runs over image and text keys; the boost must act as in a U-Net's
+    # cross-attention (a softmax over the text alone): the image keys' weights stay as without it
+    torch.manual_seed(0)
+    queries, image_keys, text_keys, word, boost = 5, 7, 4, 1, 3.0
+    image_logits, text_logits = torch.randn(queries, image_keys), torch.randn(queries, text_keys)
+    blocked = torch.finfo(torch.float32).min
+    unboosted = torch.zeros(queries, text_keys)
+    unboosted[3:, word] = blocked  # queries 3 and 4 are outside the word's region
+    boosted = unboosted.clone()
+    boosted[:3, word] += boost
+    kept = text_share_kept(text_logits, boosted, unboosted)
+
+    def attention(text_bias):
+        return torch.softmax(torch.cat([image_logits, text_logits + text_bias], -1), -1)
+
+    before, after = attention(unboosted), attention(kept)
+    torch.testing.assert_close(after[:, :image_keys], before[:, :image_keys], rtol=1e-6, atol=1e-7)
+    odds_before = before[:3, image_keys + word] / before[:3, image_keys + 2]
+    odds_after = after[:3, image_keys + word] / after[:3, image_keys + 2]
+    torch.testing.assert_close(odds_after / odds_before, torch.full((3,), boost).exp(), rtol=1e-5, atol=0)
+    assert torch.all(after[3:, image_keys + word] == 0)  # still exactly zero outside the region
+    assert torch.equal(after[3:], before[3:])  # unboosted queries are untouched
+    # the plain additive bias would take the boost's weight from the image keys too
+    assert torch.all(attention(boosted)[:3, :image_keys].sum(-1) < before[:3, :image_keys].sum(-1))
 
 
 def test_installed_processors_are_restored():

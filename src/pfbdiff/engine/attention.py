@@ -98,17 +98,19 @@ class AttentionMasking:
             raise ValueError(f"cannot place {num_pixels} pixels in the latent grid {self.latent_size}")
         return h, w
 
-    def bias(self, num_pixels: int, num_tokens: int, batch: int, dtype) -> torch.Tensor | None:
+    def bias(self, num_pixels: int, num_tokens: int, batch: int, dtype, *, boosted: bool = True) -> torch.Tensor | None:
         """Additive logit bias (batch × pixels × tokens): 0 where allowed, the most negative finite value where
-        blocked; ``None`` when nothing is blocked (then the layer runs unchanged)."""
+        blocked, plus the word boost while it is on (``boosted=False``: without it); ``None`` when nothing is
+        blocked (then the layer runs unchanged)."""
         if not self.regions:
             return None
-        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype, self._boosting)
+        boosting = boosted and self.boosting
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype, boosting)
         if key not in self._bias_cache:
-            self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype)
+            self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype, boosting)
         return self._bias_cache[key]
 
-    def _build_bias(self, num_pixels, num_tokens, batch, dtype):
+    def _build_bias(self, num_pixels, num_tokens, batch, dtype, boosting):
         size = self.spatial_size(num_pixels)
         images = self.regions[0].region.latent.shape[0]
         allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.regions[0].region.latent.device)
@@ -121,7 +123,7 @@ class AttentionMasking:
         allowed = allowed.repeat(batch // images, 1, 1)
         if not self.mask_uncond:
             allowed[: self.unconditional_rows] = True
-        boost = self._boost(size, num_pixels, num_tokens, images, dtype) if self._boosting else None
+        boost = self._boost(size, num_pixels, num_tokens, images, dtype) if boosting else None
         if bool(allowed.all()) and boost is None:
             return None
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -131,7 +133,8 @@ class AttentionMasking:
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
     @property
-    def _boosting(self) -> bool:
+    def boosting(self) -> bool:
+        """Whether the word boost is on at this step."""
         return self.word_boost != 0 and self.timestep > self.word_boost_until
 
     def _boost(self, size, num_pixels, num_tokens, images, dtype) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 
 from pfbdiff.engine.attention import AttentionMasking
 
@@ -41,50 +42,78 @@ class MaskedJointAttention:
         self.shared = {} if shared is None else shared
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        controller = self.controller
         bias = None
-        if controller.applies(self.index):
+        if self.controller.applies(self.index):
             bias = self._joint_bias(hidden_states, encoder_hidden_states, attention_mask)
         if bias is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        if self.text_first:  # Flux's processor hands its attention_mask to the attention kernel
-            return self.original(attn, hidden_states, encoder_hidden_states, bias, *args, **kwargs)
-        return sd3_joint_attention(attn, hidden_states, encoder_hidden_states, bias)
+        image, text = self._parts(hidden_states, encoder_hidden_states)
+        boost = None
+        if self.controller.boosting:
+            unboosted = self.controller.bias(image.stop - image.start, text.stop - text.start,
+                                             hidden_states.shape[0], hidden_states.dtype, boosted=False)
+            boost = (image, text, unboosted)
+        return joint_attention(attn, hidden_states, encoder_hidden_states, bias, text_first=self.text_first,
+                               rotary=args[0] if args else kwargs.get("image_rotary_emb"), boost=boost)
+
+    def _parts(self, hidden_states, encoder_hidden_states) -> tuple[slice, slice]:
+        """Where the image and the text tokens sit in the joined sequence."""
+        rows, columns = self.controller.latent_size
+        image_tokens = rows * columns
+        joined = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        text_tokens = joined - image_tokens
+        if self.text_first:
+            return slice(text_tokens, joined), slice(0, text_tokens)
+        return slice(0, image_tokens), slice(image_tokens, joined)
 
     def _joint_bias(self, hidden_states, encoder_hidden_states, given) -> torch.Tensor | None:
         """The batch × 1 × joined × joined logit bias: the controller's word bias (image tokens × text tokens)
         where image queries meet text keys, plus a mask the model passed itself; ``None`` when nothing is
         blocked."""
-        joined = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-        key = (joined, hidden_states.shape[0], self.controller.unconditional_rows, hidden_states.dtype)
+        image, text = self._parts(hidden_states, encoder_hidden_states)
+        key = (text.stop, hidden_states.shape[0], self.controller.unconditional_rows, hidden_states.dtype,
+               self.controller.boosting)
         if key not in self.shared:
-            self.shared[key] = self._build_joint_bias(joined, hidden_states.shape[0], hidden_states.dtype)
+            self.shared[key] = self._build_joint_bias(image, text, hidden_states.shape[0], hidden_states.dtype)
         bias = self.shared[key]
         if bias is not None and given is not None:
             bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
         return bias
 
-    def _build_joint_bias(self, joined: int, batch: int, dtype) -> torch.Tensor | None:
-        rows, columns = self.controller.latent_size
-        image_tokens = rows * columns
-        text_tokens = joined - image_tokens
-        words = self.controller.bias(image_tokens, text_tokens, batch, dtype)
+    def _build_joint_bias(self, image: slice, text: slice, batch: int, dtype) -> torch.Tensor | None:
+        words = self.controller.bias(image.stop - image.start, text.stop - text.start, batch, dtype)
         if words is None:
             return None
+        joined = max(image.stop, text.stop)
         bias = torch.zeros(words.shape[0], 1, joined, joined, dtype=words.dtype, device=words.device)
-        if self.text_first:
-            image, text = slice(text_tokens, None), slice(0, text_tokens)
-        else:
-            image, text = slice(0, image_tokens), slice(image_tokens, None)
         bias[:, 0, image, text] = words
         if self.text_queries:
             bias[:, 0, text, image] = words.transpose(1, 2)
         return bias
 
 
-def sd3_joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bias: torch.Tensor):
-    """SD3's joint attention (image tokens first, then text) with an additive ``bias`` on the logits; returns what
-    the block expects: the image part, and the text part unless the block is the last (``context_pre_only``)."""
+def text_share_kept(logits: torch.Tensor, boosted: torch.Tensor, unboosted: torch.Tensor) -> torch.Tensor:
+    """The image queries' bias on the text keys with the word boost taken from the other text tokens only.
+
+    ``logits`` are the image queries' logits for the text keys (… × image × text), ``boosted`` and ``unboosted``
+    the word bias with and without the boost. Each query's text bias is lowered by what the boost added to its
+    text keys' total weight (a log-sum-exp), so the query gives the text the same share of its attention as
+    without the boost, and the image keys theirs: within the text, a boosted word's odds against every other
+    text token still grow by e^boost, as in a U-Net's cross-attention, whose softmax runs over the text alone.
+    """
+    work = torch.promote_types(logits.dtype, torch.float32)
+    logits, boosted, unboosted = logits.to(work), boosted.to(work), unboosted.to(work)
+    added = torch.logsumexp(logits + boosted, -1, keepdim=True) - torch.logsumexp(logits + unboosted, -1, keepdim=True)
+    return boosted - added
+
+
+def joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bias: torch.Tensor, *, text_first: bool,
+                    rotary=None, boost: tuple | None = None):
+    """The block's joint attention with an additive ``bias`` on the logits, for SD3 (image tokens, then text) and
+    Flux (text, then image; ``rotary`` its position embedding; a single-stream block passes the joined sequence
+    as ``image`` and no ``text``). ``boost`` (image slice, text slice, the word bias without the boost) keeps each
+    image query's share of attention to the text while the word boost is on (:func:`text_share_kept`). Returns
+    what the block expects: the image part, and the text part unless the block has none."""
     def heads(tokens):  # batch × tokens × width → batch × heads × tokens × head width
         return tokens.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
@@ -95,14 +124,26 @@ def sd3_joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bi
     key = normed(attn.norm_k, heads(attn.to_k(image)))
     value = heads(attn.to_v(image))
     if text is not None:
-        query = torch.cat([query, normed(attn.norm_added_q, heads(attn.add_q_proj(text)))], dim=2)
-        key = torch.cat([key, normed(attn.norm_added_k, heads(attn.add_k_proj(text)))], dim=2)
-        value = torch.cat([value, heads(attn.add_v_proj(text))], dim=2)
+        parts = [(query, normed(attn.norm_added_q, heads(attn.add_q_proj(text)))),
+                 (key, normed(attn.norm_added_k, heads(attn.add_k_proj(text)))),
+                 (value, heads(attn.add_v_proj(text)))]
+        query, key, value = (torch.cat(pair[::-1] if text_first else pair, dim=2) for pair in parts)
+    if rotary is not None:
+        query, key = apply_rotary_emb(query, rotary), apply_rotary_emb(key, rotary)
+    if boost is not None:
+        image_part, text_part, unboosted = boost
+        logits = query[:, :, image_part] @ key[:, :, text_part].transpose(-1, -2) * query.shape[-1] ** -0.5
+        bias = bias.expand(-1, attn.heads, -1, -1).clone()
+        boosted = bias[:, :, image_part, text_part]
+        kept = text_share_kept(logits, boosted, torch.zeros_like(boosted) if unboosted is None else unboosted[:, None])
+        bias[:, :, image_part, text_part] = kept.clamp_min(torch.finfo(bias.dtype).min).to(bias.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias).transpose(1, 2).flatten(2).to(query.dtype)
-    image_out = attn.to_out[1](attn.to_out[0](out[:, : image.shape[1]]))
     if text is None:
-        return image_out
-    text_out = out[:, image.shape[1]:]
+        return out if getattr(attn, "pre_only", False) else attn.to_out[1](attn.to_out[0](out))
+    text_tokens = text.shape[1]
+    image_out, text_out = (out[:, text_tokens:], out[:, :text_tokens]) if text_first else \
+        (out[:, : image.shape[1]], out[:, image.shape[1]:])
+    image_out = attn.to_out[1](attn.to_out[0](image_out))
     return image_out, (text_out if attn.context_pre_only else attn.to_add_out(text_out))
 
 
