@@ -11,9 +11,12 @@ prompting's masks do).
 
 The word → region map and the gates are the U-Net's :class:`~pfbdiff.engine.attention.AttentionMasking`
 controller, built on the token grid (its ``latent_size`` is the grid, so its maps need no halving). The processor
-sits on a block's attention: where nothing is blocked the block's own processor runs, a bitwise no-op; Flux's own
-processor takes the bias as its ``attention_mask``; SD3's stock one ignores masks, so for SD3 the masked
-attention is computed here.
+sits on a block's attention: where nothing is blocked the block's own processor runs, a bitwise no-op; elsewhere
+the joint attention is computed here (SD3's stock processor ignores masks, and the word boost needs the logits).
+
+The word boost (docs/method.md §5) raises a confined word's logits inside its region. In a U-Net's cross-attention
+the softmax runs over the text alone; here it runs over image and text keys together, so the boost is made to
+take its weight from the other text tokens only (:func:`text_share_kept`), not from the image.
 """
 
 from __future__ import annotations
