@@ -6,6 +6,7 @@ import torch
 
 from pfbdiff.engine.attention import (
     AttentionMasking,
+    KeptApartSelfAttention,
     MaskedCrossAttention,
     RegionPrompt,
     TokenRegion,
@@ -120,13 +121,43 @@ def test_masking_with_nothing_blocked_is_a_bitwise_no_op(tiny_pipe, case):
     assert torch.equal(out, plain) and probs is None
 
 
+def _self_attention_outputs(tiny_pipe, controller, hidden):
+    block = next(b for b in tiny_pipe.feature_unet.blocks if b.index == 8)
+    attn = block.self_attentions[0]
+    with torch.no_grad():
+        return KeptApartSelfAttention(controller, block.index, attn.processor)(attn, hidden)
+
+
+def test_kept_apart_the_edit_regions_self_attention_cannot_read_the_kept_region_in_the_conditional_rows(tiny_pipe):
+    # a background edit: the mask (edit region) is the left half, the kept subject the right half
+    kept = _left_half().complement()
+    controller = AttentionMasking([], (16, 16), {8}, kept_apart=kept)
+    controller.active, controller.unconditional_rows = True, 1
+    torch.manual_seed(0)
+    width = next(b for b in tiny_pipe.feature_unet.blocks if b.index == 8).self_attentions[0].to_q.in_features
+    hidden = torch.randn(2, 16, width)  # block 8 runs at 4×4 on a 16×16 latent
+    inside_kept = kept.binary_at((4, 4)).reshape(-1)
+    other = hidden.clone()
+    other[:, inside_kept] = torch.randn(int(inside_kept.sum()), width)  # only the kept region differs
+    one, two = _self_attention_outputs(tiny_pipe, controller, hidden), _self_attention_outputs(tiny_pipe, controller, other)
+    assert torch.equal(one[1, ~inside_kept], two[1, ~inside_kept])  # exactly: the edit region did not read it
+    assert not torch.equal(one[0, ~inside_kept], two[0, ~inside_kept])  # the unconditional row still reads it
+    assert not torch.equal(one[1, inside_kept], two[1, inside_kept])  # and the kept region reads itself
+    controller.active = False  # idle: the layer's own processor, bit for bit
+    block = next(b for b in tiny_pipe.feature_unet.blocks if b.index == 8)
+    with torch.no_grad():
+        plain = block.self_attentions[0].processor(block.self_attentions[0], hidden)
+    assert torch.equal(_self_attention_outputs(tiny_pipe, controller, hidden), plain)
+
+
 def test_installed_processors_are_restored(tiny_pipe):
     unet = tiny_pipe.feature_unet
-    before = {id(m): m.processor for b in unet.blocks for m in b.cross_attentions}
-    controller = AttentionMasking([], (16, 16), {8, 9, 13})
+    before = {id(m): m.processor for b in unet.blocks for m in (*b.cross_attentions, *b.self_attentions)}
+    controller = AttentionMasking([], (16, 16), {8, 9, 13}, kept_apart=_left_half())
     with attention_masking_installed(unet, controller):
         assert isinstance(unet.blocks[7].cross_attentions[0].processor, MaskedCrossAttention)
-    assert {id(m): m.processor for b in unet.blocks for m in b.cross_attentions} == before
+        assert isinstance(unet.blocks[7].self_attentions[0].processor, KeptApartSelfAttention)
+    assert {id(m): m.processor for b in unet.blocks for m in (*b.cross_attentions, *b.self_attentions)} == before
 
 
 def test_multi_object_each_word_attends_only_inside_its_own_mask(tiny_pipe, photo):

@@ -167,11 +167,12 @@ def pipe_config(**settings):
     return get_preset("object", **settings)
 
 
-def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe):
+@pytest.mark.parametrize("setting", ["own_region_prompts", "kept_apart"])
+def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe, setting):
     inversion = pipe.invert(_photo(), SOURCE, 2)
     with pytest.raises(PFBDiffError) as error:
-        pipe.edit(inversion, _mask(), TARGET, own_region_prompts=True)
-    assert_user_error(error, "own_region_prompts")
+        pipe.edit(inversion, _mask(), TARGET, **{setting: True})
+    assert_user_error(error, setting)
 
 
 def test_the_auto_mask_comes_from_the_two_prompts_velocities_and_bounds_the_edit(pipe):

@@ -238,9 +238,9 @@ class FlowEditing(PhotoEditing):
         config, guidance_scale, steps, put_back = self._edit_settings(
             inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
             paste_back, feather_placement, colour_match)
-        if config.own_region_prompts:
-            raise PFBDiffError.about("own_region_prompts", "is not available for SD3 and Flux models yet; "
-                                     "leave it off")
+        for setting in ("own_region_prompts", "kept_apart"):
+            if getattr(config, setting):
+                raise PFBDiffError.about(setting, "is not available for SD3 and Flux models yet; leave it off")
 
         # 2. the masks of each input image, and 3. one row per output image
         prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")

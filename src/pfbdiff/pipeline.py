@@ -344,7 +344,8 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
             token_regions(self.tokenizer, self._as_encoded(config), self._as_encoded(source_prompts),
                           self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),
             latent_size, attention_blocks, mask_uncond=config.mask_uncond, region_prompts=own_prompts,
-            word_boost=config.word_boost, word_boost_until=config.word_boost_until)
+            word_boost=config.word_boost, word_boost_until=config.word_boost_until,
+            kept_apart=masks.edit.complement() if config.kept_apart else None)
         masking.observer = attention_observer
 
         # 6. the start latent and the latent-blend reference

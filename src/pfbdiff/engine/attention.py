@@ -69,11 +69,16 @@ class AttentionMasking:
     in the conditional rows, while the loop's ``timestep`` is above ``word_boost_until``: in the early steps,
     where the layout is decided, each word is pulled to its region as well as kept out of the rest (as
     DenseDiffusion modulates attention).
+
+    ``kept_apart`` (a region, B×1×h×w at latent size: the kept one) hides that region's keys from the other
+    queries of the self-attention layers, in the conditional rows (:class:`KeptApartSelfAttention`).
     """
 
     def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False,
-                 region_prompts: list[RegionPrompt] = (), word_boost: float = 0.0, word_boost_until: float = 0.0):
+                 region_prompts: list[RegionPrompt] = (), word_boost: float = 0.0, word_boost_until: float = 0.0,
+                 kept_apart: EditMask | None = None):
         self.regions = regions
+        self.kept_apart = kept_apart
         self.region_prompts = list(region_prompts)
         self.latent_size = tuple(latent_size)
         self.blocks = frozenset(blocks)
@@ -88,6 +93,25 @@ class AttentionMasking:
 
     def applies(self, index: int) -> bool:
         return self.active and bool(self.regions or self.region_prompts) and index in self.blocks
+
+    def applies_to_self_attention(self, index: int) -> bool:
+        return self.active and self.kept_apart is not None and index in self.blocks
+
+    def kept_apart_bias(self, num_pixels: int, batch: int, dtype) -> torch.Tensor | None:
+        """Self-attention logit bias (batch × pixels × pixels): the most negative finite value where a query outside
+        ``kept_apart`` meets a key inside it, in the conditional rows; ``None`` when nothing is blocked."""
+        key = ("kept apart", num_pixels, batch, self.unconditional_rows, dtype)
+        if key not in self._bias_cache:
+            kept = self.kept_apart.binary_at(self.spatial_size(num_pixels)).reshape(-1, num_pixels)
+            kept = kept.repeat(batch // kept.shape[0], 1)
+            blocked = ~kept[:, :, None] & kept[:, None, :]
+            blocked[: self.unconditional_rows] = False
+            bias = None
+            if bool(blocked.any()):
+                bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+                bias = bias.masked_fill(blocked, torch.finfo(dtype).min)
+            self._bias_cache[key] = bias
+        return self._bias_cache[key]
 
     def spatial_size(self, num_pixels: int) -> tuple[int, int]:
         """The (H, W) of a flattened feature map, found among the U-Net's successive halvings of the latent."""
@@ -221,15 +245,40 @@ class MaskedCrossAttention:
         return out / attn.rescale_output_factor
 
 
+class KeptApartSelfAttention:
+    """Self-attention processor of block L for background edits: in the conditional rows a query outside the kept
+    region does not read the kept region's keys (docs/method.md §5). Defers to the original when idle.
+
+    The new background is drawn without reading the subject, so it does not grow a copy of it; the unconditional
+    rows still read it, so guidance pushes the background away from the subject's look as well."""
+
+    def __init__(self, controller: AttentionMasking, index: int, original):
+        self.controller = controller
+        self.index = index
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        bias = None
+        if (encoder_hidden_states is None and attention_mask is None and hidden_states.ndim == 3
+                and self.controller.applies_to_self_attention(self.index)):
+            bias = self.controller.kept_apart_bias(hidden_states.shape[1], hidden_states.shape[0], hidden_states.dtype)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask if bias is None else bias,
+                             temb, **kwargs)
+
+
 @contextlib.contextmanager
 def attention_masking_installed(feature_unet, controller: AttentionMasking):
-    """Install a :class:`MaskedCrossAttention` on every cross-attention of the controlled blocks, then restore."""
+    """Install a :class:`MaskedCrossAttention` on every cross-attention of the controlled blocks (and, with
+    ``kept_apart``, a :class:`KeptApartSelfAttention` on their self-attentions), then restore."""
     saved = []
     for block in feature_unet.blocks:
         if block.index in controller.blocks:
             for module in block.cross_attentions:
                 saved.append((module, module.processor))
                 module.set_processor(MaskedCrossAttention(controller, block.index, module.processor))
+            for module in block.self_attentions if controller.kept_apart is not None else ():
+                saved.append((module, module.processor))
+                module.set_processor(KeptApartSelfAttention(controller, block.index, module.processor))
     try:
         yield controller
     finally:

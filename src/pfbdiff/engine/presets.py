@@ -52,6 +52,10 @@ class EditConfig:
     # object ones from 53 to 60 (README)
     word_boost: float = 8.0
     word_boost_until: int = 700
+    # background edits: in the conditional rows the edit region's self-attention does not read the kept region, so
+    # the new background is not drawn from the subject's features (a larger, blurred copy of a small subject around
+    # it); on ShapesBench's tuning cases 59 of 80 background edits against 50 (README)
+    kept_apart: bool = False
     # -- gates (docs/method.md §1)
     t_combine: int = 0  # feature blending and attention masking run while t > t_combine
     latent_blend: float = 0.5  # s: the latent blend runs while n / N > s
@@ -131,7 +135,7 @@ _PAPER_QUIRKS = dict(
 PRESETS: dict[str, EditConfig] = {
     "object": EditConfig(),
     "attribute": EditConfig(strength=0.8),
-    "background": EditConfig(latent_blend=0.8, auto_words="subject-outside", halo=8),
+    "background": EditConfig(latent_blend=0.8, auto_words="subject-outside", halo=8, kept_apart=True),
     "multi-object": EditConfig(auto_words=None),
     "paper-object": EditConfig(
         blend_blocks=_PAPER_OBJECT_BLOCKS, attention_blocks=_PAPER_OBJECT_ATTENTION, inside=(1, 2), **_PAPER_QUIRKS
@@ -162,9 +166,9 @@ PRESET_HELP = {
 #: the flow grid's two boosted steps the new colour was drawn in 17 of 40 tuning cases, with four in 22 (seam
 #: error 9.8 and 12.4; to the end: 26 and 17.3). Background edits blend the latent at every step: the early-only
 #: blend left the new background a haze over the old one (4 of 40 tuning cases right, 17 with it), while on the
-#: U-Net it loses (52 against 45 of 80).
+#: U-Net it loses (52 against 45 of 80). The background's ``kept_apart`` is the U-Net's alone so far.
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
-    "flow": {"attribute": dict(word_boost_until=500), "background": dict(latent_blend=-1.0)},
+    "flow": {"attribute": dict(word_boost_until=500), "background": dict(latent_blend=-1.0, kept_apart=False)},
 }
 FAMILY_NAMES = {"flow": "SD3 and Flux"}
 

@@ -40,12 +40,15 @@ class UNetBlock:
     name: str  # diffusers module path, e.g. "down_blocks.1.attentions.0"
     attention_level: int | None = None  # level at which its cross-attention runs, None if it has none
     cross_attentions: tuple = field(default=(), repr=False, compare=False)  # the attn2 modules inside it
+    self_attentions: tuple = field(default=(), repr=False, compare=False)  # the attn1 modules beside them
 
 
-def _cross_attention_modules(transformer) -> tuple:
+def _attention_modules(transformer, which: str) -> tuple:
+    """The ``which`` ("attn1": self-, "attn2": cross-attention) modules of a transformer's blocks that have both."""
     if transformer is None:
         return ()
-    return tuple(block.attn2 for block in transformer.transformer_blocks if getattr(block, "attn2", None) is not None)
+    return tuple(getattr(block, which) for block in transformer.transformer_blocks
+                 if getattr(block, "attn2", None) is not None)
 
 
 class FeatureUNet:
@@ -80,7 +83,8 @@ class FeatureUNet:
                 level,
                 "mid_block",
                 level if mid_attn else None,
-                tuple(m for t in (mid_attn or []) for m in _cross_attention_modules(t)),
+                tuple(m for t in (mid_attn or []) for m in _attention_modules(t, "attn2")),
+                tuple(m for t in (mid_attn or []) for m in _attention_modules(t, "attn1")),
             )
         )
         for i, up in enumerate(unet.up_blocks):
@@ -96,8 +100,9 @@ class FeatureUNet:
 
     @staticmethod
     def _block(index, part, level, name, attn, attention_level) -> UNetBlock:
-        modules = _cross_attention_modules(attn)
-        return UNetBlock(index, part, level, name, attention_level if modules else None, modules)
+        modules = _attention_modules(attn, "attn2")
+        return UNetBlock(index, part, level, name, attention_level if modules else None, modules,
+                         _attention_modules(attn, "attn1"))
 
     def _levels(self, levels, setting: str) -> set[int]:
         """Levels as absolute numbers: 0, 1, ... from the top, −1 the deepest. Levels this U-Net lacks are skipped
