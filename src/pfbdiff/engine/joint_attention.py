@@ -47,15 +47,11 @@ class MaskedJointAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         bias = None
         if self.controller.applies(self.index):
-            bias = self._joint_bias(hidden_states, encoder_hidden_states, attention_mask)
+            image, text = self._parts(hidden_states, encoder_hidden_states)
+            bias = self._joint_bias(image, text, hidden_states, attention_mask)
         if bias is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        image, text = self._parts(hidden_states, encoder_hidden_states)
-        boost = None
-        if self.controller.boosting:
-            unboosted = self.controller.bias(image.stop - image.start, text.stop - text.start,
-                                             hidden_states.shape[0], hidden_states.dtype, boosted=False)
-            boost = (image, text, unboosted)
+        boost = (image, text, self._boost_added(image, text, hidden_states)) if self.controller.boosting else None
         return joint_attention(attn, hidden_states, encoder_hidden_states, bias, text_first=self.text_first,
                                rotary=args[0] if args else kwargs.get("image_rotary_emb"), boost=boost)
 
@@ -69,19 +65,31 @@ class MaskedJointAttention:
             return slice(text_tokens, joined), slice(0, text_tokens)
         return slice(0, image_tokens), slice(image_tokens, joined)
 
-    def _joint_bias(self, hidden_states, encoder_hidden_states, given) -> torch.Tensor | None:
+    def _step_key(self, text: slice, hidden_states) -> tuple:
+        return (text.stop, hidden_states.shape[0], self.controller.unconditional_rows, hidden_states.dtype,
+                self.controller.boosting)
+
+    def _joint_bias(self, image: slice, text: slice, hidden_states, given) -> torch.Tensor | None:
         """The batch × 1 × joined × joined logit bias: the controller's word bias (image tokens × text tokens)
         where image queries meet text keys, plus a mask the model passed itself; ``None`` when nothing is
         blocked."""
-        image, text = self._parts(hidden_states, encoder_hidden_states)
-        key = (text.stop, hidden_states.shape[0], self.controller.unconditional_rows, hidden_states.dtype,
-               self.controller.boosting)
+        key = self._step_key(text, hidden_states)
         if key not in self.shared:
             self.shared[key] = self._build_joint_bias(image, text, hidden_states.shape[0], hidden_states.dtype)
         bias = self.shared[key]
         if bias is not None and given is not None:
             bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
         return bias
+
+    def _boost_added(self, image: slice, text: slice, hidden_states) -> torch.Tensor:
+        """What the word boost adds to the image × text logits (batch × image × text), once per step."""
+        key = ("boost", *self._step_key(text, hidden_states))
+        if key not in self.shared:
+            sizes = (image.stop - image.start, text.stop - text.start, hidden_states.shape[0], hidden_states.dtype)
+            boosted = self.controller.bias(*sizes)
+            unboosted = self.controller.bias(*sizes, boosted=False)
+            self.shared[key] = boosted if unboosted is None else boosted - unboosted
+        return self.shared[key]
 
     def _build_joint_bias(self, image: slice, text: slice, batch: int, dtype) -> torch.Tensor | None:
         words = self.controller.bias(image.stop - image.start, text.stop - text.start, batch, dtype)
@@ -114,8 +122,8 @@ def joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bias: 
                     rotary=None, boost: tuple | None = None):
     """The block's joint attention with an additive ``bias`` on the logits, for SD3 (image tokens, then text) and
     Flux (text, then image; ``rotary`` its position embedding; a single-stream block passes the joined sequence
-    as ``image`` and no ``text``). ``boost`` (image slice, text slice, the word bias without the boost) keeps each
-    image query's share of attention to the text while the word boost is on (:func:`text_share_kept`). Returns
+    as ``image`` and no ``text``). ``boost`` (image slice, text slice, what the boost adds to those logits) keeps
+    each image query's share of attention to the text while the word boost is on (:func:`text_share_kept`). Returns
     what the block expects: the image part, and the text part unless the block has none."""
     def heads(tokens):  # batch × tokens × width → batch × heads × tokens × head width
         return tokens.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
@@ -134,11 +142,11 @@ def joint_attention(attn, image: torch.Tensor, text: torch.Tensor | None, bias: 
     if rotary is not None:
         query, key = apply_rotary_emb(query, rotary), apply_rotary_emb(key, rotary)
     if boost is not None:
-        image_part, text_part, unboosted = boost
+        image_part, text_part, added = boost
         logits = query[:, :, image_part] @ key[:, :, text_part].transpose(-1, -2) * query.shape[-1] ** -0.5
         bias = bias.expand(-1, attn.heads, -1, -1).clone()
-        boosted = bias[:, :, image_part, text_part]
-        kept = text_share_kept(logits, boosted, torch.zeros_like(boosted) if unboosted is None else unboosted[:, None])
+        boosted = bias[:, :, image_part, text_part]  # a mask the model passed is in both, and stays
+        kept = text_share_kept(logits, boosted, boosted - added[:, None])
         bias[:, :, image_part, text_part] = kept.clamp_min(torch.finfo(bias.dtype).min).to(bias.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias).transpose(1, 2).flatten(2).to(query.dtype)
     if text is None:
