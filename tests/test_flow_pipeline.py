@@ -138,7 +138,8 @@ def test_a_shorter_edit_inverts_only_its_share_of_the_steps(pipe):
 
 @pytest.mark.parametrize("settings", [dict(flow_solver="fireflow"), dict(start="noise"),
                                       dict(latent_reference="noised"), dict(text_queries=True),
-                                      dict(preset="background"), dict(batch_cfg=False), dict(word_boost=4.0)])
+                                      dict(preset="background"), dict(preset="background", kept_apart=True),
+                                      dict(batch_cfg=False), dict(word_boost=4.0)])
 def test_every_flow_option_keeps_the_photo_outside_the_edit_region(pipe, settings):
     """Outside the region the paste-back reports (the user's mask, or the background preset's halo-snapped one)
     every pixel is the photo's own."""
@@ -167,12 +168,11 @@ def pipe_config(**settings):
     return get_preset("object", **settings)
 
 
-@pytest.mark.parametrize("setting", ["own_region_prompts", "kept_apart"])
-def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe, setting):
+def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe):
     inversion = pipe.invert(_photo(), SOURCE, 2)
     with pytest.raises(PFBDiffError) as error:
-        pipe.edit(inversion, _mask(), TARGET, **{setting: True})
-    assert_user_error(error, setting)
+        pipe.edit(inversion, _mask(), TARGET, own_region_prompts=True)
+    assert_user_error(error, "own_region_prompts")
 
 
 def test_the_auto_mask_comes_from_the_two_prompts_velocities_and_bounds_the_edit(pipe):

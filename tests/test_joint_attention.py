@@ -88,6 +88,24 @@ def test_with_text_queries_masked_a_word_reads_only_the_image_inside_its_region(
 
 
 @pytest.mark.parametrize("walker, block", _blocks())
+def test_kept_apart_the_edit_regions_image_tokens_cannot_read_the_kept_region_in_the_conditional_rows(walker, block):
+    # a background edit: the kept subject is the region, the rest is edited; row 0 unconditional, row 1 conditional
+    kept = _region()
+    controller = AttentionMasking([], GRID, {block.index}, kept_apart=kept)
+    controller.active, controller.unconditional_rows = True, 1
+    image, text, _ = _inputs(walker)
+    image, text = image.repeat(2, 1, 1), text.repeat(2, 1, 1)
+    inside_kept = kept.binary_at(GRID).reshape(-1)
+    other = image.clone()
+    other[:, inside_kept] = torch.randn(int(inside_kept.sum()), image.shape[-1])  # only the kept region differs
+    with torch.no_grad(), joint_attention_masking_installed(walker, controller):
+        one, two = _attention_call(walker, block, image, text), _attention_call(walker, block, other, text)
+    assert torch.equal(one[1, ~inside_kept], two[1, ~inside_kept])  # exactly: the edit region did not read it
+    assert not torch.equal(one[0, ~inside_kept], two[0, ~inside_kept])  # the unconditional row still reads it
+    assert not torch.equal(one[1, inside_kept], two[1, inside_kept])  # and the kept region reads itself
+
+
+@pytest.mark.parametrize("walker, block", _blocks())
 @pytest.mark.parametrize("case", ["inactive", "other block", "region everywhere"])
 def test_masking_with_nothing_blocked_is_the_blocks_own_attention_bit_for_bit(walker, block, case):
     region = EditMask(torch.ones(1, 1, *GRID)) if case == "region everywhere" else _region()

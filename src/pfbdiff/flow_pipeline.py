@@ -238,9 +238,8 @@ class FlowEditing(PhotoEditing):
         config, guidance_scale, steps, put_back = self._edit_settings(
             inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
             paste_back, feather_placement, colour_match)
-        for setting in ("own_region_prompts", "kept_apart"):
-            if getattr(config, setting):
-                raise PFBDiffError.about(setting, "is not available for SD3 and Flux models yet; leave it off")
+        if config.own_region_prompts:
+            raise PFBDiffError.about("own_region_prompts", "is not available for SD3 and Flux models yet; leave it off")
 
         # 2. the masks of each input image, and 3. one row per output image
         prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")
@@ -267,7 +266,8 @@ class FlowEditing(PhotoEditing):
             token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words,
                           positions_of_words=self._word_positions),
             grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond,
-            word_boost=config.word_boost, word_boost_until=config.word_boost_until)
+            word_boost=config.word_boost, word_boost_until=config.word_boost_until,
+            kept_apart=masks.edit.complement() if config.kept_apart else None)
 
         # 6. the start latent and the latent-blend reference
         start = source_latents[-1]

@@ -4,10 +4,12 @@ SD3's and Flux's blocks have no cross-attention layer: image and text tokens are
 attend to each other (Flux's single-stream blocks take the joined sequence as it is). PFB-Diff's rule carries
 over as a bias on one quarter of the joint attention matrix: an image query outside a word's region gets the most
 negative finite logit for that word's text keys, so its attention to the word is exactly zero and the rest of its
-row is renormalised. Image queries to image keys are left alone, and so are text queries unless
-``text_queries`` is set: then a word's own text queries see only the image keys inside its region (the direction
+row is renormalised. Image queries to image keys are left alone (but for ``kept_apart``, below), and so are
+text queries unless ``text_queries`` is set: then a word's own text queries see only the image keys inside its region (the direction
 joint attention adds; the word's text state becomes about its region alone, as KV-Edit's and regional Flux
-prompting's masks do).
+prompting's masks do). With ``kept_apart`` (background edits) the image × image quarter gets the U-Net
+self-attention's rule: in the conditional rows an image query outside the kept region cannot read the image keys
+inside it (:meth:`~pfbdiff.engine.attention.AttentionMasking.kept_apart_bias`).
 
 The word → region map and the gates are the U-Net's :class:`~pfbdiff.engine.attention.AttentionMasking`
 controller, built on the token grid (its ``latent_size`` is the grid, so its maps need no halving). The processor
@@ -46,12 +48,15 @@ class MaskedJointAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         bias = None
-        if self.controller.applies(self.index):
+        if self.controller.applies(self.index) or self.controller.applies_to_self_attention(self.index):
             image, text = self._parts(hidden_states, encoder_hidden_states)
             bias = self._joint_bias(image, text, hidden_states, attention_mask)
         if bias is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        boost = (image, text, self._boost_added(image, text, hidden_states)) if self.controller.boosting else None
+        boost = None
+        if self.controller.boosting and self.controller.applies(self.index):
+            added = self._boost_added(image, text, hidden_states)
+            boost = None if added is None else (image, text, added)
         return joint_attention(attn, hidden_states, encoder_hidden_states, bias, text_first=self.text_first,
                                rotary=args[0] if args else kwargs.get("image_rotary_emb"), boost=boost)
 
@@ -81,8 +86,9 @@ class MaskedJointAttention:
             bias = (bias + given.to(bias.dtype)).clamp_min(torch.finfo(bias.dtype).min)
         return bias
 
-    def _boost_added(self, image: slice, text: slice, hidden_states) -> torch.Tensor:
-        """What the word boost adds to the image × text logits (batch × image × text), once per step."""
+    def _boost_added(self, image: slice, text: slice, hidden_states) -> torch.Tensor | None:
+        """What the word boost adds to the image × text logits (batch × image × text; ``None``: nothing), once per
+        step."""
         key = ("boost", *self._step_key(text, hidden_states))
         if key not in self.shared:
             sizes = (image.stop - image.start, text.stop - text.start, hidden_states.shape[0], hidden_states.dtype)
@@ -92,14 +98,22 @@ class MaskedJointAttention:
         return self.shared[key]
 
     def _build_joint_bias(self, image: slice, text: slice, batch: int, dtype) -> torch.Tensor | None:
-        words = self.controller.bias(image.stop - image.start, text.stop - text.start, batch, dtype)
-        if words is None:
+        image_tokens = image.stop - image.start
+        words = self.controller.bias(image_tokens, text.stop - text.start, batch, dtype) \
+            if self.controller.applies(self.index) else None
+        kept_apart = self.controller.kept_apart_bias(image_tokens, batch, dtype) \
+            if self.controller.applies_to_self_attention(self.index) else None
+        if words is None and kept_apart is None:
             return None
         joined = max(image.stop, text.stop)
-        bias = torch.zeros(words.shape[0], 1, joined, joined, dtype=words.dtype, device=words.device)
-        bias[:, 0, image, text] = words
-        if self.text_queries:
-            bias[:, 0, text, image] = words.transpose(1, 2)
+        device = (words if words is not None else kept_apart).device
+        bias = torch.zeros(batch, 1, joined, joined, dtype=dtype, device=device)
+        if words is not None:
+            bias[:, 0, image, text] = words
+            if self.text_queries:
+                bias[:, 0, text, image] = words.transpose(1, 2)
+        if kept_apart is not None:
+            bias[:, 0, image, image] = kept_apart
         return bias
 
 
