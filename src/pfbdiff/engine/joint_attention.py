@@ -5,9 +5,9 @@ attend to each other (Flux's single-stream blocks take the joined sequence as it
 over as a bias on one quarter of the joint attention matrix: an image query outside a word's region gets the most
 negative finite logit for that word's text keys, so its attention to the word is exactly zero and the rest of its
 row is renormalised. Image queries to image keys are left alone (but for ``kept_apart``, below), and so are
-text queries unless ``text_queries`` is set: then a word's own text queries see only the image keys inside its region (the direction
-joint attention adds; the word's text state becomes about its region alone, as KV-Edit's and regional Flux
-prompting's masks do). With ``kept_apart`` (background edits) the image × image quarter gets the U-Net
+text queries unless ``text_queries`` is set: then a word's own text queries see only the image keys inside its
+region (the direction joint attention adds; the word's text state becomes about its region alone, as KV-Edit's
+and regional Flux prompting's masks do). With ``kept_apart`` (background edits) the image × image quarter gets the U-Net
 self-attention's rule: in the conditional rows an image query outside the kept region cannot read the image keys
 inside it (:meth:`~pfbdiff.engine.attention.AttentionMasking.kept_apart_bias`).
 
