@@ -7,9 +7,9 @@ negative finite logit for that word's text keys, so its attention to the word is
 row is renormalised. Image queries to image keys are left alone (but for ``kept_apart``, below), and so are
 text queries unless ``text_queries`` is set: then a word's own text queries see only the image keys inside its
 region (the direction joint attention adds; the word's text state becomes about its region alone, as KV-Edit's
-and regional Flux prompting's masks do). With ``kept_apart`` (background edits) the image × image quarter gets the U-Net
-self-attention's rule: in the conditional rows an image query outside the kept region cannot read the image keys
-inside it (:meth:`~pfbdiff.engine.attention.AttentionMasking.kept_apart_bias`).
+and regional Flux prompting's masks do). With ``kept_apart`` (background edits) the image × image quarter gets
+the U-Net self-attention's rule: in the conditional rows an image query outside the kept region cannot read the
+image keys inside it (:meth:`~pfbdiff.engine.attention.AttentionMasking.kept_apart_bias`).
 
 The word → region map and the gates are the U-Net's :class:`~pfbdiff.engine.attention.AttentionMasking`
 controller, built on the token grid (its ``latent_size`` is the grid, so its maps need no halving). The processor

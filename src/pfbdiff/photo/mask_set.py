@@ -38,6 +38,11 @@ class MaskSet:
     bound: list | None  # the user's masks when an auto-mask is clipped to them
     auto: list | None  # the estimated masks (auto_mask=True)
 
+    def kept_apart(self, config) -> EditMask | None:
+        """The region the edit region's attention may not read under ``config.kept_apart`` (docs/method.md §5):
+        everything outside the edit mask; ``None`` when the setting is off."""
+        return self.edit.complement() if config.kept_apart else None
+
     def repeated(self, repeats: int) -> "MaskSet":
         """The masks of ``repeats`` edits of each image, in the order of ``repeat_interleave``."""
         def rows(items):
