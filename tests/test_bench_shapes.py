@@ -361,8 +361,8 @@ def test_on_a_flow_transformer_the_bench_runs_the_flow_methods_and_baselines(tas
     pipe.set_progress_bar_config(disable=True)
     methods = tuple(m for m, method in shapes.METHODS.items() if method.applies(pipe))
     assert {"pfb-depth-1.0", "pfb-text-queries", "pfb-fireflow", "flow-bld", "kv-edit-like", "sdedit-0.5",
-            "pfb-pooled-source"} <= set(methods)
-    assert not {"pfb-paper", "pfb-deep", "bld", "diffedit", "pfb-region-prompts"} & set(methods)
+            "pfb-pooled-source", "pfb-region-prompts"} <= set(methods)
+    assert not {"pfb-paper", "pfb-deep", "bld", "diffedit"} & set(methods)
     images = render_case(make_case(task, 0), shapes.model_image_size(pipe))
     outcome = shapes.run_case(pipe, images, methods, steps=2, guidance=4.0)
     assert set(outcome["results"]) == set(methods)

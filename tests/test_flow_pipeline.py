@@ -168,11 +168,20 @@ def pipe_config(**settings):
     return get_preset("object", **settings)
 
 
-def test_what_flow_models_lack_yet_is_refused_in_one_line(pipe):
+def test_regional_prompts_change_a_multi_object_edit_only_inside_the_regions_before_paste_back(pipe):
     inversion = pipe.invert(_photo(), SOURCE, 2)
+    left = _mask(box=(16, 32, 64, 96))
+    kwargs = dict(prompt="a red dog and a cat on a bench", preset="multi-object", word_masks={"dog": left, "cat": _mask()},
+                  output_type="latent", latent_blend=-1.0)  # the latent blend every step: outside is the source's
+    plain = pipe.edit(inversion, **kwargs).latents
+    regional = pipe.edit(inversion, region_prompts={"dog": "a red dog"}, **kwargs).latents
+    words = pipe.edit(inversion, own_region_prompts=True, **kwargs).latents
+    outside = torch.from_numpy((left == 0) & (_mask() == 0))[::8, ::8].expand_as(plain)
+    assert torch.equal(regional[outside], plain[outside]) and torch.equal(words[outside], plain[outside])
+    assert not torch.equal(regional, plain) and not torch.equal(words, regional)  # a word alone is another prompt
     with pytest.raises(PFBDiffError) as error:
-        pipe.edit(inversion, _mask(), TARGET, own_region_prompts=True)
-    assert_user_error(error, "own_region_prompts")
+        pipe.edit(inversion, region_prompts={"zebra": "a zebra"}, **kwargs)
+    assert_user_error(error, "region_prompts")
 
 
 def test_the_auto_mask_comes_from_the_two_prompts_velocities_and_bounds_the_edit(pipe):

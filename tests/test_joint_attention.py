@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import LATENT, tiny_flux_transformer, tiny_sd3_transformer
 
-from pfbdiff.engine.attention import AttentionMasking, TokenRegion
+from pfbdiff.engine.attention import AttentionMasking, RegionPrompt, TokenRegion
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.joint_attention import joint_attention, joint_attention_masking_installed, text_share_kept
@@ -103,6 +103,35 @@ def test_kept_apart_the_edit_regions_image_tokens_cannot_read_the_kept_region_in
     assert torch.equal(one[1, ~inside_kept], two[1, ~inside_kept])  # exactly: the edit region did not read it
     assert not torch.equal(one[0, ~inside_kept], two[0, ~inside_kept])  # the unconditional row still reads it
     assert not torch.equal(one[1, inside_kept], two[1, inside_kept])  # and the kept region reads itself
+
+
+@pytest.mark.parametrize("walker, block", _blocks())
+def test_a_regions_own_prompt_replaces_the_edits_prompt_inside_its_region_and_nowhere_else(walker, block):
+    # the region's prompt rides after the edit's prompt (its last OWN tokens); row 0 unconditional, row 1 conditional
+    own, region = 3, _region()
+    controller = AttentionMasking([], GRID, {block.index}, region_prompts=[RegionPrompt(torch.zeros(1, own, 1), region)])
+    controller.active, controller.unconditional_rows = True, 1
+    image, text, _ = _inputs(walker)
+    image, text = image.repeat(2, 1, 1), text.repeat(2, 1, 1)
+    inside = region.binary_at(GRID).reshape(-1)
+    edits_prompt_changed, own_prompt_changed, image_outside_changed = text.clone(), text.clone(), image.clone()
+    edits_prompt_changed[:, : TEXT - own] = torch.randn(TEXT - own, text.shape[-1])
+    own_prompt_changed[:, TEXT - own:] = torch.randn(own, text.shape[-1])
+    image_outside_changed[:, ~inside] = torch.randn(int((~inside).sum()), image.shape[-1])
+    image_inside_changed = image.clone()
+    image_inside_changed[:, inside] = torch.randn(int(inside.sum()), image.shape[-1])
+    with torch.no_grad(), joint_attention_masking_installed(walker, controller):
+        plain = _attention_call(walker, block, image, text)
+        edits, owns = (_attention_call(walker, block, image, changed) for changed in (edits_prompt_changed,
+                                                                                       own_prompt_changed))
+        texts = [_attention_call(walker, block, picture, text, "text")[1, TEXT - own:]
+                 for picture in (image, image_outside_changed, image_inside_changed)]
+    assert torch.equal(edits[1, inside], plain[1, inside])  # inside: blind to the edit's prompt, exactly
+    assert not torch.equal(edits[1, ~inside], plain[1, ~inside])  # outside: reads it
+    assert torch.equal(owns[1, ~inside], plain[1, ~inside])  # outside: blind to the region's prompt, exactly
+    assert not torch.equal(owns[1, inside], plain[1, inside])  # inside: reads it
+    assert torch.equal(owns[0], plain[0])  # the unconditional row never reads the appended tokens
+    assert torch.equal(texts[0], texts[1]) and not torch.equal(texts[0], texts[2])  # its prompt reads its region
 
 
 @pytest.mark.parametrize("walker, block", _blocks())

@@ -28,7 +28,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from pfbdiff.engine import automask
-from pfbdiff.engine.attention import AttentionMasking, token_regions
+from pfbdiff.engine.attention import AttentionMasking, regional_prompts, token_regions
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.flow import FlowGrid, along_path, integrate, solver_step
@@ -43,7 +43,6 @@ from pfbdiff.engine.joint_attention import joint_attention_masking_installed
 from pfbdiff.engine.presets import EditConfig
 from pfbdiff.engine.sampling import edit_steps
 from pfbdiff.engine.tokens import joined_positions
-from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing
 from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows
@@ -221,7 +220,8 @@ class FlowEditing(PhotoEditing):
     # -- editing --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def edit(self, inversion: Inversion, mask_image=None, prompt="", *, preset: str | EditConfig = "object",
-             inside=None, outside=None, word_masks: dict | None = None, negative_prompt=None,
+             inside=None, outside=None, word_masks: dict | None = None, region_prompts: dict | None = None,
+             negative_prompt=None,
              guidance_scale: float | None = None, num_images_per_prompt: int = 1, generator=None,
              output_type: str = "pil", callback_on_step_end=None, return_dict: bool = True, paste_back: bool = True,
              feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT,
@@ -232,14 +232,13 @@ class FlowEditing(PhotoEditing):
 
         The arguments mean what they mean to :meth:`PFBDiffPipeline.edit <pfbdiff.pipeline.PFBDiffPipeline.edit>`;
         ``overrides`` are :class:`EditConfig` fields, of which the flow ones are ``blend_depth``, ``text_queries``
-        and ``flow_solver`` (the inversion's). Regional prompts are not available on these families yet.
+        and ``flow_solver`` (the inversion's). Regional prompts (``region_prompts`` or ``own_region_prompts``) ride
+        after the edit's prompt in the joint attention (:func:`~pfbdiff.engine.joint_attention.region_prompts_blocked`).
         """
         # 1. the settings and the step count K
         config, guidance_scale, steps, put_back = self._edit_settings(
             inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
             paste_back, feather_placement, colour_match)
-        if config.own_region_prompts:
-            raise PFBDiffError.about("own_region_prompts", "is not available for SD3 and Flux models yet; leave it off")
 
         # 2. the masks of each input image, and 3. one row per output image
         prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")
@@ -260,13 +259,18 @@ class FlowEditing(PhotoEditing):
             negatives = _broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt")
             unconditional = self.encode_prompt_rows(_rows(negatives, repeats))
 
-        # 5. attention masking inside joint attention, in every block
+        # 5. attention masking inside joint attention, in every block; regional prompts after the edit's prompt
         grid = (source_latents[0].shape[-2] // 2, source_latents[0].shape[-1] // 2)
+        own_prompts = []
+        if config.attention_masking and (config.own_region_prompts or region_prompts):
+            own_prompts = regional_prompts(lambda texts: self.encode_prompt_rows(texts).tokens, masks.words,
+                                           region_prompts, len(prompts_list))
+            target = target.with_tokens_appended([prompt.tokens for prompt in own_prompts])
         masking = AttentionMasking(
             token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words,
                           positions_of_words=self._word_positions),
             grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond,
-            word_boost=config.word_boost, word_boost_until=config.word_boost_until,
+            region_prompts=own_prompts, word_boost=config.word_boost, word_boost_until=config.word_boost_until,
             kept_apart=masks.kept_apart(config))
 
         # 6. the start latent and the latent-blend reference

@@ -161,9 +161,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("pfb-attn-no-top", "ablation: cross-attention masked at every level but the full-resolution one (the "
            "official code's choice; attention_levels=(1, 2, 3))", config=_variant(attention_levels=(1, 2, 3)),
            applies=_unet),
-    Method("pfb-region-prompts", "ablation (multi-object): inside each object's mask, cross-attention reads the "
-           "object's phrase alone as its prompt (own_region_prompts=True)",
-           config=_variant(tasks=("multi-object",), own_region_prompts=True), applies=_unet),
+    Method("pfb-region-prompts", "ablation (multi-object): inside each object's mask, the attention to text reads "
+           "the object's phrase alone as its prompt (own_region_prompts=True)",
+           config=_variant(tasks=("multi-object",), own_region_prompts=True)),
     Method("bld-inverted", "baseline: latent blending with the inverted source at every step, no feature "
            "blending, no masking (the official code's baseline; BLD on the inverted trajectory)",
            config=_variant(**baselines.LATENT_BLENDING)),

@@ -91,6 +91,12 @@ class AttentionMasking:
         self.observer: Callable[[int, torch.Tensor], None] | None = None
         self._bias_cache: dict[tuple, torch.Tensor | None] = {}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the regions live (and the biases are built)."""
+        masks = [r.region for r in self.regions] + [p.region for p in self.region_prompts] + [self.kept_apart]
+        return next((mask.latent.device for mask in masks if mask is not None), torch.device("cpu"))
+
     def applies(self, index: int) -> bool:
         return self.active and bool(self.regions or self.region_prompts) and index in self.blocks
 

@@ -50,6 +50,18 @@ class Conditioning:
         computed under the ids the edit runs with; the pooled vector is the ``pooled_from`` setting."""
         return Conditioning(self.tokens, other.pooled if pooled else self.pooled, other.time_ids)
 
+    def with_tokens_appended(self, tokens: list[torch.Tensor]) -> Conditioning:
+        """These rows with more token embeddings after their own (regional prompts in joint attention)."""
+        return Conditioning(torch.cat([self.tokens, *tokens], dim=1), self.pooled, self.time_ids)
+
+    def padded_to(self, length: int) -> Conditioning:
+        """These rows with zero token embeddings after their own up to ``length`` tokens, to share a call with
+        rows that carry appended ones."""
+        missing = length - self.tokens.shape[1]
+        if missing <= 0:
+            return self
+        return self.with_tokens_appended([self.tokens.new_zeros(len(self), missing, self.tokens.shape[2])])
+
     def added_cond_kwargs(self) -> dict | None:
         """What an SDXL U-Net takes beside the tokens (``None`` for SD 1.x/2.x)."""
         if self.pooled is None:

@@ -80,10 +80,13 @@ def guided_flow_velocity(velocity_of, target: Conditioning, unconditional: Condi
     ``velocity_of(conditioning, guidance)`` is the model's velocity for those rows (one guidance per row). With a
     ``source_latent`` the source branch's rows (``source``'s conditioning, guidance 1 as in the inversion) run in
     front of the target's in the same call, unmasked, and only the target's velocity is returned.
-    ``timestep_of(σ)`` tells the masking controller the step's timestep (its word-boost gate)."""
+    ``timestep_of(σ)`` tells the masking controller the step's timestep (its word-boost gate). Where ``target``
+    carries regional prompts' tokens after its own, the other rows get zero tokens to match, which the masking
+    keeps unread."""
 
     def run(rows: list[tuple[torch.Tensor, Conditioning, float]], sigma, on_block, unmasked: int):
         latents, conditions, scales = zip(*rows)
+        conditions = [condition.padded_to(target.tokens.shape[1]) for condition in conditions]
         guidance = torch.cat([torch.full((len(z),), float(g)) for z, g in zip(latents, scales)])
         masking.active, masking.unconditional_rows = True, unmasked
         if timestep_of is not None:

@@ -11,6 +11,11 @@ and regional Flux prompting's masks do). With ``kept_apart`` (background edits) 
 the U-Net self-attention's rule: in the conditional rows an image query outside the kept region cannot read the
 image keys inside it (:meth:`~pfbdiff.engine.attention.AttentionMasking.kept_apart_bias`).
 
+Regional prompts (docs/method.md §5) ride at the end of the text: each region's own prompt is appended to the edit's
+(the other rows get as many tokens, which nothing reads). In the conditional rows an image query inside a region
+reads its region's prompt instead of the edit's, one outside every region reads the edit's alone, and a region's
+prompt reads itself and the image inside its region (:func:`region_prompts_blocked`).
+
 The word → region map and the gates are the U-Net's :class:`~pfbdiff.engine.attention.AttentionMasking`
 controller, built on the token grid (its ``latent_size`` is the grid, so its maps need no halving). The processor
 sits on a block's attention: where nothing is blocked the block's own processor runs, a bitwise no-op; elsewhere
@@ -103,18 +108,49 @@ class MaskedJointAttention:
             if self.controller.applies(self.index) else None
         kept_apart = self.controller.kept_apart_bias(image_tokens, batch, dtype) \
             if self.controller.applies_to_self_attention(self.index) else None
-        if words is None and kept_apart is None:
+        regional = self.controller.region_prompts if self.controller.applies(self.index) else []
+        if words is None and kept_apart is None and not regional:
             return None
         joined = max(image.stop, text.stop)
-        device = (words if words is not None else kept_apart).device
-        bias = torch.zeros(batch, 1, joined, joined, dtype=dtype, device=device)
+        bias = torch.zeros(batch, 1, joined, joined, dtype=dtype, device=self.controller.device)
         if words is not None:
             bias[:, 0, image, text] = words
             if self.text_queries:
                 bias[:, 0, text, image] = words.transpose(1, 2)
         if kept_apart is not None:
             bias[:, 0, image, image] = kept_apart
+        if regional:
+            blocked = region_prompts_blocked(self.controller, image, text, joined, batch)
+            bias = bias.masked_fill(blocked[:, None], torch.finfo(dtype).min)
         return bias
+
+
+def region_prompts_blocked(controller: AttentionMasking, image: slice, text: slice, joined: int,
+                           batch: int) -> torch.Tensor:
+    """Where the regions' own prompts, appended to the text in ``controller.region_prompts``' order, block the
+    joint attention (batch × joined × joined, True: blocked). In the conditional rows an image query inside a region
+    reads that region's prompt and not the edit's, and each region's prompt reads only itself and the image inside
+    its region; the edit's prompt never reads them, and in the other rows (unconditional, source) nothing but the
+    appended tokens themselves does."""
+    prompts = controller.region_prompts
+    start = text.stop - sum(prompt.tokens.shape[1] for prompt in prompts)
+    edits_prompt, appended = slice(text.start, start), slice(start, text.stop)
+    blocked = torch.zeros(batch, joined, joined, dtype=torch.bool, device=controller.device)
+    blocked[:, :, appended] = True
+    blocked[:, appended, :] = True
+    blocked[:, appended, appended] = False  # the other rows' appended tokens: finite rows, read by nothing
+    rows = slice(controller.unconditional_rows, batch)
+    for prompt in prompts:
+        own = slice(start, start + prompt.tokens.shape[1])
+        start = own.stop
+        inside = prompt.region.binary_at(controller.latent_size).flatten(1)
+        inside = inside.repeat((batch - controller.unconditional_rows) // inside.shape[0], 1)  # rows × image tokens
+        blocked[rows, image, own] = ~inside[:, :, None]
+        blocked[rows, image, edits_prompt] |= inside[:, :, None]
+        blocked[rows, own, :] = True
+        blocked[rows, own, own] = False
+        blocked[rows, own, image] = ~inside[:, None, :]
+    return blocked
 
 
 def text_share_kept(logits: torch.Tensor, boosted: torch.Tensor, unboosted: torch.Tensor) -> torch.Tensor:
