@@ -236,10 +236,12 @@ def test_region_prompts_default_to_their_words_and_must_name_a_word_mask():
     region = _left_half()
     encoded = []
     prompts = regional_prompts(lambda texts: encoded.append(texts) or torch.zeros(len(texts), 77, 8),
-                               {"red circle": region, "blue square": region}, {"blue square": "a blue square"}, rows=2)
+                               {"red circle": region, "blue square": region}, {"blue square": "a blue square"}, rows=2,
+                               config=get_preset("multi-object"))
     assert encoded == [["red circle"] * 2, ["a blue square"] * 2] and len(prompts) == 2
     with pytest.raises(PFBDiffError, match="region_prompts.*green"):
-        regional_prompts(lambda texts: None, {"red circle": region}, {"green": "a green"}, rows=1)
+        regional_prompts(lambda texts: None, {"red circle": region}, {"green": "a green"}, rows=1,
+                         config=get_preset("multi-object"))
 
 
 def test_a_multi_object_edit_with_region_prompts_changes_only_inside_the_regions_before_paste_back(tiny_pipe, photo):

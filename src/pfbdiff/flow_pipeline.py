@@ -221,8 +221,7 @@ class FlowEditing(PhotoEditing):
     @torch.no_grad()
     def edit(self, inversion: Inversion, mask_image=None, prompt="", *, preset: str | EditConfig = "object",
              inside=None, outside=None, word_masks: dict | None = None, region_prompts: dict | None = None,
-             negative_prompt=None,
-             guidance_scale: float | None = None, num_images_per_prompt: int = 1, generator=None,
+             negative_prompt=None, guidance_scale: float | None = None, num_images_per_prompt: int = 1, generator=None,
              output_type: str = "pil", callback_on_step_end=None, return_dict: bool = True, paste_back: bool = True,
              feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT,
              colour_match: str = "local", auto_mask: bool = False,
@@ -261,10 +260,9 @@ class FlowEditing(PhotoEditing):
 
         # 5. attention masking inside joint attention, in every block; regional prompts after the edit's prompt
         grid = (source_latents[0].shape[-2] // 2, source_latents[0].shape[-1] // 2)
-        own_prompts = []
-        if config.attention_masking and (config.own_region_prompts or region_prompts):
-            own_prompts = regional_prompts(lambda texts: self.encode_prompt_rows(texts).tokens, masks.words,
-                                           region_prompts, len(prompts_list))
+        own_prompts = regional_prompts(lambda texts: self.encode_prompt_rows(texts).tokens, masks.words,
+                                       region_prompts, len(prompts_list), config=config)
+        if own_prompts:
             target = target.with_tokens_appended([prompt.tokens for prompt in own_prompts])
         masking = AttentionMasking(
             token_regions(self.tokenizer, config, source_prompts, prompts_list, masks.edit, masks.words,

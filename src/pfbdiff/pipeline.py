@@ -336,10 +336,8 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
                                                                  attention=True)
         else:
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
-        own_prompts = []
-        if config.attention_masking and (config.own_region_prompts or region_prompts):
-            own_prompts = regional_prompts(lambda texts: self.encode_prompt(texts).tokens, masks.words, region_prompts,
-                                         len(prompts_list))
+        own_prompts = regional_prompts(lambda texts: self.encode_prompt(texts).tokens, masks.words, region_prompts,
+                                       len(prompts_list), config=config)
         masking = AttentionMasking(
             token_regions(self.tokenizer, self._as_encoded(config), self._as_encoded(source_prompts),
                           self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),

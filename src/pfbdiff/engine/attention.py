@@ -143,7 +143,7 @@ class AttentionMasking:
     def _build_bias(self, num_pixels, num_tokens, batch, dtype, boosting):
         size = self.spatial_size(num_pixels)
         images = self.regions[0].region.latent.shape[0]
-        allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.regions[0].region.latent.device)
+        allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.device)
         for token_region in self.regions:
             inside = token_region.region.binary_at(size).reshape(images, num_pixels)
             for image in range(images):
@@ -171,8 +171,7 @@ class AttentionMasking:
         """``word_boost`` on each confined word's tokens inside its region (images × pixels × tokens); a region
         that covers every pixel says nothing about where the word belongs and gets none (``None``: nothing
         boosted, so a layer with nothing blocked either runs unchanged)."""
-        device = self.regions[0].region.latent.device
-        boost = torch.zeros(images, num_pixels, num_tokens, dtype=dtype, device=device)
+        boost = torch.zeros(images, num_pixels, num_tokens, dtype=dtype, device=self.device)
         for token_region in self.regions:
             inside = token_region.region.binary_at(size).reshape(images, num_pixels)
             for image in range(images):
@@ -329,9 +328,12 @@ def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, wo
 
 
 def regional_prompts(encode: Callable[[list[str]], torch.Tensor], word_regions: dict, texts: dict | None,
-                   rows: int) -> list[RegionPrompt]:
+                   rows: int, *, config) -> list[RegionPrompt]:
     """The :class:`RegionPrompt` of each word region of a multi-object edit: ``texts[word]`` where given, else the
-    word itself, encoded by ``encode`` (prompts → token embeddings) for each of the ``rows`` edits."""
+    word itself, encoded by ``encode`` (prompts → token embeddings) for each of the ``rows`` edits. None unless the
+    edit masks attention and asks for them (``config.own_region_prompts``, or ``texts`` given)."""
+    if not (config.attention_masking and (config.own_region_prompts or texts)):
+        return []
     texts = texts or {}
     unknown = [word for word in texts if word not in word_regions]
     if unknown:
