@@ -1,5 +1,6 @@
 """ShapesBench (pfbdiff.bench: cases, metrics, baselines, runner, report, CLI) on rendered scenes and the tiny model."""
 
+import dataclasses
 import json
 import math
 
@@ -325,6 +326,15 @@ def test_an_interrupted_run_goes_on_where_it_stopped(tiny_pipe, tmp_path, monkey
     before = (tmp_path / "run" / "shapesbench.json").read_text()
     with pytest.raises(PFBDiffError, match="other steps; give another --out"):
         shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "run", **{**settings, "steps": 1})
+    # the same model name with retrained weights, or a preset changed since, is another run too
+    monkeypatch.setattr(shapes, "weights_fingerprint", lambda pipe: "retrained")
+    with pytest.raises(PFBDiffError, match="other weights; give another --out"):
+        shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "run", **settings)
+    monkeypatch.undo()
+    monkeypatch.setitem(shapes.METHODS, "pfb", dataclasses.replace(shapes.METHODS["pfb"],
+                                                                   config=shapes._variant(word_boost=1.0)))
+    with pytest.raises(PFBDiffError, match="other method settings; give another --out"):
+        shapes.run_shapesbench(tiny_pipe, out_dir=tmp_path / "run", **settings)
     assert (tmp_path / "run" / "shapesbench.json").read_text() == before
 
 

@@ -65,14 +65,14 @@ TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success 
 
 
 def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True,
-               first_case=0) -> dict:
+               first_case=0, weights=None) -> dict:
     import torch
 
     from pfbdiff import __version__
 
     return {
         "benchmark": "shapesbench", "version": 1,
-        "config": {"model": model, "steps": steps, "guidance": guidance, "cases_per_task": cases, "first_case": first_case,
+        "config": {"model": model, "weights": weights, "steps": steps, "guidance": guidance, "cases_per_task": cases, "first_case": first_case,
                    "tasks": list(tasks),
                    "methods": list(methods), "image_size": size, "paste_back": paste_back,
                    "pfbdiff_version": __version__,
@@ -147,7 +147,7 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- parts
 
 
-MERGE_KEYS = ("model", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size", "paste_back")
+MERGE_KEYS = ("model", "weights", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size", "paste_back")
 SETTING_DEFAULTS = {"first_case": 0}  # what a run recorded before the setting existed used
 
 
@@ -166,6 +166,8 @@ def take_up_earlier_run(out_dir, fresh: dict) -> tuple[dict[str, dict], float]:
     earlier = json.loads(path.read_text())
     config = earlier.get("config", {})
     differ = _differing_settings(config, fresh["config"], (*MERGE_KEYS, "tasks"))
+    if earlier.get("methods") != json.loads(json.dumps(fresh["methods"])):  # a preset changed since
+        differ.append("method settings")
     if differ:
         raise PFBDiffError(f"{out_dir} holds a ShapesBench run with other {', '.join(differ)}; give another --out, "
                            "or delete that folder to start again")

@@ -14,6 +14,7 @@ not mistaken for a weak method.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -192,6 +193,17 @@ def select(names, choices, what: str) -> tuple[str, ...]:
     if unknown:
         raise PFBDiffError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)}")
     return tuple(c for c in choices if not names or c in names)
+
+
+def weights_fingerprint(pipe) -> str:
+    """A short hash of the denoiser's weights (names, shapes and the first values of every tensor): a model retrained
+    under the same name or folder is another model, and a run on it is not taken up as the earlier one's."""
+    denoiser = pipe.unet if _unet(pipe) else pipe.transformer
+    digest = hashlib.sha256()
+    for name, tensor in denoiser.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def model_image_size(pipe) -> int:
@@ -377,8 +389,8 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
     size = model_image_size(pipe)
     started = time.time()
     result = report.new_result(
-        model=model_name, steps=steps, guidance=guidance, cases=cases, tasks=tasks, methods=methods, size=size,
-        paste_back=paste_back, first_case=first_case,
+        model=model_name, weights=weights_fingerprint(pipe), steps=steps, guidance=guidance, cases=cases, tasks=tasks,
+        methods=methods, size=size, paste_back=paste_back, first_case=first_case,
         method_info={m: method_settings(METHODS[m], pipe) for m in methods},
     )
     earlier, earlier_seconds = report.take_up_earlier_run(out_dir, result) if out_dir is not None else ({}, 0.0)
