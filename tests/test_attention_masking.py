@@ -12,6 +12,7 @@ from pfbdiff.engine.attention import (
     TokenRegion,
     attention_masking_installed,
     confined_words,
+    negative_prompts,
     regional_prompts,
 )
 from pfbdiff.engine.edit_mask import EditMask
@@ -191,6 +192,30 @@ def test_presets_choose_the_confined_words_unless_the_user_names_them(tiny_pipe)
     given = get_preset("object", inside=("square",))
     assert confined_words(tok, given, source, new_shape, {}) == (["square"], [])
     assert confined_words(tok, get_preset("multi-object"), source, "a blue square", {"blue square": None}) == ([], [])
+
+
+def test_the_background_preset_adds_the_kept_subjects_words_to_the_negative_prompt(tiny_pipe):
+    """Guidance then steers the new background away from the subject; the user's own negative prompt comes first,
+    and raw token positions, having no text, are not added."""
+    tok, source, target = tiny_pipe.tokenizer, "a red circle on a plain yellow background", "a red circle on grass"
+    background = get_preset("background")
+    assert negative_prompts(tok, background, ["", "blurry"], [source] * 2, [target] * 2, {}) == [
+        "red, circle", "blurry, red, circle"]
+    assert negative_prompts(tok, background.replace(outside=(3, "circle")), [""], [source], [target], {}) == ["circle"]
+    for unchanged in (get_preset("object"), background.replace(kept_words_negative=False),
+                      background.replace(attention_masking=False)):
+        assert negative_prompts(tok, unchanged, ["blurry"], [source], [target], {}) == ["blurry"]
+
+
+def test_a_background_edit_with_the_kept_words_negative_is_the_edit_given_them_as_its_negative_prompt(tiny_pipe, photo):
+    mask = np.ones((96, 128), np.float32)
+    mask[32:64, 48:80] = 0  # the kept subject
+    inv = tiny_pipe.invert(photo, "a cat on a bench", num_inference_steps=3)
+    kwargs = dict(prompt="a cat on the grass", preset="background", output_type="latent", guidance_scale=4.0)
+    named = tiny_pipe.edit(inv, mask, **kwargs).latents
+    by_hand = tiny_pipe.edit(inv, mask, negative_prompt="cat", kept_words_negative=False, **kwargs).latents
+    without = tiny_pipe.edit(inv, mask, kept_words_negative=False, **kwargs).latents
+    assert torch.equal(named, by_hand) and not torch.equal(named, without)
 
 
 def test_automatic_words_past_the_token_limit_are_not_confined(tiny_pipe):

@@ -151,6 +151,18 @@ def test_every_flow_option_keeps_the_photo_outside_the_edit_region(pipe, setting
     assert np.array_equal(np.asarray(out.images[0])[kept], np.asarray(photo)[kept])
 
 
+def test_the_background_presets_negative_prompt_names_the_kept_subject_where_the_model_has_unconditional_rows(pipe):
+    """SD3's guidance has unconditional rows, which read the kept subject's words; guidance-distilled Flux has none,
+    so the setting changes nothing there."""
+    inversion = pipe.invert(_photo(), SOURCE, 2)
+    kwargs = dict(prompt="a cat on the grass", preset="background", output_type="latent", guidance_scale=4.0)
+    named = pipe.edit(inversion, 1 - _mask(), **kwargs).latents
+    by_hand = pipe.edit(inversion, 1 - _mask(), negative_prompt="cat", kept_words_negative=False, **kwargs).latents
+    without = pipe.edit(inversion, 1 - _mask(), kept_words_negative=False, **kwargs).latents
+    assert torch.equal(named, by_hand)
+    assert torch.equal(named, without) == pipe.distilled_guidance
+
+
 def test_a_word_is_found_in_every_text_part_the_model_reads(pipe):
     positions = pipe._word_positions("a red dog", ["dog"])
     if isinstance(pipe, PFBDiffSD3Pipeline):  # CLIP's 77 tokens (start token first), then T5's (no start token)

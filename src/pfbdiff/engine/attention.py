@@ -303,6 +303,20 @@ def confined_words(tokenizer, config, source_prompt: str, prompt: str, word_regi
     return inside, outside
 
 
+def negative_prompts(tokenizer, config, negatives: list[str], source_prompts, prompts, word_regions) -> list[str]:
+    """The negative prompt of each row: the one given, followed, with ``config.kept_words_negative``, by the words
+    confined outside the mask (the kept subject's). Guidance, cond − uncond, then points away from the subject:
+    the new region is not drawn as a larger copy of it, while the kept region is held by the latent blend, the
+    blended features and the paste-back (docs/method.md §5)."""
+    if not (config.attention_masking and config.kept_words_negative):
+        return negatives
+    rows = []
+    for negative, source, prompt in zip(negatives, source_prompts, prompts):
+        _, outside = confined_words(tokenizer, config, source, prompt, word_regions)
+        rows.append(", ".join([negative] * bool(negative) + [word for word in outside if isinstance(word, str)]))
+    return rows
+
+
 def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict, *,
                   positions_of_words: Callable[[str, list], tuple[int, ...]] | None = None) -> list[TokenRegion]:
     """The token → allowed-region map of an edit (one row per prompt): inside words in ``mask``, outside words in
