@@ -178,8 +178,9 @@ PRESET_HELP = {
 #: objects and 43 against 39 backgrounds, while attributes (46 against 47 of 60) and two objects (15 and 15 of 53)
 #: did not gain and their seams grew.
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
-    "flow": {"object": dict(text_queries=True, blend_depth=0.25), "attribute": dict(word_boost_until=500),
-             "background": dict(latent_blend=-1.0, kept_apart=False, blend_depth=0.25)},
+    "flow": {"object": dict(text_queries=True, blend_depth=0.25), "attribute": dict(word_boost_until=500, blend_depth=0.25),
+             "background": dict(latent_blend=-1.0, kept_apart=False, blend_depth=0.25),
+             "multi-object": dict(blend_depth=0.25)},
 }
 FAMILY_NAMES = {"flow": "SD3 and Flux"}
 
