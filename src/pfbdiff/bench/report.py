@@ -72,10 +72,9 @@ def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_in
 
     return {
         "benchmark": "shapesbench", "version": 1,
-        "config": {"model": model, "weights": weights, "steps": steps, "guidance": guidance, "cases_per_task": cases, "first_case": first_case,
-                   "tasks": list(tasks),
-                   "methods": list(methods), "image_size": size, "paste_back": paste_back,
-                   "pfbdiff_version": __version__,
+        "config": {"model": model, "weights": weights, "steps": steps, "guidance": guidance, "cases_per_task": cases,
+                   "first_case": first_case, "tasks": list(tasks), "methods": list(methods), "image_size": size,
+                   "paste_back": paste_back, "pfbdiff_version": __version__,
                    "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "elapsed_s": 0.0},
         "methods": method_info,

@@ -173,12 +173,13 @@ PRESET_HELP = {
 #: four in 22 (seam error 9.8 and 12.4; to the end: 26 and 17.3). Background edits blend the latent at every step:
 #: the early-only blend left the new background a haze over the old one (4 of 40 tuning cases right, 17 with it),
 #: while on the U-Net it loses (52 against 45 of 80); and they leave ``kept_apart`` off, which on the toy model's
-#: 8 × 8 token grid changed the kept object more often (9 of 40 against 16). Object and background edits blend the
-#: first quarter of the blocks, not half: on the model trained to 14,370 steps that drew 51 against 44 of 80 tuning
-#: objects and 43 against 39 backgrounds, while attributes (46 against 47 of 60) and two objects (15 and 15 of 53)
-#: did not gain and their seams grew.
+#: 8 × 8 token grid changed the kept object more often (9 of 40 against 16). Every edit blends the first quarter of
+#: the blocks, not half: on the model trained to 14,370 steps that drew 51 against 44 of 80 tuning objects and 43
+#: against 39 backgrounds; on the one trained to 17,825 steps 66 against 61 of 80 attributes and 30 against 20 two
+#: objects, at seams about 1 higher.
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
-    "flow": {"object": dict(text_queries=True, blend_depth=0.25), "attribute": dict(word_boost_until=500, blend_depth=0.25),
+    "flow": {"object": dict(text_queries=True, blend_depth=0.25),
+             "attribute": dict(word_boost_until=500, blend_depth=0.25),
              "background": dict(latent_blend=-1.0, kept_apart=False, blend_depth=0.25),
              "multi-object": dict(blend_depth=0.25)},
 }
