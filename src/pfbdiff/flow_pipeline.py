@@ -28,7 +28,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from pfbdiff.engine import automask
-from pfbdiff.engine.attention import AttentionMasking, negative_prompts, regional_prompts, token_regions
+from pfbdiff.engine.attention import AttentionMasking, regional_prompts, token_regions
 from pfbdiff.engine.backbones.transformer import FeatureTransformer
 from pfbdiff.engine.conditioning import Conditioning
 from pfbdiff.engine.flow import FlowGrid, along_path, integrate, solver_step
@@ -255,8 +255,7 @@ class FlowEditing(PhotoEditing):
         target = self.encode_prompt_rows(prompts_list).borrowing(source, pooled=config.pooled_from == "source")
         unconditional = None
         if guidance_scale > 1.0 and not self.distilled_guidance:
-            negatives = _rows(_broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt"), repeats)
-            negatives = negative_prompts(self.tokenizer, config, negatives, source_prompts, prompts_list, masks.words)
+            negatives = self._negative_rows(negative_prompt, config, inversion, prompts_list, masks.words, repeats)
             unconditional = self.encode_prompt_rows(negatives)
 
         # 5. attention masking inside joint attention, in every block; regional prompts after the edit's prompt

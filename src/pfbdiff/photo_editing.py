@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 
 from pfbdiff import checks
 from pfbdiff.engine import automask
+from pfbdiff.engine.attention import negative_prompts
 from pfbdiff.engine.inversion import Inversion
 from pfbdiff.engine.presets import EditConfig, get_preset
 from pfbdiff.engine.sampling import edit_steps
@@ -160,6 +161,14 @@ class PhotoEditing:
         if feather is None and config.halo:
             feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
         return config, guidance_scale, steps, compositing.PasteBack(paste_back, feather, placement, colour_match)
+
+    def _negative_rows(self, negative_prompt, config: EditConfig, inversion: Inversion, prompts: list[str],
+                       word_regions: dict, repeats: int) -> list[str]:
+        """The negative prompt of each edit row: ``negative_prompt`` for each inverted image, ``repeats`` times, with
+        the kept subject's words where the preset adds them (:func:`~pfbdiff.engine.attention.negative_prompts`)."""
+        negatives = _rows(_broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt"), repeats)
+        return negative_prompts(self.tokenizer, config, negatives, _rows(inversion.source_prompt, repeats), prompts,
+                                word_regions)
 
     def __call__(
         self,

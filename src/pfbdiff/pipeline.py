@@ -33,13 +33,7 @@ from diffusers.loaders import (
 
 from pfbdiff import checks
 from pfbdiff.engine import automask, conditioning
-from pfbdiff.engine.attention import (
-    AttentionMasking,
-    attention_masking_installed,
-    negative_prompts,
-    regional_prompts,
-    token_regions,
-)
+from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, regional_prompts, token_regions
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import noised_reference
 from pfbdiff.engine.conditioning import Conditioning
@@ -332,8 +326,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         target = self.encode_prompt(prompts_list).borrowing(source, pooled=config.pooled_from == "source")
         prompts = Prompts(source=source, target=target, unconditional=None)
         if guidance_scale > 1.0:
-            negatives = _rows(_broadcast(negative_prompt or "", inversion.batch_size, "negative_prompt"), repeats)
-            negatives = negative_prompts(self.tokenizer, config, negatives, source_prompts, prompts_list, masks.words)
+            negatives = self._negative_rows(negative_prompt, config, inversion, prompts_list, masks.words, repeats)
             prompts.unconditional = self.encode_prompt(negatives, negative=True).borrowing(source)
 
         # 5. attention masking: which tokens may be attended to where

@@ -146,7 +146,8 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- parts
 
 
-MERGE_KEYS = ("model", "weights", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size", "paste_back")
+MERGE_KEYS = ("model", "weights", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size",
+              "paste_back")
 SETTING_DEFAULTS = {"first_case": 0}  # what a run recorded before the setting existed used
 
 

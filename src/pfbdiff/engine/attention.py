@@ -313,7 +313,8 @@ def negative_prompts(tokenizer, config, negatives: list[str], source_prompts, pr
     rows = []
     for negative, source, prompt in zip(negatives, source_prompts, prompts):
         _, outside = confined_words(tokenizer, config, source, prompt, word_regions)
-        rows.append(", ".join([negative] * bool(negative) + [word for word in outside if isinstance(word, str)]))
+        given = [negative] if negative else []
+        rows.append(", ".join(given + [word for word in outside if isinstance(word, str)]))  # positions have no text
     return rows
 
 
