@@ -56,6 +56,17 @@ def test_new_and_shared_content_words(tiny_pipe):
                          "a red circle on a striped blue background") == ["red", "circle"]  # "background" changes
 
 
+def test_the_subject_of_a_background_edit_stops_before_the_phrase_that_changes(tiny_pipe):
+    """Words that open the changed phrase describe the new background: confined to the subject (and, in the
+    background preset, added to the negative prompt) they would be kept out of the very region they describe."""
+    tok = tiny_pipe.tokenizer
+    assert subject_words(tok, "a cat on a wooden bench", "a cat on a wooden floor") == ["cat"]
+    assert subject_words(tok, "a blue triangle and a yellow square on a checkered orange background",
+                         "a blue triangle and a yellow square on a checkered red background") == [
+        "blue", "triangle", "yellow", "square"]
+    assert subject_words(tok, "a dog is standing on grass", "a dog is standing on sand") == ["dog", "standing"]
+
+
 def test_words_are_split_as_the_tokenizer_splits_them(tiny_pipe):
     """Accents, other scripts and emoji are whole words, lower-cased as the tokenizer does; punctuation is not."""
     tok = tiny_pipe.tokenizer

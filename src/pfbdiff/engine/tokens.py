@@ -67,11 +67,18 @@ def new_words(tokenizer, source_prompt: str, prompt: str) -> list[str]:
 
 def subject_words(tokenizer, source_prompt: str, prompt: str) -> list[str]:
     """Content words of the words ``prompt`` starts with in common with the source prompt: the subject
-    a background edit keeps ("a dog is standing on grass" → "a dog is standing in a desert": dog, standing)."""
+    a background edit keeps ("a dog is standing on grass" → "a dog is standing in a desert": dog, standing).
+
+    Where the change starts inside a phrase, the phrase's words before it describe the new part, not the subject
+    ("a cat on a wooden bench" → "a cat on a wooden floor": cat, not wooden): the common start then ends at the
+    stop word before that phrase."""
     old, new = tokenizer_words(tokenizer, source_prompt), tokenizer_words(tokenizer, prompt)
     common = 0
     while common < min(len(old), len(new)) and old[common] == new[common]:
         common += 1
+    if common < len(new) and new[common] not in STOP_WORDS:
+        while common and new[common - 1] not in STOP_WORDS:
+            common -= 1
     return list(dict.fromkeys(w for w in new[:common] if w not in STOP_WORDS and _names_something(w)))
 
 
