@@ -11,6 +11,7 @@ from pfbdiff.engine.attention import (
     RegionPrompt,
     TokenRegion,
     attention_masking_installed,
+    background_prompts,
     confined_words,
     negative_prompts,
     regional_prompts,
@@ -255,6 +256,43 @@ def test_a_region_prompt_replaces_the_conditional_rows_attention_inside_its_regi
     assert torch.equal(out[1][inside], by_own_prompt[0][inside])  # inside: exactly the region's own prompt
     assert torch.equal(out[1][~inside], plain[1][~inside])  # outside: the edit's prompt, untouched
     assert torch.equal(out[0], plain[0])  # the unconditional row never reads a region prompt
+
+
+def test_a_region_prompts_share_mixes_its_output_with_the_edit_prompts_inside_the_region_only(tiny_pipe):
+    block, attn = _cross_attention(tiny_pipe)
+    torch.manual_seed(1)
+    own = torch.randn(1, 77, attn.to_k.in_features)
+    whole, shared = (AttentionMasking([], (16, 16), {8}, region_prompts=[RegionPrompt(own, _left_half(), share)])
+                     for share in (1.0, 0.25))
+    for controller in (whole, shared):
+        controller.active = True
+    by_own_prompt, plain, _ = _run(tiny_pipe, whole)
+    out, _, _ = _run(tiny_pipe, shared)
+    inside = _left_half().binary_at((4, 4)).reshape(-1)
+    torch.testing.assert_close(out[1][inside], 0.25 * by_own_prompt[1][inside] + 0.75 * plain[1][inside])
+    assert torch.equal(out[1][~inside], plain[1][~inside]) and torch.equal(out[0], plain[0])
+
+
+def test_the_background_prompt_is_the_prompt_without_the_kept_subjects_words(tiny_pipe):
+    """Only where a background edit asks for a share, and only when it has subject words to take out."""
+    tok, source = tiny_pipe.tokenizer, "a red circle and a blue square on a plain yellow background"
+    target = "a red circle and a blue square on a striped green background"
+    region, encoded = _left_half(), []
+
+    def encode(texts):
+        encoded.append(texts)
+        return torch.zeros(len(texts), 77, 8)
+
+    background = get_preset("background", background_prompt_share=0.25)
+    [prompt] = background_prompts(encode, tok, background, [source, source], [target, "A Red Circle on grass"], {},
+                                  region)
+    assert encoded == [["a and a on a striped green background", "A on grass"]]
+    assert prompt.region is region and prompt.share == 0.25
+    assert background_prompts(encode, tok, background.replace(background_prompt_share=0.0), [source], [target], {},
+                              region) == []
+    assert background_prompts(encode, tok, background.replace(outside=(3,)), [source], [target], {}, region) == []
+    with pytest.raises(PFBDiffError, match="background_prompt_share must be a share in"):
+        background.replace(background_prompt_share=1.5)
 
 
 def test_region_prompts_default_to_their_words_and_must_name_a_word_mask():

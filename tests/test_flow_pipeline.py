@@ -163,6 +163,13 @@ def test_the_background_presets_negative_prompt_names_the_kept_subject_where_the
     assert torch.equal(named, without) == pipe.distilled_guidance
 
 
+def test_a_share_of_a_subject_free_background_prompt_is_refused_on_a_joint_attention(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 2)
+    with pytest.raises(PFBDiffError, match="background_prompt_share is a U-Net setting"):
+        pipe.edit(inversion, 1 - _mask(), prompt="a cat on the grass", preset="background",
+                  background_prompt_share=0.25)
+
+
 def test_a_word_is_found_in_every_text_part_the_model_reads(pipe):
     positions = pipe._word_positions("a red dog", ["dog"])
     if isinstance(pipe, PFBDiffSD3Pipeline):  # CLIP's 77 tokens (start token first), then T5's (no start token)

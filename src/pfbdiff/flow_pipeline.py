@@ -43,6 +43,7 @@ from pfbdiff.engine.joint_attention import joint_attention_masking_installed
 from pfbdiff.engine.presets import EditConfig
 from pfbdiff.engine.sampling import edit_steps
 from pfbdiff.engine.tokens import joined_positions
+from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing
 from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows
@@ -238,6 +239,9 @@ class FlowEditing(PhotoEditing):
         config, guidance_scale, steps, put_back = self._edit_settings(
             inversion, preset, {**overrides, "inside": inside, "outside": outside}, guidance_scale, feather,
             paste_back, feather_placement, colour_match)
+        if config.background_prompt_share:  # a joint attention has no cross-attention output of its own to share
+            raise PFBDiffError.about("background_prompt_share", "is a U-Net setting (SD 1.x, SD 2.x, SDXL); on SD3 "
+                                     "and Flux set it to 0")
 
         # 2. the masks of each input image, and 3. one row per output image
         prompts_in = _broadcast(prompt, inversion.batch_size, "prompt")

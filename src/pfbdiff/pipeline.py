@@ -33,7 +33,13 @@ from diffusers.loaders import (
 
 from pfbdiff import checks
 from pfbdiff.engine import automask, conditioning
-from pfbdiff.engine.attention import AttentionMasking, attention_masking_installed, regional_prompts, token_regions
+from pfbdiff.engine.attention import (
+    AttentionMasking,
+    attention_masking_installed,
+    background_prompts,
+    regional_prompts,
+    token_regions,
+)
 from pfbdiff.engine.backbones.unet import FeatureUNet
 from pfbdiff.engine.blending import noised_reference
 from pfbdiff.engine.conditioning import Conditioning
@@ -338,6 +344,8 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
             attention_blocks = self.feature_unet.attention_blocks_at_levels(config.attention_levels)
         own_prompts = regional_prompts(lambda texts: self.encode_prompt(texts).tokens, masks.words, region_prompts,
                                        len(prompts_list), config=config)
+        own_prompts += background_prompts(lambda texts: self.encode_prompt(texts).tokens, self.tokenizer, config,
+                                          source_prompts, prompts_list, masks.words, masks.edit)
         masking = AttentionMasking(
             token_regions(self.tokenizer, self._as_encoded(config), self._as_encoded(source_prompts),
                           self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),

@@ -20,6 +20,7 @@ circle; masking words cannot keep that out of the square's region, a prompt of i
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,10 +51,12 @@ class TokenRegion:
 @dataclass
 class RegionPrompt:
     """Inside ``region`` (B×1×h×w at latent size), the conditional rows' cross-attention reads ``tokens``
-    (rows × tokens × width: the encoded prompt of the region) instead of the edit's prompt."""
+    (rows × tokens × width: the encoded prompt of the region) instead of the edit's prompt; with ``share`` < 1,
+    its output there is that share of the region prompt's and the rest the edit prompt's."""
 
     tokens: torch.Tensor
     region: EditMask
+    share: float = 1.0
 
 
 class AttentionMasking:
@@ -222,6 +225,8 @@ class MaskedCrossAttention:
         for prompt in controller.region_prompts:
             inside = prompt.region.binary_at(size).flatten(1)[..., None]  # rows × pixels × 1
             own = self.original(attn, conditional, prompt.tokens, None, temb, **kwargs)
+            if prompt.share != 1.0:
+                own = torch.lerp(result, own, prompt.share)
             result = torch.where(inside, own, result)
         return torch.cat([out[:first], result])
 
@@ -355,3 +360,32 @@ def regional_prompts(encode: Callable[[list[str]], torch.Tensor], word_regions: 
         raise PFBDiffError.about("region_prompts", f"names {unknown}, which have no word mask; give each region "
                                  f"prompt under a word of word_masks ({sorted(word_regions)})")
     return [RegionPrompt(encode([texts.get(word, word)] * rows), region) for word, region in word_regions.items()]
+
+
+def without_words(text: str, words) -> str:
+    """``text`` with every whole-word occurrence of ``words`` taken out (case-insensitive), spaces tidied."""
+    for word in words:
+        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", text, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def background_prompts(encode: Callable[[list[str]], torch.Tensor], tokenizer, config, source_prompts, prompts,
+                       word_regions, edit_region: EditMask) -> list[RegionPrompt]:
+    """The subject-free share of a background edit's new background (``config.background_prompt_share``,
+    docs/method.md §5): a :class:`RegionPrompt` on the edit region whose prompt is each row's prompt without the
+    words confined outside the mask (the kept subject's).
+
+    A text encoder that reads left to right carries the subject named first into every later token ("… on a
+    checkered red background"), so masking the subject's words leaves it in the background's words, end and
+    padding tokens, and the model redraws the subject around itself. The same prompt without those words has
+    no subject in it, but it is no caption the model was trained on; a share of it (the rest from the whole
+    prompt) keeps the new background drawn as asked."""
+    if not (config.attention_masking and config.background_prompt_share > 0):
+        return []
+    texts, taken_out = [], False
+    for source, prompt in zip(source_prompts, prompts):
+        _, outside = confined_words(tokenizer, config, source, prompt, word_regions)
+        words = [word for word in outside if isinstance(word, str)]  # raw token positions have no text
+        texts.append(without_words(prompt, words))
+        taken_out |= bool(words)
+    return [RegionPrompt(encode(texts), edit_region, config.background_prompt_share)] if taken_out else []
