@@ -317,10 +317,16 @@ def negative_prompts(tokenizer, config, negatives: list[str], source_prompts, pr
         return negatives
     rows = []
     for negative, source, prompt in zip(negatives, source_prompts, prompts):
-        _, outside = confined_words(tokenizer, config, source, prompt, word_regions)
         given = [negative] if negative else []
-        rows.append(", ".join(given + [word for word in outside if isinstance(word, str)]))  # positions have no text
+        rows.append(", ".join(given + kept_subject_words(tokenizer, config, source, prompt, word_regions)))
     return rows
+
+
+def kept_subject_words(tokenizer, config, source_prompt: str, prompt: str, word_regions) -> list[str]:
+    """The words of ``prompt`` confined outside the mask (:func:`confined_words`; the kept subject's in a background
+    edit), as text: raw token positions have none."""
+    _, outside = confined_words(tokenizer, config, source_prompt, prompt, word_regions)
+    return [word for word in outside if isinstance(word, str)]
 
 
 def token_regions(tokenizer, config, source_prompts, prompts, mask: EditMask, word_regions: dict, *,
@@ -384,8 +390,7 @@ def background_prompts(encode: Callable[[list[str]], torch.Tensor], tokenizer, c
         return []
     texts, taken_out = [], False
     for source, prompt in zip(source_prompts, prompts):
-        _, outside = confined_words(tokenizer, config, source, prompt, word_regions)
-        words = [word for word in outside if isinstance(word, str)]  # raw token positions have no text
+        words = kept_subject_words(tokenizer, config, source, prompt, word_regions)
         texts.append(without_words(prompt, words))
         taken_out |= bool(words)
     return [RegionPrompt(encode(texts), edit_region, config.background_prompt_share)] if taken_out else []
