@@ -18,7 +18,7 @@ from pfbdiff.errors import PFBDiffError
 from pfbdiff.models import catalog
 from pfbdiff.shapes.binary_masks import dilate
 from pfbdiff.shapes.oracles import object_kept
-from pfbdiff.shapes.world import sample_scene
+from pfbdiff.shapes.world import render, sample_scene
 
 TINY_SIZE = 128  # the tiny model's image side
 
@@ -99,6 +99,22 @@ def test_cases_are_valid(task, first_cases):
         for phrase in case.new_phrases:
             assert case.target_caption.count(phrase) == 1
         assert case.mask_kind in (("dilated", "box") if task == "attribute" else ("box",))
+
+
+def test_a_tight_box_is_the_objects_bounding_box_and_a_margin_widens_it(first_cases):
+    case = first_cases["object"][0]
+    (i,) = case.edited
+    tight, default = render_case(case, 64, box_margin=0), render_case(case, 64)
+    source_masks = render(case.source, 64).object_masks
+    ys, xs = np.nonzero(source_masks[i] | render(case.target, 64).object_masks[i])
+    box = np.zeros_like(tight.mask)
+    box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+    for j, other in enumerate(source_masks):
+        if j != i:
+            box &= ~dilate(other, 1)  # never over a kept object
+    assert np.array_equal(tight.mask, box)
+    assert (default.mask >= tight.mask).all() and default.mask.sum() > tight.mask.sum()
+    assert metrics.edit_success(tight, tight.ideal)["success"]
 
 
 def test_held_out_combinations_appear(first_cases):
@@ -394,6 +410,10 @@ def test_cli_bench_shapes(tiny_model_dir, tmp_path, monkeypatch):
     assert "| pfb |" in done.output
     assert json.loads((out / "shapesbench.json").read_text())["config"]["cases_per_task"] == 1
     assert (out / "shapesbench.md").exists() and (out / "shapesbench_grid.png").exists()
+    tighter = runner.invoke(app, [*args, "--box-margin", "0"])  # other masks: not taken up, not overwritten
+    assert tighter.exit_code == 2 and "other box_margin" in tighter.output and "Traceback" not in tighter.output
+    negative = runner.invoke(app, [*args, "--box-margin", "-1"])
+    assert negative.exit_code == 2 and "--box-margin" in negative.output
 
     bad = runner.invoke(app, ["bench", "shapes", "--model", "tiny", "--methods", "pfb,nope"])
     assert bad.exit_code == 2 and "unknown method nope" in bad.output

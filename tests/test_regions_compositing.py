@@ -124,6 +124,24 @@ def test_soft_masks_are_their_own_alpha_and_thin_masks_are_not_erased():
     assert compositing.auto_feather(square) == 48  # 8 % of 800 px, capped
 
 
+def test_the_feather_band_does_not_blend_the_old_object_back():
+    """A tight mask whose edge the old object touches: where the band shows the object, the alpha is the mask's
+    (no faint outline of it in the result); where it shows the textured surroundings, the feather stays."""
+    rng = np.random.default_rng(2)
+    source = np.clip(rng.normal((90.0, 140.0, 60.0), 8.0, (64, 64, 3)), 0, 255)  # grass-like texture
+    source[20:40, 22:42] = (200.0, 40.0, 40.0)  # the old object ...
+    mask = _mask((64, 64), (20, 18, 44, 44))  # ... its left and top edges on the mask's edge
+    feathered = compositing.feather_alpha(mask, 4)
+    alpha = compositing.without_old_content(feathered, mask, source, ring_width=4)
+    band = (feathered > 0) & (feathered < 1)
+    on_object = band & (source[..., 1] < 80)
+    assert on_object.any() and (band & ~on_object).any()
+    assert (alpha[on_object] == 1.0).all()
+    assert np.array_equal(alpha[~on_object], feathered[~on_object])  # surroundings feathered, outside exactly 0
+    plain = np.clip(rng.normal(128.0, 20.0, (64, 64, 3)), 0, 255)  # noise alone is the surroundings' too
+    assert np.array_equal(compositing.without_old_content(feathered, mask, plain, ring_width=4), feathered)
+
+
 def test_paste_back_is_exact_where_alpha_is_zero_and_blends_elsewhere():
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)

@@ -215,7 +215,7 @@ class PhotoEditing:
         box = mask_set.inverted_box(inversion)
         size = inversion.original_sizes[0]
         sources = _rows(inversion.source_images, repeats)
-        alphas = put_back.alphas(masks, box) if sources else None
+        alphas = put_back.alphas(masks, box, sources) if sources else None
         if output_type == "latent":
             images = latents
         else:

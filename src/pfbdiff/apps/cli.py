@@ -332,6 +332,7 @@ def bench_shapes(
     quick: bool = typer.Option(False, "--quick", help="20 cases per task instead of 200."),
     cases: Optional[int] = typer.Option(None, "--cases", help="Cases per task (overrides --quick)."),
     first_case: int = typer.Option(0, "--first-case", help="Index of each task's first case: the bench's own are 0-199; later ones serve for tuning."),
+    box_margin: int = typer.Option(2, "--box-margin", help="How far the object edits' box masks reach past the object, in pixels of a 64-px image (0: a tight box)."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps, the same for every method."),
     methods: Optional[list[str]] = typer.Option(None, "--methods", help="Methods to run (repeat or comma-separate; default: all that apply to the model): pfb, pfb-paper, pfb-no-attn, pfb-latent-only, pfb-deep, pfb-deep-mid, pfb-depth-0.25, pfb-depth-0.75, pfb-depth-1.0, pfb-text-queries, pfb-fireflow, pfb-pooled-target, pfb-pooled-source, pfb-attn-no-top, pfb-region-prompts, bld-inverted, bld, flow-bld, kv-edit-like, sdedit-0.5, sdedit-0.7, sdedit-0.9, diffedit."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Tasks (default all): object, attribute, background, multi-object."),
@@ -354,9 +355,9 @@ def bench_shapes(
         chosen_tasks = shapesbench.select(tasks, shapesbench.TASKS, "task")
         # no --methods: run_shapesbench runs every method that applies to the model (U-Net or flow transformer)
         chosen_methods = shapesbench.select(methods, tuple(shapesbench.METHODS), "method") if methods else None
-        if count < 1 or steps < 1 or first_case < 0:
-            raise PFBDiffError(f"--cases and --steps must be at least 1 and --first-case at least 0, got {count}, "
-                               f"{steps} and {first_case}")
+        if count < 1 or steps < 1 or first_case < 0 or box_margin < 0:
+            raise PFBDiffError(f"--cases and --steps must be at least 1, --first-case and --box-margin at least 0, got "
+                               f"{count}, {steps}, {first_case} and {box_margin}")
         name = shapesbench.resolve_model(model)
         pipe = _load(name, device, dtype, False, None)
         with _progress() as progress:
@@ -364,7 +365,7 @@ def bench_shapes(
             result = shapesbench.run_shapesbench(
                 pipe, tasks=chosen_tasks, methods=chosen_methods, cases=count, steps=steps, guidance=guidance,
                 out_dir=out, grid_cases=grid_cases, model_name=name, paste_back=paste_back, first_case=first_case,
-                on_case=lambda done, total, case_id: progress.update(task_bar, completed=done, description=case_id),
+                box_margin=box_margin, on_case=lambda done, total, case_id: progress.update(task_bar, completed=done, description=case_id),
             )
     print(success_section(result))
     console.print(f"[green]wrote[/] {out}/shapesbench.json, shapesbench.md, shapesbench_grid.png", highlight=False)

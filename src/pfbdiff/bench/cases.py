@@ -237,8 +237,9 @@ def _box_mask(object_mask: np.ndarray, margin: int) -> np.ndarray:
     return out
 
 
-def render_case(case: Case, size: int) -> CaseImages:
-    """Pixels, masks and ground truth of ``case`` at ``size`` × ``size``."""
+def render_case(case: Case, size: int, box_margin: int = BOX_MARGIN) -> CaseImages:
+    """Pixels, masks and ground truth of ``case`` at ``size`` × ``size``; a box mask reaches ``box_margin`` pixels
+    (at 64 px) past the object's bounding box (0: a tight box)."""
     source = render(case.source, size)
     target = render(case.target, size)
     background = render(Scene(case.target.background, case.target.pattern, ()), size).image
@@ -255,7 +256,7 @@ def render_case(case: Case, size: int) -> CaseImages:
             if case.mask_kind == "dilated":
                 region = dilate(obj_mask, _scaled(MASK_DILATION, size))
             else:
-                region = _box_mask(obj_mask, _scaled(BOX_MARGIN, size))
+                region = _box_mask(obj_mask, _scaled(box_margin, size) if box_margin > 0 else 0)
             # A user mask never covers an object that is to be kept, nor another edited object's region.
             for j, other in enumerate(source.object_masks):
                 if j != i:

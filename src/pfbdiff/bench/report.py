@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pfbdiff.bench.cases import BOX_MARGIN
 from pfbdiff.bench.metrics import PROPORTIONS, summarise
 from pfbdiff.errors import PFBDiffError
 
@@ -65,7 +66,7 @@ TABLE_COLUMNS = (("success", "success %", 100, 0), ("success_raw", "raw success 
 
 
 def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_info, paste_back=True,
-               first_case=0, weights=None) -> dict:
+               first_case=0, box_margin=BOX_MARGIN, weights=None) -> dict:
     import torch
 
     from pfbdiff import __version__
@@ -73,7 +74,7 @@ def new_result(*, model, steps, guidance, cases, tasks, methods, size, method_in
     return {
         "benchmark": "shapesbench", "version": 1,
         "config": {"model": model, "weights": weights, "steps": steps, "guidance": guidance, "cases_per_task": cases,
-                   "first_case": first_case, "tasks": list(tasks), "methods": list(methods), "image_size": size,
+                   "first_case": first_case, "box_margin": box_margin, "tasks": list(tasks), "methods": list(methods), "image_size": size,
                    "paste_back": paste_back, "pfbdiff_version": __version__,
                    "torch_threads": torch.get_num_threads(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "elapsed_s": 0.0},
@@ -146,9 +147,9 @@ def _write(result: dict, out_dir, grid: Image.Image | None) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------- parts
 
 
-MERGE_KEYS = ("model", "weights", "steps", "guidance", "cases_per_task", "first_case", "methods", "image_size",
-              "paste_back")
-SETTING_DEFAULTS = {"first_case": 0}  # what a run recorded before the setting existed used
+MERGE_KEYS = ("model", "weights", "steps", "guidance", "cases_per_task", "first_case", "box_margin", "methods",
+              "image_size", "paste_back")
+SETTING_DEFAULTS = {"first_case": 0, "box_margin": BOX_MARGIN}  # what a run recorded before the setting existed used
 
 
 def _differing_settings(config: dict, other: dict, keys) -> list[str]:

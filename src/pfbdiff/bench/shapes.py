@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from pfbdiff.bench import baselines
-from pfbdiff.bench.cases import TASKS, CaseImages, make_cases, render_case
+from pfbdiff.bench.cases import BOX_MARGIN, TASKS, CaseImages, make_cases, render_case
 from pfbdiff.bench.diagnosis import failure_cause
 from pfbdiff.bench.metrics import (
     coherence,
@@ -369,14 +369,16 @@ def run_case(pipe, images: CaseImages, methods, *, steps: int, guidance: float, 
 
 def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: int = 50,
                     guidance: float = DEFAULT_GUIDANCE, out_dir=None, grid_cases: int = 4, model_name: str = "",
-                    paste_back: bool = True, on_case: Callable | None = None, first_case: int = 0) -> dict:
+                    paste_back: bool = True, on_case: Callable | None = None, first_case: int = 0,
+                    box_margin: int = BOX_MARGIN) -> dict:
     """Run ShapesBench on the cases ``first_case`` to ``first_case + cases - 1`` of each task (the bench's own are
     0-199; later ones serve for tuning and for checks on cases no setting saw); returns the JSON-ready result and, with ``out_dir``, writes the JSON, the markdown
     report and the image grid there (see :mod:`.report`). ``on_case(done, total, case_id)`` reports progress.
 
     The JSON is rewritten after every case, and a run with the same settings already in ``out_dir`` is taken up
     where it stopped: its finished cases are kept, except the grid's, which are run again for their pictures
-    (the cases are seeded, so they come out the same)."""
+    (the cases are seeded, so they come out the same). ``box_margin``: how far (pixels at 64 px) the object tasks'
+    box masks reach past the object's bounding box."""
     from pfbdiff.bench import report
 
     tasks = select(tasks, TASKS, "task")
@@ -390,7 +392,7 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
     started = time.time()
     result = report.new_result(
         model=model_name, weights=weights_fingerprint(pipe), steps=steps, guidance=guidance, cases=cases, tasks=tasks,
-        methods=methods, size=size, paste_back=paste_back, first_case=first_case,
+        methods=methods, size=size, paste_back=paste_back, first_case=first_case, box_margin=box_margin,
         method_info={m: method_settings(METHODS[m], pipe) for m in methods},
     )
     earlier, earlier_seconds = report.take_up_earlier_run(out_dir, result) if out_dir is not None else ({}, 0.0)
@@ -402,7 +404,7 @@ def run_shapesbench(pipe, *, tasks=TASKS, methods=None, cases: int = 20, steps: 
             if case.id in earlier and not keep:
                 result["cases"].append(earlier[case.id])
             else:
-                images = render_case(case, size)
+                images = render_case(case, size, box_margin)
                 outcome = run_case(pipe, images, methods, steps=steps, guidance=guidance, keep_images=keep,
                                    paste_back=paste_back)
                 result["cases"].append({**case.to_json(), "results": outcome["results"],

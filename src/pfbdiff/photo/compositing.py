@@ -16,7 +16,9 @@ of the generated image G and the source S, with an alpha α built from the user'
    photo. ``"center"`` (a plain blur, A1111's "mask blur") and ``"outside"`` (α = M on the mask, the band
    beyond its edge) are there for comparison; the seam study (``bench/seams.py``) found "inside" lowest on
    both seam measures (and "outside" worst on the ring just outside the mask, where it lets the decoder's
-   error through). A soft (grey) mask is its own feather: the automatic width is 0 for it.
+   error through). A soft (grey) mask is its own feather: the automatic width is 0 for it. The band is not
+   feathered where the photo shows a colour found nowhere around the mask (:func:`without_old_content`): there it
+   shows the old object, which blended back would leave a faint outline of itself along a tight mask's edge.
 3. **colour match** (:func:`match_colours`): in the band just outside the mask G should equal S; the
    difference S − G measured there (mostly the VAE's colour shift) is spread smoothly over the region by
    normalised convolution and added to G, so the generated region meets its surroundings at the source's
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
+from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE
 from pfbdiff.photo.regions import CropBox, support_box
 
 #: Where the feather band lies relative to the (grown) mask edge; the default was chosen by the seam study.
@@ -53,6 +56,8 @@ COLOUR_MATCH_MODES = ("local", "mean", "none")
 # generation differs from the source by more (RGB distance) shows content the edit changed, such as a new
 # background meeting the kept object, not a shift to correct, and is left out of the colour match.
 COLOUR_SHIFT_LIMIT = 40.0
+#: At most this many of the ring's colours are compared with the feather band's (an even pick of them when more).
+SURROUNDING_COLOURS = 1024
 
 
 # ------------------------------------------------------------------------------------------ mask operations
@@ -327,19 +332,48 @@ class PasteBack:
         """Width of the band outside the mask where the colours are matched."""
         return max(4, self.feather or 4)
 
-    def alphas(self, masks, box: CropBox) -> list[np.ndarray] | None:
-        """The alpha of each image of a :class:`~pfbdiff.photo.mask_set.MaskSet`; ``None`` with paste-back off."""
+    def alphas(self, masks, box: CropBox, sources: list) -> list[np.ndarray] | None:
+        """The alpha of each image of a :class:`~pfbdiff.photo.mask_set.MaskSet` (``sources``: the photos, one per
+        image); ``None`` with paste-back off."""
         if not self.enabled:
             return None
         bounds = masks.bound or [None] * len(masks.full)
-        return [self.alpha(m, box, bound) for m, bound in zip(masks.full, bounds)]
+        return [self.alpha(m, box, source, bound) for m, source, bound in zip(masks.full, sources, bounds)]
 
-    def alpha(self, full_mask: np.ndarray, box: CropBox, bound: np.ndarray | None = None) -> np.ndarray:
-        """The alpha inside the box: the feathered (grown) mask, limited by the user's ``bound`` if any."""
+    def alpha(self, full_mask: np.ndarray, box: CropBox, source, bound: np.ndarray | None = None) -> np.ndarray:
+        """The alpha inside the box: the feathered (grown) mask, limited by the user's ``bound`` if any, and not
+        feathered where ``source`` shows old content (:func:`without_old_content`)."""
         rows, cols = box.slices
         width = auto_feather(full_mask) if self.feather is None else int(self.feather)
-        alpha = feather_alpha(full_mask[rows, cols], width, self.placement)
+        mask = full_mask[rows, cols]
+        alpha = without_old_content(feather_alpha(mask, width, self.placement), mask,
+                                    np.asarray(source)[rows, cols], max(4, width))
         return alpha if bound is None else np.minimum(alpha, bound[rows, cols])
+
+
+def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray, ring_width: int) -> np.ndarray:
+    """The alpha raised to the mask on the feather band's pixels whose colour is found nowhere around the mask,
+    such as the old object's where it reaches into the band.
+
+    The feather band hides the VAE's small shifts where the source in it shows the surroundings. Blended back where
+    it shows something else, the source would leave a faint outline of the old object along a tight mask's edge.
+    "Around" is the ring ``ring_width`` pixels wide outside the mask; a colour within ``HALO_COLOUR_DISTANCE`` of one
+    of its colours is the surroundings'. Outside the mask nothing changes: the alpha only rises up to the mask.
+    """
+    alpha = np.asarray(alpha, np.float32)
+    mask = np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
+    band = alpha < mask
+    ring = reference_ring(mask, alpha, ring_width)
+    if not band.any() or not ring.any():
+        return alpha
+    pixels = np.asarray(source, np.float32)
+    around = np.unique(pixels[ring], axis=0)
+    around = torch.from_numpy(around[np.linspace(0, len(around) - 1, min(len(around), SURROUNDING_COLOURS)).astype(int)])
+    inside = torch.from_numpy(pixels[band])
+    nearest = torch.cat([torch.cdist(part, around).amin(dim=1) for part in inside.split(4096)])
+    old = np.zeros_like(band)
+    old[band] = (nearest > HALO_COLOUR_DISTANCE).numpy()
+    return np.where(old, mask, alpha)
 
 
 def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alphas: list | None,
