@@ -41,6 +41,22 @@ def test_halo_stops_at_the_subject_outline():
     assert (grown >= images.mask).all()
 
 
+def test_halo_follows_a_strip_between_the_subject_and_the_photo_edge_however_long():
+    """A keep-box drawn around a subject near the bottom edge is cut by it: the strip of old background under the
+    subject runs farther from the mask than the reach, but it is narrow, so it joins all the same."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[...] = (230, 200, 40)
+    subject = np.zeros((48, 64), bool)
+    subject[24:42, 20:45] = True  # 6 px above the bottom edge
+    image[subject] = (200, 30, 30)
+    mask = np.ones((48, 64), np.float32)
+    mask[20:, 16:49] = 0.0  # the kept box: 4 px around the subject, down to the edge
+    grown = absorb_halo(mask, image, reach=8) > 0.5
+    assert np.array_equal(grown, ~subject)
+    inside_the_photo = absorb_halo(mask, image, reach=8, photo_edges=(False, False, False, False)) > 0.5
+    assert (~inside_the_photo[42:, 24:41]).all()  # a crop's side is no edge: the strip is left as it was
+
+
 def test_halo_keeps_soft_mask_values_and_does_nothing_at_reach_zero():
     image = _two_tone("plain")
     mask = np.zeros((24, 32), np.float32)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE
+from pfbdiff.photo.halo import unlike_all
 from pfbdiff.photo.regions import CropBox, support_box
 
 #: Where the feather band lies relative to the (grown) mask edge; the default was chosen by the seam study.
@@ -56,8 +56,6 @@ COLOUR_MATCH_MODES = ("local", "mean", "none")
 # generation differs from the source by more (RGB distance) shows content the edit changed, such as a new
 # background meeting the kept object, not a shift to correct, and is left out of the colour match.
 COLOUR_SHIFT_LIMIT = 40.0
-#: At most this many of the ring's colours are compared with the feather band's (an even pick of them when more).
-SURROUNDING_COLOURS = 1024
 
 
 # ------------------------------------------------------------------------------------------ mask operations
@@ -357,8 +355,9 @@ def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray,
 
     The feather band hides the VAE's small shifts where the source in it shows the surroundings. Blended back where
     it shows something else, the source would leave a faint outline of the old object along a tight mask's edge.
-    "Around" is the ring ``ring_width`` pixels wide outside the mask; a colour within ``HALO_COLOUR_DISTANCE`` of one
-    of its colours is the surroundings'. Outside the mask nothing changes: the alpha only rises up to the mask.
+    "Around" is the ring ``ring_width`` pixels wide outside the mask; a colour within the halo's colour distance of one
+    of its colours (:func:`~pfbdiff.photo.halo.unlike_all`) is the surroundings'. Outside the mask nothing changes:
+    the alpha only rises up to the mask.
     """
     alpha = np.asarray(alpha, np.float32)
     mask = np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
@@ -367,12 +366,8 @@ def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray,
     if not band.any() or not ring.any():
         return alpha
     pixels = np.asarray(source, np.float32)
-    around = np.unique(pixels[ring], axis=0)
-    around = torch.from_numpy(around[np.linspace(0, len(around) - 1, min(len(around), SURROUNDING_COLOURS)).astype(int)])
-    inside = torch.from_numpy(pixels[band])
-    nearest = torch.cat([torch.cdist(part, around).amin(dim=1) for part in inside.split(4096)])
     old = np.zeros_like(band)
-    old[band] = (nearest > HALO_COLOUR_DISTANCE).numpy()
+    old[band] = unlike_all(pixels[band], pixels[ring])
     return np.where(old, mask, alpha)
 
 

@@ -9,7 +9,8 @@ paste-back both hold it in place. PFB-Diff itself cannot help: whatever lies out
 kept pixels next to it whose colour continues the masked side (RGB distance to some 8-neighbour already in
 the mask at most ``HALO_COLOUR_DISTANCE``), for at most ``reach`` pixels. The subject, whose colours differ
 from the background around it, stops the growth; patterns grow along their own colours, since a pixel only
-has to match one neighbour. Last, the edge pixels that mix the two sides (anti-aliasing, blur), alike neither
+has to match one neighbour. Along the photo's edge, a strip between the subject and the edge at most ``reach``
+wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels that mix the two sides (anti-aliasing, blur), alike neither
 to the masked side nor to any kept neighbour, join too. The ``background`` preset turns it on (``EditConfig.halo``); the paste-back then
 uses a hard edge there, because the new edge is a real one (a feather band would blend the old background
 back in).
@@ -18,6 +19,9 @@ back in).
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from pfbdiff.shapes.binary_masks import dilate
 
 # RGB distance (0-255 levels) within which a kept pixel continues the masked surface. Neighbouring pixels of
 # one surface differ by noise and shading (under ~20 in photos and in ShapesWorld's anti-aliasing); a subject's
@@ -36,11 +40,12 @@ def _shifted(values: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     return out
 
 
-def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int,
-                distance: float = HALO_COLOUR_DISTANCE) -> np.ndarray:
+def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+                photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
     """``mask`` (H×W in [0, 1]) grown into the pixels of ``image`` (H×W×3) that continue the masked side's
-    colours, at most ``reach`` pixels (8-connected steps) beyond it, plus the mixed edge pixels met there.
-    The mask's own values are kept; added pixels are 1."""
+    colours, at most ``reach`` pixels (8-connected steps) beyond it, and along a strip by the photo's edge
+    (:func:`_strips_by_the_edge`; ``photo_edges``: which of the top, bottom, left and right sides of ``image`` are
+    the photo's), plus the mixed edge pixels met there. The mask's own values are kept; added pixels are 1."""
     mask = np.asarray(mask, dtype=np.float32)
     if reach <= 0:
         return mask
@@ -54,12 +59,74 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int,
         if not added.any():
             break
         grown |= added
+    grown = _strips_by_the_edge(grown, pixels, steps, reach, distance, photo_edges)
     # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
     # behind it only, and joins when it is like none of them.
     edge = ~grown & _neighbours_in(grown, None)
     grown |= edge & ~_neighbours_in(~grown & ~edge, steps)
     return np.maximum(mask, grown.astype(np.float32) * ~inside)
+
+
+def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reach: int, distance: float,
+                        photo_edges) -> np.ndarray:
+    """``grown`` extended along the strips of old background at most ``reach`` pixels wide between the subject and
+    the photo's edge, however long, where they continue from ``grown``.
+
+    A user's box around a subject near the photo's edge is cut by that edge, and the strip between the subject and
+    the edge can run farther from the mask than ``reach``; left out, it would stay as a sliver of the old background.
+    A strip pixel continues the masked colours, and its distances to the subject (a pixel unlike every masked
+    colour) and to the edge add up to at most ``reach``; kept background that merely touches the edge, with no
+    subject beside it, is not a strip.
+    """
+    height, width = grown.shape
+    rows, cols = np.mgrid[0:height, 0:width]
+    to_edge = np.full((height, width), np.iinfo(np.int32).max, np.int64)
+    for is_edge, offset in zip(photo_edges, (rows, height - 1 - rows, cols, width - 1 - cols)):
+        if is_edge:
+            to_edge = np.minimum(to_edge, offset)
+    near_edge = ~grown & (to_edge < reach)
+    if not near_edge.any():
+        return grown
+    zone = dilate(near_edge, reach)
+    looked_at = ~grown & zone
+    subject = np.zeros_like(grown)
+    subject[looked_at] = unlike_all(pixels[looked_at], pixels[grown & zone], distance)
+    strip, around = np.zeros_like(grown), subject
+    for step in range(1, reach + 1):
+        around = dilate(around, 1)
+        strip |= around & (to_edge <= reach - step)
+    strip &= near_edge & ~subject
+    if not strip.any():
+        return grown
+    ys, xs = np.nonzero(dilate(strip, 1))
+    window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    local = grown[window].copy()
+    local_steps = {offset: alike[window] for offset, alike in steps.items()}
+    while True:  # the strip is thin: each pass adds its next pixels, until it is crossed
+        added = _neighbours_in(local, local_steps) & ~local & strip[window]
+        if not added.any():
+            break
+        local |= added
+    out = grown.copy()
+    out[window] = local
+    return out
+
+
+#: At most this many colours of a palette are compared (an even pick of them when it has more).
+PALETTE_SIZE = 1024
+
+
+def unlike_all(colours: np.ndarray, palette: np.ndarray, distance: float = HALO_COLOUR_DISTANCE) -> np.ndarray:
+    """For each of ``colours`` (N×3): whether it is farther than ``distance`` from every colour of ``palette``
+    (M×3; at most ``PALETTE_SIZE`` of its distinct colours are used). An empty palette is unlike everything."""
+    palette = np.unique(np.asarray(palette, np.float32).reshape(-1, 3), axis=0)
+    if len(palette) == 0:
+        return np.ones(len(colours), bool)
+    palette = torch.from_numpy(palette[np.linspace(0, len(palette) - 1, min(len(palette), PALETTE_SIZE)).astype(int)])
+    colours = torch.from_numpy(np.ascontiguousarray(colours, np.float32).reshape(-1, 3))
+    nearest = [torch.cdist(part, palette).amin(dim=1) for part in colours.split(4096)]
+    return (torch.cat(nearest) > distance).numpy() if nearest else np.zeros(0, bool)
 
 
 def _neighbours_in(region: np.ndarray, similar: dict | None) -> np.ndarray:

@@ -133,7 +133,10 @@ def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> np.ndarray:
     """``mask`` snapped to the subject (``halo.py``) inside the inverted ``box``, where a halo can be edited."""
     rows, cols = box.slices
     out = np.array(mask, dtype=np.float32, copy=True)
-    out[rows, cols] = absorb_halo(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], reach)
+    height, width = out.shape
+    photo_edges = (box.top == 0, box.bottom == height, box.left == 0, box.right == width)
+    out[rows, cols] = absorb_halo(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], reach,
+                                  photo_edges=photo_edges)
     return out
 
 
