@@ -142,6 +142,29 @@ def test_the_feather_band_does_not_blend_the_old_object_back():
     assert np.array_equal(compositing.without_old_content(feathered, mask, plain, ring_width=4), feathered)
 
 
+def test_colours_are_matched_only_where_one_surface_runs_across_the_mask_edge():
+    """Object edit: the background runs across the edge, and the VAE's shift measured there is removed. Background
+    edit: outside the mask is the kept subject, inside the old background; the subject's rim says nothing about the
+    new background's colour, which is pasted back as generated."""
+    source = np.full((64, 64, 3), (230.0, 200.0, 40.0), np.float32)
+    source[24:40, 24:40] = (200.0, 30.0, 30.0)  # the subject
+    object_mask = _mask((64, 64), (20, 20, 44, 44))
+    ring = compositing.reference_ring(object_mask, object_mask, 4)
+    assert np.array_equal(compositing.continuing_surface(ring, object_mask, source, 4), ring)
+
+    background_mask = np.ones((64, 64), np.float32)
+    background_mask[24:40, 24:40] = 0.0  # snapped to the subject's outline
+    generated = np.full((64, 64, 3), (40.0, 80.0, 220.0), np.float32)
+    generated[24:40, 24:40] = source[24:40, 24:40] + (-8.0, 20.0, 25.0)  # the subject, redrawn a little off
+    ring = compositing.reference_ring(background_mask, background_mask, 4)
+    assert not compositing.continuing_surface(ring, background_mask, source, 4).any()
+    box = CropBox(0, 0, 64, 64)
+    out = compositing.composite(source.astype(np.uint8), generated.astype(np.uint8), box, background_mask,
+                                background_mask, "local")
+    assert np.array_equal(out[background_mask > 0], generated.astype(np.uint8)[background_mask > 0])
+    assert np.array_equal(out[background_mask == 0], source.astype(np.uint8)[background_mask == 0])
+
+
 def test_paste_back_is_exact_where_alpha_is_zero_and_blends_elsewhere():
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)

@@ -234,6 +234,22 @@ def reference_ring(mask: np.ndarray, alpha: np.ndarray, width: int) -> np.ndarra
     return outside & (near | (np.asarray(alpha) > 0))
 
 
+def continuing_surface(ring: np.ndarray, mask: np.ndarray, source: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``ring`` whose colour in ``source`` is also found in the band ``width`` pixels wide just inside
+    the mask (:func:`~pfbdiff.photo.halo.unlike_all`): where one surface runs on across the mask's edge, so that
+    generation and source should agree there and their difference is the VAE's shift. Where it does not, as
+    around the kept subject of a background edit (the ring is the subject, the band the old background), the
+    difference is new content, and matching it would tint the whole new region towards the subject."""
+    mask = np.asarray(mask)
+    inner = (mask > 0) & (grow_mask((mask <= 0).astype(np.float32), width) > 0)
+    if not ring.any() or not inner.any():
+        return ring
+    pixels = np.asarray(source, np.float32)
+    continuing = np.zeros_like(ring)
+    continuing[ring] = ~unlike_all(pixels[ring], pixels[inner])
+    return continuing
+
+
 def match_colours(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, mode: str = "local",
                   sigma: float | None = None) -> np.ndarray:
     """Shift ``generated`` (H×W×3 float, 0-255) towards ``source`` by their difference measured on ``ring``.
@@ -302,7 +318,7 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     original = out[rows, cols]
     matched = generated_box.astype(np.float32)
     if colour_match != "none" and mask_box is not None:
-        ring = reference_ring(mask_box, alpha_box, ring_width)
+        ring = continuing_surface(reference_ring(mask_box, alpha_box, ring_width), mask_box, original, ring_width)
         matched = match_colours(matched, original, ring, colour_match)
     out[rows, cols] = paste_back(original, matched, alpha_box)
     return out
