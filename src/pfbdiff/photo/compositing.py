@@ -22,7 +22,8 @@ of the generated image G and the source S, with an alpha α built from the user'
 3. **colour match** (:func:`match_colours`): in the band just outside the mask G should equal S; the
    difference S − G measured there (mostly the VAE's colour shift) is spread smoothly over the region by
    normalised convolution and added to G, so the generated region meets its surroundings at the source's
-   brightness and colour.
+   brightness and colour. It is measured only where one surface runs across the mask's edge
+   (:func:`continuing_surface`); around a kept subject the difference is new content, not a shift.
 4. **paste-back** (:func:`paste_back`): pixels with α = 0 are copied from the source unchanged (exact
    equality, not "nearly"), pixels with α = 1 are the (colour-matched) generation, the band in between is
    alpha-blended and rounded.
