@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pfbdiff.shapes.binary_masks import dilate
-
 # RGB distance (0-255 levels) within which a kept pixel continues the masked surface. Neighbouring pixels of
 # one surface differ by noise and shading (under ~20 in photos and in ShapesWorld's anti-aliasing); a subject's
 # edge against its background differs by far more.
@@ -88,18 +86,18 @@ def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reac
     near_edge = ~grown & (to_edge < reach)
     if not near_edge.any():
         return grown
-    zone = dilate(near_edge, reach)
+    zone = _dilated(near_edge, reach)
     looked_at = ~grown & zone
     subject = np.zeros_like(grown)
     subject[looked_at] = unlike_all(pixels[looked_at], pixels[grown & zone], distance)
     strip, around = np.zeros_like(grown), subject
     for step in range(1, reach + 1):
-        around = dilate(around, 1)
+        around = _dilated(around, 1)
         strip |= around & (to_edge <= reach - step)
     strip &= near_edge & ~subject
     if not strip.any():
         return grown
-    ys, xs = np.nonzero(dilate(strip, 1))
+    ys, xs = np.nonzero(_dilated(strip, 1))
     window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     local = grown[window].copy()
     local_steps = {offset: alike[window] for offset, alike in steps.items()}
@@ -127,6 +125,13 @@ def unlike_all(colours: np.ndarray, palette: np.ndarray, distance: float = HALO_
     colours = torch.from_numpy(np.ascontiguousarray(colours, np.float32).reshape(-1, 3))
     nearest = [torch.cdist(part, palette).amin(dim=1) for part in colours.split(4096)]
     return (torch.cat(nearest) > distance).numpy() if nearest else np.zeros(0, bool)
+
+
+def _dilated(region: np.ndarray, steps: int) -> np.ndarray:
+    """``region`` grown by ``steps`` 8-connected pixels."""
+    for _ in range(steps):
+        region = region | _neighbours_in(region, None)
+    return region
 
 
 def _neighbours_in(region: np.ndarray, similar: dict | None) -> np.ndarray:
