@@ -362,7 +362,7 @@ class PasteBack:
         width = auto_feather(full_mask) if self.feather is None else int(self.feather)
         mask = full_mask[rows, cols]
         alpha = without_old_content(feather_alpha(mask, width, self.placement), mask,
-                                    np.asarray(source)[rows, cols], max(4, width))
+                                    np.asarray(source)[rows, cols], self.ring_width)
         return alpha if bound is None else np.minimum(alpha, bound[rows, cols])
 
 
