@@ -10,8 +10,9 @@ kept pixels next to it whose colour continues the masked side (RGB distance to s
 the mask at most ``HALO_COLOUR_DISTANCE``), for at most ``reach`` pixels. The subject, whose colours differ
 from the background around it, stops the growth; patterns grow along their own colours, since a pixel only
 has to match one neighbour. Along the photo's edge, a strip between the subject and the edge at most ``reach``
-wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels that mix the two sides (anti-aliasing, blur), alike neither
-to the masked side nor to any kept neighbour, join too. The ``background`` preset turns it on (``EditConfig.halo``); the paste-back then
+wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels
+that mix the two sides (anti-aliasing, blur), alike neither to the masked side nor to any kept neighbour, join
+too. The ``background`` preset turns it on (``EditConfig.halo``); the paste-back then
 uses a hard edge there, because the new edge is a real one (a feather band would blend the old background
 back in).
 """
@@ -51,12 +52,7 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float
     inside = mask > 0.5
     steps = {offset: np.linalg.norm(pixels - _shifted(pixels, *offset, 0.0), axis=-1) <= distance
              for offset in _NEIGHBOURS}
-    grown = inside.copy()
-    for _ in range(reach):
-        added = _neighbours_in(grown, steps) & ~grown
-        if not added.any():
-            break
-        grown |= added
+    grown = _grown_along(inside, steps, limit=reach)
     grown = _strips_by_the_edge(grown, pixels, steps, reach, distance, photo_edges)
     # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
@@ -99,16 +95,26 @@ def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reac
         return grown
     ys, xs = np.nonzero(_dilated(strip, 1))
     window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    local = grown[window].copy()
-    local_steps = {offset: alike[window] for offset, alike in steps.items()}
-    while True:  # the strip is thin: each pass adds its next pixels, until it is crossed
-        added = _neighbours_in(local, local_steps) & ~local & strip[window]
+    out = grown.copy()  # the strip is thin: grown in its own window, each pass adds its next pixels until it is crossed
+    out[window] = _grown_along(grown[window], {offset: alike[window] for offset, alike in steps.items()},
+                               within=strip[window])
+    return out
+
+
+def _grown_along(region: np.ndarray, steps: dict, limit: int | None = None, within: np.ndarray | None = None) -> np.ndarray:
+    """``region`` grown one 8-neighbour at a time where ``steps`` says the colours are alike (only into ``within``
+    when given), at most ``limit`` times (``None``: until nothing more joins)."""
+    grown = region.copy()
+    passes = 0
+    while limit is None or passes < limit:
+        added = _neighbours_in(grown, steps) & ~grown
+        if within is not None:
+            added &= within
         if not added.any():
             break
-        local |= added
-    out = grown.copy()
-    out[window] = local
-    return out
+        grown |= added
+        passes += 1
+    return grown
 
 
 #: At most this many colours of a palette are compared (an even pick of them when it has more).
