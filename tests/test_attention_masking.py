@@ -84,6 +84,26 @@ def test_the_word_boost_multiplies_a_words_odds_inside_its_region_by_e_to_the_bo
     assert torch.equal(late, before)
 
 
+def test_the_word_boost_pulls_a_word_only_into_the_cells_its_region_covers_by_more_than_the_cover_share(tiny_pipe):
+    """With ``word_boost_cover`` = 0.99, a cell three quarters inside the region still lets the word in (masking
+    thresholds at a half) but does not boost it; the cells wholly inside gain exactly e^b, as with the default."""
+    latent = torch.zeros(1, 1, 16, 16)
+    latent[..., :11] = 1.0  # at 4 × 4: two columns of cells wholly inside, one three quarters inside
+    region = EditMask(latent)
+    plain, core = (AttentionMasking([TokenRegion((2, 3), region)], (16, 16), {8}, word_boost=b, word_boost_until=500,
+                                    word_boost_cover=0.99) for b in (0.0, 2.0))
+    for controller in (plain, core):
+        controller.active, controller.timestep = True, 800
+    _, _, before = _run(tiny_pipe, plain)
+    _, _, after = _run(tiny_pipe, core)
+    columns = torch.arange(16) % 4
+    wholly, edge, outside = columns < 2, columns == 2, columns == 3
+    gain = (after[1][..., 2] / after[1][..., 5]) / (before[1][..., 2] / before[1][..., 5])
+    torch.testing.assert_close(gain[:, wholly], torch.full_like(gain[:, wholly], float(np.exp(2.0))))
+    torch.testing.assert_close(gain[:, edge], torch.ones_like(gain[:, edge]))
+    assert torch.all(after[1][:, edge][..., 2] > 0) and torch.all(after[1][:, outside][..., [2, 3]] == 0)
+
+
 def test_outside_word_gets_zero_attention_inside_the_mask(tiny_pipe):
     controller = AttentionMasking([TokenRegion((4,), _left_half().complement())], (16, 16), {8})
     controller.active = True

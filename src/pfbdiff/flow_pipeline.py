@@ -273,7 +273,7 @@ class FlowEditing(PhotoEditing):
                           positions_of_words=self._word_positions),
             grid, [block.index for block in self.feature_transformer.blocks], mask_uncond=config.mask_uncond,
             region_prompts=own_prompts, word_boost=config.word_boost, word_boost_until=config.word_boost_until,
-            kept_apart=masks.kept_apart(config))
+            word_boost_cover=config.word_boost_cover, kept_apart=masks.kept_apart(config))
 
         # 6. the start latent and the latent-blend reference
         start = source_latents[-1]

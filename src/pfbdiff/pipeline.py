@@ -351,7 +351,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
                           self._as_encoded(prompts_list), masks.edit, self._as_encoded(masks.words)),
             latent_size, attention_blocks, mask_uncond=config.mask_uncond, region_prompts=own_prompts,
             word_boost=config.word_boost, word_boost_until=config.word_boost_until,
-            kept_apart=masks.kept_apart(config))
+            word_boost_cover=config.word_boost_cover, kept_apart=masks.kept_apart(config))
         masking.observer = attention_observer
 
         # 6. the start latent and the latent-blend reference

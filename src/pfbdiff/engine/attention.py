@@ -71,7 +71,8 @@ class AttentionMasking:
     ``word_boost`` (docs/method.md §5) adds that many logits to a confined word's attention inside its own region,
     in the conditional rows, while the loop's ``timestep`` is above ``word_boost_until``: in the early steps,
     where the layout is decided, each word is pulled to its region as well as kept out of the rest (as
-    DenseDiffusion modulates attention).
+    DenseDiffusion modulates attention). It acts on the cells its region covers by more than
+    ``word_boost_cover`` (0.5: wherever the word is allowed; 0.99: the cells wholly inside the region).
 
     ``kept_apart`` (a region, B×1×h×w at latent size: the kept one) hides that region's keys from the other
     queries of the self-attention layers, in the conditional rows (:class:`KeptApartSelfAttention`).
@@ -79,7 +80,7 @@ class AttentionMasking:
 
     def __init__(self, regions: list[TokenRegion], latent_size: tuple[int, int], blocks, *, mask_uncond=False,
                  region_prompts: list[RegionPrompt] = (), word_boost: float = 0.0, word_boost_until: float = 0.0,
-                 kept_apart: EditMask | None = None):
+                 word_boost_cover: float = 0.5, kept_apart: EditMask | None = None):
         self.regions = regions
         self.kept_apart = kept_apart
         self.region_prompts = list(region_prompts)
@@ -88,6 +89,7 @@ class AttentionMasking:
         self.mask_uncond = mask_uncond
         self.word_boost = float(word_boost)
         self.word_boost_until = word_boost_until
+        self.word_boost_cover = float(word_boost_cover)
         self.timestep = float("inf")  # set by the loop before each pass
         self.active = False
         self.unconditional_rows = 0
@@ -171,18 +173,20 @@ class AttentionMasking:
         return self.word_boost != 0 and self.timestep > self.word_boost_until
 
     def _boost(self, size, num_pixels, num_tokens, images, dtype) -> torch.Tensor | None:
-        """``word_boost`` on each confined word's tokens inside its region (images × pixels × tokens); a region
-        that covers every pixel says nothing about where the word belongs and gets none (``None``: nothing
-        boosted, so a layer with nothing blocked either runs unchanged)."""
+        """``word_boost`` on each confined word's tokens in the cells its region covers by more than
+        ``word_boost_cover`` (images × pixels × tokens); a region allowed at every pixel says nothing about where
+        the word belongs and gets none (``None``: nothing boosted, so a layer with nothing blocked either runs
+        unchanged)."""
         boost = torch.zeros(images, num_pixels, num_tokens, dtype=dtype, device=self.device)
         for token_region in self.regions:
-            inside = token_region.region.binary_at(size).reshape(images, num_pixels)
+            allowed = token_region.region.binary_at(size).reshape(images, num_pixels)
+            pulled = token_region.region.covering(size, self.word_boost_cover).reshape(images, num_pixels)
             for image in range(images):
-                if bool(inside[image].all()):
+                if bool(allowed[image].all()):
                     continue
                 for position in token_region.positions_of_image(image):
                     if position < num_tokens:
-                        boost[image, :, position] += self.word_boost * inside[image].to(dtype)
+                        boost[image, :, position] += self.word_boost * pulled[image].to(dtype)
         return boost if bool(boost.any()) else None
 
 

@@ -77,9 +77,13 @@ class EditMask:
 
     def binary_at(self, size) -> torch.Tensor:
         """The thresholded mask (> 0.5) at ``size``, used where a yes/no decision is needed (attention)."""
-        key = tuple(size)
+        return self.covering(size, 0.5)
+
+    def covering(self, size, share: float) -> torch.Tensor:
+        """The cells at ``size`` that the mask covers by more than ``share`` (bool B×1×H×W)."""
+        key = (tuple(size), float(share))
         if key not in self._binary:
-            self._binary[key] = self.at(size, torch.float32) > 0.5
+            self._binary[key] = self.at(size, torch.float32) > share
         return self._binary[key]
 
     def union(self, other: "EditMask") -> "EditMask":
