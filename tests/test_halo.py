@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from pfbdiff.bench.cases import make_cases, render_case
-from pfbdiff.photo.halo import absorb_halo
+from pfbdiff.photo.compositing import PasteBack, composite
+from pfbdiff.photo.halo import absorb_halo, snap_to_subject
+from pfbdiff.photo.regions import CropBox
 from pfbdiff.shapes.binary_masks import erode
 
 
@@ -83,3 +85,47 @@ def test_background_preset_regenerates_the_halo_and_pastes_the_subject_back_exac
     assert np.array_equal(result[0][0][halo], images.source[halo])
     assert result[8][1][halo].mean() > 0.8 and not result[8][1][erode(objects, 1)].any()
     assert np.abs(result[8][0][halo].astype(int) - images.source[halo]).mean() > 10
+
+
+def _subject_on_blue(mixed_share: float):
+    """A red 10×10 square on blue, its right edge a column of pixels ``mixed_share`` red, and a background mask
+    snapped to it (the halo's outline: that column)."""
+    image = np.zeros((24, 32, 3), np.uint8)
+    image[...] = (30, 40, 200)
+    image[7:17, 8:18] = (210, 30, 30)
+    image[7:17, 18] = np.round(mixed_share * np.array([210, 30, 30]) + (1 - mixed_share) * np.array([30, 40, 200]))
+    mask = np.ones((24, 32), np.float32)
+    mask[5:19, 6:21] = 0.0  # a coarse keep-box 2 px around the subject
+    return image, mask
+
+
+def test_the_halo_names_the_subjects_outline_the_pixels_that_mix_it_with_the_old_background():
+    image, mask = _subject_on_blue(0.6)
+    snapped, outline = snap_to_subject(mask, image, reach=8)
+    assert np.array_equal(snapped, absorb_halo(mask, image, reach=8))
+    expected = np.zeros((24, 32), bool)
+    expected[7:17, 18] = True
+    assert np.array_equal(outline, expected)
+    assert (snapped[outline] == 1.0).all()  # the outline is part of the edit region the user sees
+
+
+def test_the_outline_keeps_the_subjects_share_and_takes_the_new_background_in_place_of_the_old():
+    """P = a·F + (1 − a)·B_old becomes a·F + (1 − a)·B_new, with B_new taken from beyond the fringe the model drew
+    right beside the subject; the subject's own pixels stay the photo's, bit for bit."""
+    image, mask = _subject_on_blue(0.6)
+    snapped, outline = snap_to_subject(mask, image, reach=8)
+    box = CropBox.full((32, 24))
+    generated = np.zeros_like(image)
+    generated[...] = (40, 180, 60)  # the new background, green
+    generated[7:17, 18:20] = (210, 30, 30)  # the model's fringe of the subject's colour, on the outline and beside it
+    settings = PasteBack(colour_match="none")
+    alpha = settings.alpha(snapped, box, image, outline=outline)
+    np.testing.assert_allclose(alpha[outline], 0.4, atol=0.01)  # the old background's share
+    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)
+    expected = 0.6 * np.array([210, 30, 30]) + 0.4 * np.array([40, 180, 60])
+    assert np.abs(out[outline].astype(float) - expected).max() <= 2
+    kept = snapped <= 0.5
+    assert np.array_equal(out[kept], image[kept])
+    far = np.zeros((24, 32), bool)
+    far[:, 25:] = True
+    assert np.array_equal(out[far], generated[far])

@@ -220,7 +220,7 @@ class PhotoEditing:
             images = latents
         else:
             pil = compositing.put_back(tensors.tensor_to_pil(self.decode_latents(latents)), sources, box, masks.full,
-                                       alphas, put_back)
+                                       alphas, put_back, masks.outlines)
             images = pil if output_type == "pil" else tensors.convert_output(tensors.pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)

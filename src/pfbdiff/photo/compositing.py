@@ -27,6 +27,9 @@ of the generated image G and the source S, with an alpha α built from the user'
 4. **paste-back** (:func:`paste_back`): pixels with α = 0 are copied from the source unchanged (exact
    equality, not "nearly"), pixels with α = 1 are the (colour-matched) generation, the band in between is
    alpha-blended and rounded.
+5. **the kept subject's outline** (``outline.py``): where a halo snapped the mask to a subject, the outline pixels
+   that mix the subject and the old background keep the subject's share and take the new background's in place
+   of the old one's; their alpha is the old background's share.
 
 How much each step lowers the seam is measured with ShapesBench's seam metric
 (:func:`pfbdiff.bench.metrics.seam_score`) by ``python -m pfbdiff.bench.seams``.
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.halo import unlike_all
+from pfbdiff.photo.outline import old_background_share, unmixed
 from pfbdiff.photo.regions import CropBox, support_box
 
 #: Where the feather band lies relative to the (grown) mask edge; the default was chosen by the seam study.
@@ -57,6 +61,8 @@ COLOUR_MATCH_MODES = ("local", "mean", "none")
 # generation differs from the source by more (RGB distance) shows content the edit changed, such as a new
 # background meeting the kept object, not a shift to correct, and is left out of the colour match.
 COLOUR_SHIFT_LIMIT = 40.0
+#: Width (px) of the Gaussian that fills in the new background behind the kept subject's outline (``outline.py``).
+OUTLINE_FILL_SIGMA = 2.0
 
 
 # ------------------------------------------------------------------------------------------ mask operations
@@ -275,19 +281,25 @@ def match_colours(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, m
     if sigma is None:
         box = support_box(ring)
         sigma = max(2.0, 0.25 * max(box.width, box.height))
-    weight = torch.from_numpy(ring.astype(np.float32))[None, None]
-    known = torch.from_numpy(difference * ring[..., None]).permute(2, 0, 1)[None]
     # The field is smooth at the scale of sigma: compute it on a grid about sigma / 4 coarser, then upsample.
-    factor = max(1, int(sigma // 4))
-    if factor > 1:
-        weight, known = F.avg_pool2d(weight, factor, ceil_mode=True), F.avg_pool2d(known, factor, ceil_mode=True)
-    density = _gaussian_blur(weight, sigma / factor)
-    spread = _gaussian_blur(known, sigma / factor) / density.clamp_min(1e-6)
-    fallback = torch.from_numpy(difference[ring].mean(axis=0)).view(1, 3, 1, 1)
+    return generated + _filled(difference, ring, sigma, coarser=max(1, int(sigma // 4)))
+
+
+def _filled(values: np.ndarray, known: np.ndarray, sigma: float, coarser: int = 1) -> np.ndarray:
+    """``values`` (H×W×C) known on the bool ``known`` pixels spread over the image by normalised convolution (a
+    Gaussian of width ``sigma``, on a grid ``coarser`` times coarser, then upsampled); where no known pixel is
+    near, their mean."""
+    weight = torch.from_numpy(known.astype(np.float32))[None, None]
+    spread = torch.from_numpy(np.ascontiguousarray(values * known[..., None], np.float32)).permute(2, 0, 1)[None]
+    if coarser > 1:
+        weight, spread = F.avg_pool2d(weight, coarser, ceil_mode=True), F.avg_pool2d(spread, coarser, ceil_mode=True)
+    density = _gaussian_blur(weight, sigma / coarser)
+    spread = _gaussian_blur(spread, sigma / coarser) / density.clamp_min(1e-6)
+    fallback = torch.from_numpy(np.asarray(values, np.float32)[known].mean(axis=0)).view(1, -1, 1, 1)
     field = torch.where(density > 1e-4, spread, fallback)
-    if factor > 1:
-        field = F.interpolate(field, size=ring.shape, mode="bilinear", align_corners=False)
-    return generated + field[0].permute(1, 2, 0).numpy()
+    if coarser > 1:
+        field = F.interpolate(field, size=known.shape, mode="bilinear", align_corners=False)
+    return field[0].permute(1, 2, 0).numpy()
 
 
 # ------------------------------------------------------------------------------------------ paste-back
@@ -305,11 +317,14 @@ def paste_back(source: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> 
 
 
 def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_box: np.ndarray | None,
-              alpha_box: np.ndarray | None, colour_match: str = "local", ring_width: int = 4) -> np.ndarray:
+              alpha_box: np.ndarray | None, colour_match: str = "local", ring_width: int = 4,
+              outline_box: np.ndarray | None = None) -> np.ndarray:
     """Stitch a generated crop (box-sized, uint8) back into the full ``source`` (H×W×3 uint8).
 
     With ``alpha_box`` = None the crop replaces the box as it is (paste-back off). Otherwise the crop is
-    colour-matched on the ring outside ``mask_box`` and alpha-blended; outside the box the source is kept.
+    colour-matched on the ring outside ``mask_box`` and alpha-blended; outside the box the source is kept. On the
+    kept subject's ``outline_box`` pixels (a halo's, ``outline.py``) the old background's share is swapped for the
+    new background, taken from the generation more than a pixel off the subject.
     """
     out = np.array(source, dtype=np.uint8, copy=True)
     rows, cols = box.slices
@@ -321,7 +336,13 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     if colour_match != "none" and mask_box is not None:
         ring = continuing_surface(reference_ring(mask_box, alpha_box, ring_width), mask_box, original, ring_width)
         matched = match_colours(matched, original, ring, colour_match)
-    out[rows, cols] = paste_back(original, matched, alpha_box)
+    pasted = paste_back(original, matched, alpha_box)
+    if outline_box is not None and outline_box.any() and mask_box is not None:
+        edit = np.asarray(mask_box) > 0.5
+        beside = grow_mask((~edit | outline_box).astype(np.float32), 1) > 0
+        new_background = _filled(matched, (alpha_box >= 1) & ~beside, OUTLINE_FILL_SIGMA)
+        pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
+    out[rows, cols] = pasted
     return out
 
 
@@ -353,16 +374,23 @@ class PasteBack:
         if not self.enabled:
             return None
         bounds = masks.bound or [None] * len(masks.full)
-        return [self.alpha(m, box, source, bound) for m, source, bound in zip(masks.full, sources, bounds)]
+        outlines = masks.outlines or [None] * len(masks.full)
+        return [self.alpha(m, box, source, bound, outline)
+                for m, source, bound, outline in zip(masks.full, sources, bounds, outlines)]
 
-    def alpha(self, full_mask: np.ndarray, box: CropBox, source, bound: np.ndarray | None = None) -> np.ndarray:
-        """The alpha inside the box: the feathered (grown) mask, limited by the user's ``bound`` if any, and not
-        feathered where ``source`` shows old content (:func:`without_old_content`)."""
+    def alpha(self, full_mask: np.ndarray, box: CropBox, source, bound: np.ndarray | None = None,
+              outline: np.ndarray | None = None) -> np.ndarray:
+        """The alpha inside the box: the feathered (grown) mask, limited by the user's ``bound`` if any, not
+        feathered where ``source`` shows old content (:func:`without_old_content`), and on a halo's ``outline`` the
+        old background's share of each pixel (``outline.old_background_share``)."""
         rows, cols = box.slices
         width = auto_feather(full_mask) if self.feather is None else int(self.feather)
         mask = full_mask[rows, cols]
-        alpha = without_old_content(feather_alpha(mask, width, self.placement), mask,
-                                    np.asarray(source)[rows, cols], self.ring_width)
+        pixels = np.asarray(source)[rows, cols]
+        alpha = without_old_content(feather_alpha(mask, width, self.placement), mask, pixels, self.ring_width)
+        if outline is not None and outline[rows, cols].any():
+            on_outline = outline[rows, cols]
+            alpha = np.where(on_outline, old_background_share(pixels, on_outline, mask > 0.5), alpha)
         return alpha if bound is None else np.minimum(alpha, bound[rows, cols])
 
 
@@ -389,7 +417,7 @@ def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray,
 
 
 def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alphas: list | None,
-             settings: PasteBack) -> list:
+             settings: PasteBack, outlines: list | None = None) -> list:
     """Each generated image (model size, PIL) scaled back to ``box`` and stitched into its source photo.
 
     With paste-back off (``alphas`` None) the box is replaced as generated; a generation of the whole image with
@@ -406,7 +434,8 @@ def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alp
             out.append(image)
             continue
         alpha = alphas[i] if alphas is not None else None
+        outline = outlines[i][box.slices] if outlines else None
         out.append(Image.fromarray(composite(
             np.asarray(sources[i]), np.asarray(image), box, full_masks[i][box.slices], alpha, settings.colour_match,
-            ring_width=settings.ring_width)))
+            ring_width=settings.ring_width, outline_box=outline)))
     return out

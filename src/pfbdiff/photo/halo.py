@@ -12,9 +12,10 @@ from the background around it, stops the growth; patterns grow along their own c
 has to match one neighbour. Along the photo's edge, a strip between the subject and the edge at most ``reach``
 wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels
 that mix the two sides (anti-aliasing, blur), alike neither to the masked side nor to any kept neighbour, join
-too. The ``background`` preset turns it on (``EditConfig.halo``); the paste-back then
-uses a hard edge there, because the new edge is a real one (a feather band would blend the old background
-back in).
+too: they are the subject's *outline* (:func:`snap_to_subject`), where the paste-back swaps the old background's
+share of each pixel for the new background's (``compositing.unmixed``). The ``background`` preset turns it on
+(``EditConfig.halo``); the paste-back uses a hard edge there, because the new edge is a real one (a feather band
+would blend the old background back in).
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float
     colours, at most ``reach`` pixels (8-connected steps) beyond it, and along a strip by the photo's edge
     (:func:`_strips_by_the_edge`; ``photo_edges``: which of the top, bottom, left and right sides of ``image`` are
     the photo's), plus the mixed edge pixels met there. The mask's own values are kept; added pixels are 1."""
+    return snap_to_subject(mask, image, reach, distance, photo_edges)[0]
+
+
+def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+                    photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> tuple[np.ndarray, np.ndarray]:
+    """The mask :func:`absorb_halo` makes, and the subject's outline in it (bool H×W): the pixels that mix the
+    subject and the old background, joined last."""
     mask = np.asarray(mask, dtype=np.float32)
     if reach <= 0:
-        return mask
+        return mask, np.zeros(mask.shape, bool)
     pixels = np.asarray(image, dtype=np.float32)
     inside = mask > 0.5
     steps = {offset: np.linalg.norm(pixels - _shifted(pixels, *offset, 0.0), axis=-1) <= distance
@@ -58,8 +66,9 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
     # behind it only, and joins when it is like none of them.
     edge = ~grown & _neighbours_in(grown, None)
-    grown |= edge & ~_neighbours_in(~grown & ~edge, steps)
-    return np.maximum(mask, grown.astype(np.float32) * ~inside)
+    outline = edge & ~_neighbours_in(~grown & ~edge, steps)
+    grown |= outline
+    return np.maximum(mask, grown.astype(np.float32) * ~inside), outline
 
 
 def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reach: int, distance: float,

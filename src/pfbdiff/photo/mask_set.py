@@ -25,7 +25,7 @@ from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing, regions
-from pfbdiff.photo.halo import absorb_halo
+from pfbdiff.photo.halo import snap_to_subject
 
 
 @dataclass
@@ -37,6 +37,7 @@ class MaskSet:
     full: list  # grown edit masks, input size, one per image
     bound: list | None  # the user's masks when an auto-mask is clipped to them
     auto: list | None  # the estimated masks (auto_mask=True)
+    outlines: list | None = None  # with a halo: the kept subject's outline pixels in each full mask (``halo.py``)
 
     def kept_apart(self, config) -> EditMask | None:
         """The region the edit region's attention may not read under ``config.kept_apart`` (docs/method.md §5):
@@ -49,7 +50,7 @@ class MaskSet:
             return None if items is None else [m for m in items for _ in range(repeats)]
 
         return MaskSet(self.edit.repeated(repeats), {w: m.repeated(repeats) for w, m in self.words.items()},
-                       rows(self.full), rows(self.bound), rows(self.auto))
+                       rows(self.full), rows(self.bound), rows(self.auto), rows(self.outlines))
 
 
 def crop_plan(size, masks: list | None, *, grow: int, feather: int | None, placement: str, crop, padding,
@@ -101,8 +102,10 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
         full, bound = estimated, user
     else:
         full, bound = [compositing.grow_mask(m, config.grow) for m in user], None
+    outlines = None
     if config.halo and inversion.source_images:
-        full = [_halo_in_box(box, m, image, config.halo) for m, image in zip(full, inversion.source_images)]
+        full, outlines = map(list, zip(*[_halo_in_box(box, m, image, config.halo)
+                                          for m, image in zip(full, inversion.source_images)]))
     _check_inside_box(box, size, full + [m for masks in word_full.values() for m in masks])
     if union_of_words:
         regions_list = list(word_regions.values())
@@ -118,7 +121,7 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
         raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
     if float((mask.latent > 0.5).float().mean()) == 1.0:
         warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
-    return MaskSet(mask, word_regions, full, bound, estimated)
+    return MaskSet(mask, word_regions, full, bound, estimated, outlines)
 
 
 def latent_mask(full_masks, box, inversion, config, latent_size, device, dtype) -> EditMask:
@@ -129,15 +132,17 @@ def latent_mask(full_masks, box, inversion, config, latent_size, device, dtype) 
     return EditMask.from_pixels(pixels.to(device, dtype), latent_size, config.latent_mask, config.mask_resize)
 
 
-def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> np.ndarray:
-    """``mask`` snapped to the subject (``halo.py``) inside the inverted ``box``, where a halo can be edited."""
+def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """``mask`` snapped to the subject (``halo.py``) inside the inverted ``box``, where a halo can be edited, and
+    the subject's outline in it (full size)."""
     rows, cols = box.slices
     out = np.array(mask, dtype=np.float32, copy=True)
+    outline = np.zeros(out.shape, bool)
     height, width = out.shape
     photo_edges = (box.top == 0, box.bottom == height, box.left == 0, box.right == width)
-    out[rows, cols] = absorb_halo(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], reach,
-                                  photo_edges=photo_edges)
-    return out
+    out[rows, cols], outline[rows, cols] = snap_to_subject(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols],
+                                                           reach, photo_edges=photo_edges)
+    return out, outline
 
 
 def _check_inside_box(box, size, masks) -> None:
