@@ -6,7 +6,7 @@ import torch
 
 from pfbdiff.engine import automask
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.photo import compositing, regions
+from pfbdiff.photo import colour_match, compositing, regions
 from pfbdiff.photo.regions import CropBox, plan_region
 
 NATIVE = 512
@@ -185,10 +185,10 @@ def test_colour_match_removes_a_colour_shift_measured_around_the_mask(mode):
     generated = source + np.array([20.0, -10.0, 5.0])
     generated[16:48, 16:48] = 128  # new content inside
     ring = compositing.reference_ring(mask, mask, 4)
-    matched = compositing.match_colours(generated, source, ring, mode)
+    matched = colour_match.match_colours(generated, source, ring, mode)
     assert np.abs(matched - source)[ring].mean() < 0.5 < np.abs(generated - source)[ring].mean()
     assert np.allclose(matched[30, 30], 128 + np.array([-20.0, 10.0, -5.0]), atol=0.5)
-    assert np.array_equal(compositing.match_colours(generated, source, ring, "none"), generated)
+    assert np.array_equal(colour_match.match_colours(generated, source, ring, "none"), generated)
 
 
 @pytest.mark.parametrize("mode", ["mean", "local"])
@@ -200,9 +200,9 @@ def test_colour_match_ignores_ring_pixels_the_edit_changed(mode):
     generated = np.full((64, 64, 3), (40.0, 80.0, 220.0), np.float32)  # new blue background, halo included
     generated[24:40, 24:40] = source[24:40, 24:40] + 6.0  # the object, decoded 6 levels too bright
     ring = compositing.reference_ring(mask, mask, 4)
-    assert compositing.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((40.0, 80.0, 220.0))
+    assert colour_match.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((40.0, 80.0, 220.0))
     generated[16:24, 16:48] = source[16:24, 16:48] + 6.0  # part of the halo reproduced, with the shift
-    assert compositing.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((34.0, 74.0, 214.0), abs=0.01)
+    assert colour_match.match_colours(generated, source, ring, mode)[0, 0] == pytest.approx((34.0, 74.0, 214.0), abs=0.01)
 
 
 # ------------------------------------------------------------------------------------------ auto-mask maths

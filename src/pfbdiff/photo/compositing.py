@@ -19,7 +19,7 @@ of the generated image G and the source S, with an alpha α built from the user'
    error through). A soft (grey) mask is its own feather: the automatic width is 0 for it. The band is not
    feathered where the photo shows a colour found nowhere around the mask (:func:`without_old_content`): there it
    shows the old object, which blended back would leave a faint outline of itself along a tight mask's edge.
-3. **colour match** (:func:`match_colours`): in the band just outside the mask G should equal S; the
+3. **colour match** (``colour_match.py``): in the band just outside the mask G should equal S; the
    difference S − G measured there (mostly the VAE's colour shift) is spread smoothly over the region by
    normalised convolution and added to G, so the generated region meets its surroundings at the source's
    brightness and colour. It is measured only where one surface runs across the mask's edge
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
+from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
 from pfbdiff.photo.halo import unlike_all
 from pfbdiff.photo.outline import old_background_share, unmixed
 from pfbdiff.photo.regions import CropBox, support_box
@@ -55,12 +56,6 @@ DEFAULT_PLACEMENT = "inside"
 #: Automatic feather width: this share of the square root of the mask's area, within the bounds below.
 FEATHER_SHARE = 0.08
 FEATHER_MIN, FEATHER_MAX = 2, 48
-#: Colour-match modes: a smooth local offset field, one offset per channel, or none.
-COLOUR_MATCH_MODES = ("local", "mean", "none")
-# A VAE shifts colours by a few levels (under 25 of 255 on the bundled model and SD); a ring pixel whose
-# generation differs from the source by more (RGB distance) shows content the edit changed, such as a new
-# background meeting the kept object, not a shift to correct, and is left out of the colour match.
-COLOUR_SHIFT_LIMIT = 40.0
 #: Width (px) of the Gaussian that fills in the new background behind the kept subject's outline (``outline.py``).
 OUTLINE_FILL_SIGMA = 2.0
 
@@ -221,19 +216,6 @@ def feather_alpha(mask: np.ndarray, feather: int, placement: str = DEFAULT_PLACE
 # ------------------------------------------------------------------------------------------ colour match
 
 
-def _gaussian_blur(values: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a B×C×H×W tensor with reflect-free zero padding."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = values.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    values = F.conv2d(F.pad(values, (radius, radius, 0, 0)), horizontal, groups=channels)
-    return F.conv2d(F.pad(values, (0, 0, radius, radius)), vertical, groups=channels)
-
-
 def reference_ring(mask: np.ndarray, alpha: np.ndarray, width: int) -> np.ndarray:
     """Pixels where the generation should reproduce the source: outside the mask, within ``width`` of it."""
     outside = np.asarray(mask) <= 0.0
@@ -255,51 +237,6 @@ def continuing_surface(ring: np.ndarray, mask: np.ndarray, source: np.ndarray, w
     continuing = np.zeros_like(ring)
     continuing[ring] = ~unlike_all(pixels[ring], pixels[inner])
     return continuing
-
-
-def match_colours(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, mode: str = "local",
-                  sigma: float | None = None) -> np.ndarray:
-    """Shift ``generated`` (H×W×3 float, 0-255) towards ``source`` by their difference measured on ``ring``.
-
-    ``"mean"``: one offset per channel, the mean of S − G over the ring. ``"local"``: the offset field
-    D = S − G known on the ring is spread by normalised convolution (Gaussian of width ``sigma``, default a
-    quarter of the ring's extent) and added to G: near each part of the edge, the correction is what that
-    part of the edge needs. ``"none"``: unchanged. Ring pixels farther than ``COLOUR_SHIFT_LIMIT`` from the
-    source are not measured; with none left, G is returned unchanged. Returns float H×W×3.
-    """
-    if mode not in COLOUR_MATCH_MODES:
-        raise PFBDiffError(f"colour match must be one of {', '.join(COLOUR_MATCH_MODES)}, got {mode!r}")
-    generated = np.asarray(generated, dtype=np.float32)
-    if mode == "none" or not ring.any():
-        return generated
-    difference = np.asarray(source, dtype=np.float32) - generated
-    ring = ring & (np.linalg.norm(difference, axis=-1) <= COLOUR_SHIFT_LIMIT)
-    if not ring.any():
-        return generated
-    if mode == "mean":
-        return generated + difference[ring].mean(axis=0)
-    if sigma is None:
-        box = support_box(ring)
-        sigma = max(2.0, 0.25 * max(box.width, box.height))
-    # The field is smooth at the scale of sigma: compute it on a grid about sigma / 4 coarser, then upsample.
-    return generated + _filled(difference, ring, sigma, coarser=max(1, int(sigma // 4)))
-
-
-def _filled(values: np.ndarray, known: np.ndarray, sigma: float, coarser: int = 1) -> np.ndarray:
-    """``values`` (H×W×C) known on the bool ``known`` pixels spread over the image by normalised convolution (a
-    Gaussian of width ``sigma``, on a grid ``coarser`` times coarser, then upsampled); where no known pixel is
-    near, their mean."""
-    weight = torch.from_numpy(known.astype(np.float32))[None, None]
-    spread = torch.from_numpy(np.ascontiguousarray(values * known[..., None], np.float32)).permute(2, 0, 1)[None]
-    if coarser > 1:
-        weight, spread = F.avg_pool2d(weight, coarser, ceil_mode=True), F.avg_pool2d(spread, coarser, ceil_mode=True)
-    density = _gaussian_blur(weight, sigma / coarser)
-    spread = _gaussian_blur(spread, sigma / coarser) / density.clamp_min(1e-6)
-    fallback = torch.from_numpy(np.asarray(values, np.float32)[known].mean(axis=0)).view(1, -1, 1, 1)
-    field = torch.where(density > 1e-4, spread, fallback)
-    if coarser > 1:
-        field = F.interpolate(field, size=known.shape, mode="bilinear", align_corners=False)
-    return field[0].permute(1, 2, 0).numpy()
 
 
 # ------------------------------------------------------------------------------------------ paste-back
@@ -340,7 +277,7 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     if outline_box is not None and outline_box.any() and mask_box is not None:
         edit = np.asarray(mask_box) > 0.5
         beside = grow_mask((~edit | outline_box).astype(np.float32), 1) > 0
-        new_background = _filled(matched, (alpha_box >= 1) & ~beside, OUTLINE_FILL_SIGMA)
+        new_background = filled(matched, (alpha_box >= 1) & ~beside, OUTLINE_FILL_SIGMA)
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
     out[rows, cols] = pasted
     return out
