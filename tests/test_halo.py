@@ -129,3 +129,20 @@ def test_the_outline_keeps_the_subjects_share_and_takes_the_new_background_in_pl
     far = np.zeros((24, 32), bool)
     far[:, 25:] = True
     assert np.array_equal(out[far], generated[far])
+
+
+def test_an_outline_with_no_new_background_away_from_the_subject_takes_the_generation_beside_it():
+    """Two kept subjects with one column of old background between them: the new background there is all there is."""
+    red, blue, mixed = np.array([210, 30, 30]), np.array([30, 40, 200]), np.array([138, 34, 98])  # mixed: 0.6 red
+    image = np.zeros((24, 32, 3), np.uint8)
+    image[:, :18], image[:, 18], image[:, 19], image[:, 20:] = red, mixed, blue, (230, 200, 40)
+    mask = np.zeros((24, 32), np.float32)
+    mask[:, 19] = 1.0
+    snapped, outline = snap_to_subject(mask, image, reach=1)
+    assert outline[:, 18].all() and outline.sum() == 24
+    generated = np.full_like(image, (40, 180, 60))
+    box = CropBox.full((32, 24))
+    alpha = PasteBack(colour_match="none").alpha(snapped, box, image, outline=outline)
+    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)
+    assert np.abs(out[outline].astype(float) - (0.6 * red + 0.4 * np.array([40, 180, 60]))).max() <= 2
+    assert np.array_equal(out[snapped <= 0.5], image[snapped <= 0.5])

@@ -276,8 +276,9 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     pasted = paste_back(original, matched, alpha_box)
     if outline_box is not None and outline_box.any() and mask_box is not None:
         edit = np.asarray(mask_box) > 0.5
-        beside = grow_mask((~edit | outline_box).astype(np.float32), 1) > 0
-        new_background = filled(matched, (alpha_box >= 1) & ~beside, OUTLINE_FILL_SIGMA)
+        away = (alpha_box >= 1) & ~(grow_mask((~edit | outline_box).astype(np.float32), 1) > 0)
+        # an edit region no more than a pixel wide has no new background away from the subject: take its own
+        new_background = filled(matched, away, OUTLINE_FILL_SIGMA) if away.any() else matched
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
     out[rows, cols] = pasted
     return out
