@@ -13,7 +13,7 @@ has to match one neighbour. Along the photo's edge, a strip between the subject 
 wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels
 that mix the two sides (anti-aliasing, blur), alike neither to the masked side nor to any kept neighbour, join
 too: they are the subject's *outline* (:func:`snap_to_subject`), where the paste-back swaps the old background's
-share of each pixel for the new background's (``compositing.unmixed``). The ``background`` preset turns it on
+share of each pixel for the new background's (``outline.py``). The ``background`` preset turns it on
 (``EditConfig.halo``); the paste-back uses a hard edge there, because the new edge is a real one (a feather band
 would blend the old background back in).
 """

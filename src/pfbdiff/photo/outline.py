@@ -35,12 +35,9 @@ def _neighbour_mean(values: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, 
     return sums[..., :3] / np.maximum(count, 1e-9)[..., None], count > 0
 
 
-def _sides(source: np.ndarray, outline: np.ndarray, edit: np.ndarray):
-    """F and B_old at each pixel (means of the kept and of the edit-side 8-neighbours) and where both exist."""
-    pixels = np.asarray(source, np.float32)
-    subject, has_subject = _neighbour_mean(pixels, ~edit & ~outline)
-    old, has_old = _neighbour_mean(pixels, edit & ~outline)
-    return pixels, subject, old, has_subject & has_old
+def _old_background(pixels: np.ndarray, outline: np.ndarray, edit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """B_old at each pixel: the mean of its edit-side 8-neighbours in the photo, and where it has any."""
+    return _neighbour_mean(pixels, edit & ~outline)
 
 
 def old_background_share(source: np.ndarray, outline: np.ndarray, edit: np.ndarray) -> np.ndarray:
@@ -52,7 +49,11 @@ def old_background_share(source: np.ndarray, outline: np.ndarray, edit: np.ndarr
     alpha = np.zeros(outline.shape, np.float32)
     if not outline.any():
         return alpha
-    pixels, subject, old, known = _sides(source, outline, np.asarray(edit, bool))
+    edit = np.asarray(edit, bool)
+    pixels = np.asarray(source, np.float32)
+    subject, has_subject = _neighbour_mean(pixels, ~edit & ~outline)
+    old, has_old = _old_background(pixels, outline, edit)
+    known = has_subject & has_old
     direction = subject - old
     length2 = (direction ** 2).sum(-1)
     share = np.clip(((pixels - old) * direction).sum(-1) / np.maximum(length2, 1e-9), 0.0, 1.0)
@@ -68,7 +69,8 @@ def unmixed(pasted: np.ndarray, source: np.ndarray, new_background: np.ndarray, 
     swap = np.asarray(outline, bool) & (np.asarray(alpha) > 0)
     if not swap.any():
         return pasted
-    pixels, _, old, _ = _sides(source, np.asarray(outline, bool), np.asarray(edit, bool))
+    pixels = np.asarray(source, np.float32)
+    old, _ = _old_background(pixels, np.asarray(outline, bool), np.asarray(edit, bool))
     values = pixels + np.asarray(alpha, np.float32)[..., None] * (np.asarray(new_background, np.float32) - old)
     out = np.array(pasted, copy=True)
     out[swap] = np.clip(np.round(values[swap]), 0, 255).astype(np.uint8)
