@@ -97,3 +97,16 @@ def tiny_sentencepiece_tokenizer(model_max_length: int = 16):
     model.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                    model_max_length=model_max_length)
+
+
+def within_outgrowth(mask, preset: str = "object"):
+    """The user's ``mask`` grown by how far the preset's paste-back may follow a new object past its edge
+    (``photo/new_content.py``): an edit changes nothing outside it."""
+    import numpy as np
+
+    from pfbdiff.engine.presets import get_preset
+    from pfbdiff.photo.compositing import grow_mask
+    from pfbdiff.photo.new_content import outgrowth_reach
+
+    mask = (np.asarray(mask) > 0).astype(np.float32)
+    return grow_mask(mask, outgrowth_reach(mask, get_preset(preset).outgrow)) > 0

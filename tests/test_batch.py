@@ -56,8 +56,19 @@ def _write(folder: Path, entries, name="manifest.jsonl") -> Path:
     return path
 
 
+def _images(out: Path) -> set[str]:
+    """The edited images in ``out`` (a region file is written just before its image, so a rerun redoes both)."""
+    return {p.name for p in out.glob("*.png") if not p.name.endswith(".region.png")}
+
+
 def _outputs(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir())
+    """The images, records and summary in ``out``. Region files are left out once checked: one beside each output
+    whose record says the edit changed pixels outside the mask (a new object followed past its edge), none else."""
+    names = sorted(p.name for p in out.iterdir())
+    records = [json.loads((out / n).read_text()) for n in names if n.endswith(".json") and n != "batch-summary.json"]
+    regions = {Path(r["edit_region_file"]).name for r in records if r.get("changed_outside_mask")}
+    assert {n for n in names if n.endswith(".region.png")} == regions
+    return [n for n in names if n not in regions]
 
 
 # ----------------------------------------------------------------------------------------------- manifest
@@ -291,7 +302,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_correct_output_per_l
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not (out.is_dir() and any(p.suffix == ".png" for p in out.iterdir())):
+        while not (out.is_dir() and _images(out)):
             assert process.poll() is None, "the batch ended before writing an output"
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -299,7 +310,7 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_correct_output_per_l
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    written_before = {p.name for p in out.glob("*.png")}
+    written_before = _images(out)
     assert 1 <= len(written_before) < len(entries)
     rerun = subprocess.run(_command(manifest, out, tiny_model_dir), env=_env(), cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)

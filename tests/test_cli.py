@@ -117,10 +117,10 @@ def test_an_edit_that_reaches_past_the_mask_says_so_and_saves_the_region_it_chan
     folder, image, mask = files
     photo, user_mask = np.asarray(Image.open(image).convert("RGB")), np.asarray(Image.open(mask)) > 0
     printed = {}
-    for grow, name in ((0, "kept"), (6, "grown")):
+    for grow, outgrow, name in ((0, 0, "kept"), (6, 0.25, "grown")):
         result = runner.invoke(app, ["edit", str(image), "-m", str(mask), "-p", "a dog", "--steps", "2", "--grow",
-                                     str(grow), "--model", str(tiny_model_dir), "-o", str(folder / f"{name}.png"),
-                                     "--save-json"])
+                                     str(grow), "--set", f"outgrow={outgrow}", "--model", str(tiny_model_dir),
+                                     "-o", str(folder / f"{name}.png"), "--save-json"])
         assert result.exit_code == 0, result.output
         printed[name] = " ".join(result.output.split())
     assert json.loads((folder / "kept.json").read_text())["changed_outside_mask"] == 0

@@ -121,7 +121,7 @@ def test_the_outline_keeps_the_subjects_share_and_takes_the_new_background_in_pl
     settings = PasteBack(colour_match="none")
     alpha = settings.alpha(snapped, box, image, outline=outline)
     np.testing.assert_allclose(alpha[outline], 0.4, atol=0.01)  # the old background's share
-    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)
+    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)[0]
     expected = 0.6 * np.array([210, 30, 30]) + 0.4 * np.array([40, 180, 60])
     assert np.abs(out[outline].astype(float) - expected).max() <= 2
     kept = snapped <= 0.5
@@ -143,6 +143,6 @@ def test_an_outline_with_no_new_background_away_from_the_subject_takes_the_gener
     generated = np.full_like(image, (40, 180, 60))
     box = CropBox.full((32, 24))
     alpha = PasteBack(colour_match="none").alpha(snapped, box, image, outline=outline)
-    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)
+    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)[0]
     assert np.abs(out[outline].astype(float) - (0.6 * red + 0.4 * np.array([40, 180, 60]))).max() <= 2
     assert np.array_equal(out[snapped <= 0.5], image[snapped <= 0.5])

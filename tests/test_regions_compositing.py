@@ -159,8 +159,8 @@ def test_colours_are_matched_only_where_one_surface_runs_across_the_mask_edge():
     ring = compositing.reference_ring(background_mask, background_mask, 4)
     assert not compositing.continuing_surface(ring, background_mask, source, 4).any()
     box = CropBox(0, 0, 64, 64)
-    out = compositing.composite(source.astype(np.uint8), generated.astype(np.uint8), box, background_mask,
-                                background_mask, "local")
+    out, _ = compositing.composite(source.astype(np.uint8), generated.astype(np.uint8), box, background_mask,
+                                   background_mask, "local")
     assert np.array_equal(out[background_mask > 0], generated.astype(np.uint8)[background_mask > 0])
     assert np.array_equal(out[background_mask == 0], source.astype(np.uint8)[background_mask == 0])
 

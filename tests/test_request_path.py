@@ -18,7 +18,7 @@ from pfbdiff.pipeline import load_pipeline
 
 runner = CliRunner()
 #: Record keys that name where the inputs and outputs of one face live (paths, their digests, batch bookkeeping).
-WHERE = {"image", "mask", "image_sha256", "mask_sha256", "line", "output", "batch_hash"}
+WHERE = {"image", "mask", "image_sha256", "mask_sha256", "line", "output", "batch_hash", "edit_region_file"}
 
 
 def _pixels(path):

@@ -160,7 +160,8 @@ class PhotoEditing:
             )
         if feather is None and config.halo:
             feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
-        return config, guidance_scale, steps, compositing.PasteBack(paste_back, feather, placement, colour_match)
+        return config, guidance_scale, steps, compositing.PasteBack(paste_back, feather, placement, colour_match,
+                                                                     config.outgrow)
 
     def _negative_rows(self, negative_prompt, config: EditConfig, inversion: Inversion, prompts: list[str],
                        word_regions: dict, repeats: int) -> list[str]:
@@ -219,8 +220,8 @@ class PhotoEditing:
         if output_type == "latent":
             images = latents
         else:
-            pil = compositing.put_back(tensors.tensor_to_pil(self.decode_latents(latents)), sources, box, masks.full,
-                                       alphas, put_back, masks.outlines)
+            pil, alphas = compositing.put_back(tensors.tensor_to_pil(self.decode_latents(latents)), sources, box,
+                                               masks.full, alphas, put_back, masks.outlines, masks.bound)
             images = pil if output_type == "pil" else tensors.convert_output(tensors.pil_to_tensor(pil), output_type)
         if not return_dict:
             return (images,)

@@ -36,7 +36,7 @@ from pfbdiff.apps.request import InversionCache, adapter_fields, load_inputs, ru
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import outputs
 from pfbdiff.io.images import one_line
-from pfbdiff.io.outputs import save_png, write_json
+from pfbdiff.io.outputs import region_path, save_png, write_json
 
 SUMMARY_NAME = "batch-summary.json"
 
@@ -189,9 +189,12 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
                 outcome = run_request(request, pipe, load_inputs(request), inversions=inversions,
                                       on_edit_step=lambda _: reporter.step())
                 record = {**outcome.record, "batch_hash": entry.parameters_hash(model)}
-                (out / entry.output).parent.mkdir(parents=True, exist_ok=True)  # "output" may name a subfolder
-                save_png(outcome.result.images[0], out / entry.output, record,
-                         protect={"input image": entry.image, "mask": entry.mask})
+                target, protect = out / entry.output, {"input image": entry.image, "mask": entry.mask}
+                target.parent.mkdir(parents=True, exist_ok=True)  # "output" may name a subfolder
+                if record.get("changed_outside_mask"):  # the edit reached past the mask: save where, as the CLI does
+                    record["edit_region_file"] = str(region_path(target))
+                    save_png(outcome.result.masks[0], region_path(target), record, protect=protect)
+                save_png(outcome.result.images[0], target, record, protect=protect)
                 write_json(out / entry.record_name, _record(entry, record))
             except Exception as error:  # noqa: BLE001 - one bad line must not stop the batch
                 fail(entry, _reason(error))

@@ -198,7 +198,7 @@ def edit(
         if result.auto_masks:
             metadata["auto_mask_file"] = str(side_files["mask"])
         beyond = metadata.get("changed_outside_mask")
-        if beyond:  # the halo snap or grow took the edit past the user's mask: show where
+        if beyond:  # grow, the halo snap or a new object outgrowing the mask took the edit past it: show where
             metadata["edit_region_file"] = str(side_files["region"])
         written = outputs.save_png(result.images[0], output, metadata, protect=protect)
         notes = []
@@ -206,9 +206,9 @@ def edit(
             notes.append(str(outputs.save_png(result.auto_masks[0], side_files["mask"], metadata, protect=protect)))
         if beyond:
             region = outputs.save_png(result.masks[0], side_files["region"], metadata, protect=protect)
-            console.print(f"[yellow]note:[/] the edit also changed {beyond} pixels outside your mask (the mask was "
-                          f"grown or snapped to the subject, --set halo / --grow); the region it changed is {region}",
-                          highlight=False)
+            console.print(f"[yellow]note:[/] the edit also changed {beyond} pixels outside your mask (--grow, the "
+                          f"subject's halo --set halo, or a new object drawn past the mask's edge --set outgrow); the "
+                          f"region it changed is {region}", highlight=False)
             notes.append(str(region))
         if save_json:
             outputs.write_json(side_files["json"], metadata)
@@ -277,7 +277,7 @@ def _check_outputs(request, output, save_json) -> dict:
     protect = {"input image": request.image, "mask": request.mask}
     target = Path(output).expanduser()
     outputs.check_output_path(target, protect)
-    side = {"mask": target.with_name(f"{target.stem}.mask.png"), "region": target.with_name(f"{target.stem}.region.png"),
+    side = {"mask": target.with_name(f"{target.stem}.mask.png"), "region": outputs.region_path(target),
             "json": target.with_suffix(".json")}
     outputs.check_output_path(side["region"], protect)
     if request.auto_mask:

@@ -155,8 +155,9 @@ class EditSession:
         beyond = outcome.record.get("changed_outside_mask")
         region = outcome.result.masks[0] if beyond else None
         if beyond:
-            notes.append(f"The edit also changed {beyond} pixels outside your mask (it was grown or snapped to the "
-                         "subject: the halo and grow settings); 'Edited region' shows every pixel it changed.")
+            notes.append(f"The edit also changed {beyond} pixels outside your mask (grown, snapped to the subject, or "
+                         "following a new object drawn past its edge: the grow, halo and outgrow settings); 'Edited "
+                         "region' shows every pixel it changed.")
         if notes:
             message += " Note: " + " ".join(notes)
         return EditResult(inputs.source, outcome.result.images[0], path, message, outcome.shared_inversion, calls,

@@ -91,7 +91,7 @@ def apply(source: np.ndarray, generated: np.ndarray, mask: np.ndarray, setting: 
     alpha = compositing.feather_alpha(mask, setting["feather"], setting["placement"])
     box = CropBox.full((source.shape[1], source.shape[0]))
     return compositing.composite(source, generated, box, mask, alpha, setting["colour"],
-                                 ring_width=max(4, setting["feather"]))
+                                 ring_width=max(4, setting["feather"]))[0]
 
 
 def study(vae, count: int, size: int, tasks=TASKS) -> dict[str, dict[str, float]]:

@@ -60,6 +60,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, metadata: Mapping[str,
     return target
 
 
+def region_path(output: str | os.PathLike) -> Path:
+    """Where the region an edit changed is saved beside ``output`` when it reaches past the user's mask."""
+    target = Path(output).expanduser()
+    return target.with_name(f"{target.stem}.region.png")
+
+
 def check_output_path(target: Path, protect: ProtectedPaths) -> None:
     if target.is_dir():
         raise PFBDiffError(f"output path is a directory: {target}; give a file name such as {target / 'edited.png'}")

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
 from pfbdiff.photo.halo import unlike_all
+from pfbdiff.photo.new_content import followed, outgrowth_reach
 from pfbdiff.photo.outline import old_background_share, unmixed
 from pfbdiff.photo.regions import CropBox, support_box
 
@@ -255,24 +256,32 @@ def paste_back(source: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> 
 
 def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_box: np.ndarray | None,
               alpha_box: np.ndarray | None, colour_match: str = "local", ring_width: int = 4,
-              outline_box: np.ndarray | None = None) -> np.ndarray:
-    """Stitch a generated crop (box-sized, uint8) back into the full ``source`` (H×W×3 uint8).
+              outline_box: np.ndarray | None = None, outgrowth: int | None = None,
+              bound_box: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stitch a generated crop (box-sized, uint8) back into the full ``source`` (H×W×3 uint8); returns the image and
+    the alpha it was put back with (box-sized; None with paste-back off).
 
     With ``alpha_box`` = None the crop replaces the box as it is (paste-back off). Otherwise the crop is
-    colour-matched on the ring outside ``mask_box`` and alpha-blended; outside the box the source is kept. On the
-    kept subject's ``outline_box`` pixels (a halo's, ``outline.py``) the old background's share is swapped for the
-    new background, taken from the generation more than a pixel off the subject.
+    colour-matched on the ring outside ``mask_box`` and alpha-blended; outside the box the source is kept. With
+    ``outgrowth`` (a reach in pixels, ``new_content.py``) the alpha follows new content across the mask's edge, never
+    past the user's ``bound_box`` when given. On the kept subject's ``outline_box`` pixels (a halo's, ``outline.py``)
+    the old background's share is swapped for the new background, taken from the generation more than a pixel off
+    the subject.
     """
     out = np.array(source, dtype=np.uint8, copy=True)
     rows, cols = box.slices
     if alpha_box is None:
         out[rows, cols] = generated_box
-        return out
+        return out, None
     original = out[rows, cols]
     matched = generated_box.astype(np.float32)
+    ring = reference_ring(mask_box, alpha_box, ring_width) if mask_box is not None else None
     if colour_match != "none" and mask_box is not None:
-        ring = continuing_surface(reference_ring(mask_box, alpha_box, ring_width), mask_box, original, ring_width)
-        matched = match_colours(matched, original, ring, colour_match)
+        matched = match_colours(matched, original, continuing_surface(ring, mask_box, original, ring_width),
+                                colour_match)
+    if outgrowth is not None and mask_box is not None:
+        alpha_box = followed(alpha_box, mask_box, matched, original, ring, outgrowth)
+        alpha_box = alpha_box if bound_box is None else np.minimum(alpha_box, bound_box)
     pasted = paste_back(original, matched, alpha_box)
     if outline_box is not None and outline_box.any() and mask_box is not None:
         edit = np.asarray(mask_box) > 0.5
@@ -281,18 +290,19 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
         new_background = filled(matched, away, OUTLINE_FILL_SIGMA) if away.any() else matched
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
     out[rows, cols] = pasted
-    return out
+    return out, alpha_box
 
 
 @dataclass(frozen=True)
 class PasteBack:
     """How an edit is put back into its input: the ``paste_back``, ``feather``, ``feather_placement`` and
-    ``colour_match`` arguments of ``PFBDiffPipeline.edit``, checked when made."""
+    ``colour_match`` arguments of ``PFBDiffPipeline.edit`` and the preset's ``outgrow``, checked when made."""
 
     enabled: bool = True
     feather: int | None = None  # None: from the mask (``auto_feather``)
     placement: str = DEFAULT_PLACEMENT
     colour_match: str = "local"
+    outgrow: float = 0.0  # follow new content this share of the mask's size past its edge (``new_content.py``)
 
     def __post_init__(self):
         check_placement(self.placement)
@@ -355,8 +365,10 @@ def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray,
 
 
 def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alphas: list | None,
-             settings: PasteBack, outlines: list | None = None) -> list:
-    """Each generated image (model size, PIL) scaled back to ``box`` and stitched into its source photo.
+             settings: PasteBack, outlines: list | None = None, bounds: list | None = None) -> tuple[list, list | None]:
+    """Each generated image (model size, PIL) scaled back to ``box`` and stitched into its source photo; returns the
+    images and the alphas (box-sized) they were put back with, which follow new content past the mask's edge when
+    ``settings.outgrow`` is set (``new_content.py``), never past the user's ``bounds``.
 
     With paste-back off (``alphas`` None) the box is replaced as generated; a generation of the whole image with
     paste-back off, or with no source photo, is returned as it is.
@@ -365,15 +377,19 @@ def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alp
 
     from pfbdiff.io.tensors import restore_size
 
-    out = []
+    out, used = [], None if alphas is None else list(alphas)
     for i, image in enumerate(generated):
         image = restore_size(image, box.size)
         if not sources or (alphas is None and box.covers(sources[i].size)):
             out.append(image)
             continue
-        alpha = alphas[i] if alphas is not None else None
-        outline = outlines[i][box.slices] if outlines else None
-        out.append(Image.fromarray(composite(
-            np.asarray(sources[i]), np.asarray(image), box, full_masks[i][box.slices], alpha, settings.colour_match,
-            ring_width=settings.ring_width, outline_box=outline)))
-    return out
+        mask = full_masks[i][box.slices]
+        reach = outgrowth_reach(mask, settings.outgrow) if settings.outgrow > 0 else None
+        pasted, alpha = composite(
+            np.asarray(sources[i]), np.asarray(image), box, mask, alphas[i] if alphas is not None else None,
+            settings.colour_match, ring_width=settings.ring_width, outline_box=outlines[i][box.slices] if outlines else None,
+            outgrowth=reach, bound_box=bounds[i][box.slices] if bounds else None)
+        out.append(Image.fromarray(pasted))
+        if used is not None:
+            used[i] = alpha
+    return out, used

@@ -60,7 +60,7 @@ def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: f
     inside = mask > 0.5
     steps = {offset: np.linalg.norm(pixels - _shifted(pixels, *offset, 0.0), axis=-1) <= distance
              for offset in _NEIGHBOURS}
-    grown = _grown_along(inside, steps, limit=reach)
+    grown = grown_along(inside, steps, limit=reach)
     grown = _strips_by_the_edge(grown, pixels, steps, reach, distance, photo_edges)
     # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
@@ -105,12 +105,12 @@ def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reac
     ys, xs = np.nonzero(_dilated(strip, 1))
     window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     out = grown.copy()  # the strip is thin: grown in its own window, each pass adds its next pixels until it is crossed
-    out[window] = _grown_along(grown[window], {offset: alike[window] for offset, alike in steps.items()},
+    out[window] = grown_along(grown[window], {offset: alike[window] for offset, alike in steps.items()},
                                within=strip[window])
     return out
 
 
-def _grown_along(region: np.ndarray, steps: dict, limit: int | None = None, within: np.ndarray | None = None) -> np.ndarray:
+def grown_along(region: np.ndarray, steps: dict, limit: int | None = None, within: np.ndarray | None = None) -> np.ndarray:
     """``region`` grown one 8-neighbour at a time where ``steps`` says the colours are alike (only into ``within``
     when given), at most ``limit`` times (``None``: until nothing more joins)."""
     grown = region.copy()
