@@ -98,6 +98,19 @@ def test_grow_and_shrink_keep_soft_values_and_ignore_the_image_border():
     assert compositing.grow_mask(full, -3).min() == 1.0
 
 
+@pytest.mark.parametrize("radius", [1, 3, 7, 30])
+def test_grow_and_shrink_take_the_extreme_of_the_square_window_whatever_its_width(radius):
+    """The square window's maximum / minimum, positions past the border ignored, checked pixel by pixel; a window
+    wider than the mask (30) is as exact as a narrow one."""
+    rng = np.random.default_rng(radius)
+    mask = (rng.random((37, 45)) * (rng.random((37, 45)) > 0.6)).astype(np.float32)
+    for sign, extreme in ((1, np.max), (-1, np.min)):
+        got = compositing.grow_mask(mask, sign * radius)
+        for y, x in zip(rng.integers(0, 37, 60), rng.integers(0, 45, 60)):
+            window = mask[max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1]
+            assert got[y, x] == extreme(window)
+
+
 @pytest.mark.parametrize("placement", compositing.FEATHER_PLACEMENTS)
 def test_feathered_alpha_is_exactly_zero_beyond_its_reach(placement):
     mask = _mask((80, 60), (20, 15, 50, 40))

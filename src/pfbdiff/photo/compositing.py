@@ -24,10 +24,13 @@ of the generated image G and the source S, with an alpha α built from the user'
    normalised convolution and added to G, so the generated region meets its surroundings at the source's
    brightness and colour. It is measured only where one surface runs across the mask's edge
    (:func:`continuing_surface`); around a kept subject the difference is new content, not a shift.
-4. **paste-back** (:func:`paste_back`): pixels with α = 0 are copied from the source unchanged (exact
+4. **new content** (``new_content.py``, the preset's ``outgrow``): where the generation shows what the photo around
+   the mask does not, the band is not feathered, and a new object drawn past the mask's edge is followed there
+   instead of cut; the alpha used is returned with the image, since it depends on the generation.
+5. **paste-back** (:func:`paste_back`): pixels with α = 0 are copied from the source unchanged (exact
    equality, not "nearly"), pixels with α = 1 are the (colour-matched) generation, the band in between is
    alpha-blended and rounded.
-5. **the kept subject's outline** (``outline.py``): where a halo snapped the mask to a subject, the outline pixels
+6. **the kept subject's outline** (``outline.py``): where a halo snapped the mask to a subject, the outline pixels
    that mix the subject and the old background keep the subject's share and take the new background's in place
    of the old one's; their alpha is the old background's share.
 
@@ -83,22 +86,34 @@ def grow_mask(mask: np.ndarray, pixels: float) -> np.ndarray:
 
     Soft values are kept: dilation takes the window maximum, erosion the minimum. The image border does not
     erode (pixels beyond it are ignored, not counted as black). Work is confined to the mask's neighbourhood,
-    so a small mask in a large photo is cheap.
+    so a small mask in a large photo is cheap, and a wide window costs about log r passes, not r².
     """
     radius = int(round(abs(pixels)))
     mask = np.asarray(mask, dtype=np.float32)
     window = _window(mask, radius)
     if radius == 0 or window is None:
         return mask.copy()
-    part = _as_batch(mask[window.slices])
-    kernel = 2 * radius + 1
-    if pixels > 0:
-        part = F.max_pool2d(part, kernel, stride=1, padding=radius)
-    else:
-        part = -F.max_pool2d(-part, kernel, stride=1, padding=radius)
+    extreme = np.maximum if pixels > 0 else np.minimum
+    part = _window_extreme(_window_extreme(mask[window.slices], radius, 0, extreme), radius, 1, extreme)
     out = np.zeros_like(mask) if pixels > 0 else mask.copy()
-    out[window.slices] = part[0, 0].numpy()
+    out[window.slices] = part
     return out
+
+
+def _window_extreme(values: np.ndarray, radius: int, axis: int, extreme) -> np.ndarray:
+    """The maximum or minimum (``extreme``) of ``values`` over the 2r + 1 positions around each one along ``axis``,
+    positions past the ends ignored. Windows of doubling length (a sparse table) cover any length with two of them."""
+    identity = -np.inf if extreme is np.maximum else np.inf
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (radius, radius)
+    table = np.pad(values, pad, constant_values=identity)
+    length, span = 2 * radius + 1, 1
+    while 2 * span <= length:
+        table = extreme(np.take(table, range(0, table.shape[axis] - span), axis),
+                        np.take(table, range(span, table.shape[axis]), axis))
+        span *= 2
+    size = values.shape[axis]
+    return extreme(np.take(table, range(0, size), axis), np.take(table, range(length - span, length - span + size), axis))
 
 
 def _box_blur(part: torch.Tensor, radius: int) -> torch.Tensor:

@@ -47,10 +47,12 @@ def followed(alpha: np.ndarray, mask: np.ndarray, generated: np.ndarray, source:
     """``alpha`` (H×W, in the mask's box) raised where ``generated`` shows new content: to the mask's value in the
     feather band, and to 1 on the new content that crosses the mask's edge (where it falls to 0), followed at most
     ``reach`` pixels. A soft mask stays its own alpha wherever it is above 0."""
+    from pfbdiff.photo.compositing import grow_mask  # compositing calls this module
+
     alpha, mask = np.asarray(alpha, np.float32), np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
     inside = mask > 0
     band = alpha < mask
-    beyond = grown_along(inside, None, limit=reach) & ~inside if reach > 0 else np.zeros_like(inside)
+    beyond = (grow_mask(inside.astype(np.float32), reach) > 0) & ~inside  # within ``reach`` 8-connected steps
     if not band.any() and not beyond.any():
         return alpha
     new = new_content(generated, source, ring, band | beyond)
