@@ -86,3 +86,15 @@ def test_a_soft_mask_stays_its_own_alpha_and_only_new_content_past_its_support_j
     out = followed(soft, soft, generated, source, _ring(soft, soft), reach=3)
     assert np.array_equal(out[soft > 0], soft[soft > 0])
     assert (out[disc & (soft == 0)] > 0).any() and not (out[~disc & (soft == 0)] > 0).any()
+
+
+def test_a_stray_colour_by_the_edge_unlike_the_new_object_is_not_followed():
+    """A speck the decoder drew across the mask's left edge, in a colour the new object inside the mask does not
+    have, stays faded in the band and cut at the edge; the object's own rim across the right edge is followed."""
+    source, generated, mask, disc = _scene(3)
+    speck = np.zeros_like(disc)
+    speck[30:33, 13:19] = True  # 3 px either side of the left edge (x = 16)
+    generated[speck] = (40, 230, 60)
+    alpha = compositing.feather_alpha(mask, 4)
+    out = followed(alpha, mask, generated, source, _ring(mask, alpha), reach=3)
+    assert np.array_equal(out[speck], alpha[speck]) and (out[disc & ~(mask > 0)] > 0).any()

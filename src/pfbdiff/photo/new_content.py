@@ -9,7 +9,8 @@ Here *new content* is a generated pixel whose colour is unlike the photo's pixel
 the photo around the mask (the reference ring; the halo's colour distance, :func:`~pfbdiff.photo.halo.unlike_all`),
 so the VAE's small shifts and a surface that runs on across the edge are not new content. It is taken whole:
 
-* in the feather band its alpha is the mask's, not the fade's;
+* in the feather band its alpha is the mask's, not the fade's, where it is alike the new object's own colours (the
+  new content inside the mask past the band: a stray colour the decoder drew by the edge is not followed);
 * where it crosses the mask's edge the edit region follows it, one 8-neighbour at a time, at most ``reach`` pixels
   beyond the mask (:func:`outgrowth_reach`: a share of the mask's size, ``EditConfig.outgrow``).
 
@@ -44,9 +45,10 @@ def new_content(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, whe
 
 def followed(alpha: np.ndarray, mask: np.ndarray, generated: np.ndarray, source: np.ndarray, ring: np.ndarray,
              reach: int) -> np.ndarray:
-    """``alpha`` (H×W, in the mask's box) raised where ``generated`` shows new content: to the mask's value in the
-    feather band, and to 1 on the new content that crosses the mask's edge (where it falls to 0), followed at most
-    ``reach`` pixels. A soft mask stays its own alpha wherever it is above 0."""
+    """``alpha`` (H×W, in the mask's box) raised where ``generated`` shows new content alike the new object's (the
+    new content inside the mask, past the feather band): to the mask's value in the band, and to 1 where it crosses
+    the mask's edge (where the mask falls to 0), followed at most ``reach`` pixels. A soft mask stays its own alpha
+    wherever it is above 0."""
     from pfbdiff.photo.compositing import grow_mask  # compositing calls this module
 
     alpha, mask = np.asarray(alpha, np.float32), np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
@@ -56,6 +58,11 @@ def followed(alpha: np.ndarray, mask: np.ndarray, generated: np.ndarray, source:
     if not band.any() and not beyond.any():
         return alpha
     new = new_content(generated, source, ring, band | beyond)
+    own = new_content(generated, source, ring, inside & ~band)
+    if not own.any():  # nothing new drawn inside the mask: nothing of it to follow
+        return alpha
+    pixels = np.asarray(generated, np.float32)
+    new[new] = ~unlike_all(pixels[new], pixels[own])  # a stray colour the decoder drew by the edge is not the object
     outgrown = grown_along(inside, None, limit=reach, within=new & beyond) & ~inside
     out = np.where(band & new, mask, alpha)
     out[outgrown] = 1.0
