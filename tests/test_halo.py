@@ -146,3 +146,35 @@ def test_an_outline_with_no_new_background_away_from_the_subject_takes_the_gener
     out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)[0]
     assert np.abs(out[outline].astype(float) - (0.6 * red + 0.4 * np.array([40, 180, 60]))).max() <= 2
     assert np.array_equal(out[snapped <= 0.5], image[snapped <= 0.5])
+
+
+def test_the_models_echo_beside_the_subject_gives_way_to_the_new_background_around_it():
+    """A dark ring one pixel around the kept subject, and a bump of its colour two pixels out: both are colours the
+    new background (green and yellow stripes) has nowhere farther out, so they take their neighbours' stripes; the
+    subject's own pixels stay the photo's, and everything more than ``ECHO_REACH`` pixels off it stays generated."""
+    from pfbdiff.photo.halo import dilated
+    from pfbdiff.photo.outline import ECHO_REACH
+
+    image, mask = _subject_on_blue(0.6)
+    snapped, outline = snap_to_subject(mask, image, reach=8)
+    kept = snapped <= 0.5
+    generated = np.zeros_like(image)
+    generated[0::2] = (40, 180, 60)
+    generated[1::2] = (230, 200, 40)  # the new background: horizontal stripes
+    ring = dilated(kept | outline, 1) & ~kept & ~outline
+    generated[ring] = (20, 20, 20)  # the model's dark ring ...
+    generated[11:13, 20] = (210, 30, 30)  # ... and a bump of the subject's red beside it
+    box = CropBox.full((32, 24))
+    alpha = PasteBack(colour_match="none").alpha(snapped, box, image, outline=outline)
+    out = composite(image, generated, box, snapped, alpha, "none", outline_box=outline)[0]
+    near = dilated(kept | outline, ECHO_REACH) & ~kept & ~outline
+    green, yellow = np.array([40, 180, 60], float), np.array([230, 200, 40], float)
+    pixels = out[near].astype(float)
+    share = np.clip((pixels - green) @ (yellow - green) / ((yellow - green) ** 2).sum(), 0, 1)
+    off_stripes = np.linalg.norm(pixels - (green + share[:, None] * (yellow - green)), axis=-1)
+    assert off_stripes.max() <= 2  # every pixel beside the subject is a stripe's colour or a mix of the two
+    assert np.array_equal(out[kept], image[kept])
+    assert np.array_equal(out[~dilated(kept | outline, ECHO_REACH)], generated[~dilated(kept | outline, ECHO_REACH)])
+    plain = np.full_like(image, (40, 180, 60))  # a new background that runs right up to the subject: nothing to clear
+    untouched = composite(image, plain, box, snapped, alpha, "none", outline_box=outline)[0]
+    assert np.array_equal(untouched[~kept & ~outline], plain[~kept & ~outline])

@@ -51,7 +51,7 @@ from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
 from pfbdiff.photo.halo import unlike_all
 from pfbdiff.photo.new_content import followed, outgrowth_reach
-from pfbdiff.photo.outline import old_background_share, unmixed
+from pfbdiff.photo.outline import old_background_share, unmixed, without_echo
 from pfbdiff.photo.regions import CropBox, support_box
 
 #: Where the feather band lies relative to the (grown) mask edge; the default was chosen by the seam study.
@@ -304,6 +304,7 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
         # an edit region no more than a pixel wide has no new background away from the subject: take its own
         new_background = filled(matched, away, OUTLINE_FILL_SIGMA) if away.any() else matched
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
+        pasted = without_echo(pasted, matched, alpha_box, outline_box, edit)
     out[rows, cols] = pasted
     return out, alpha_box
 

@@ -91,18 +91,18 @@ def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reac
     near_edge = ~grown & (to_edge < reach)
     if not near_edge.any():
         return grown
-    zone = _dilated(near_edge, reach)
+    zone = dilated(near_edge, reach)
     looked_at = ~grown & zone
     subject = np.zeros_like(grown)
     subject[looked_at] = unlike_all(pixels[looked_at], pixels[grown & zone], distance)
     strip, around = np.zeros_like(grown), subject
     for step in range(1, reach + 1):
-        around = _dilated(around, 1)
+        around = dilated(around, 1)
         strip |= around & (to_edge <= reach - step)
     strip &= near_edge & ~subject
     if not strip.any():
         return grown
-    ys, xs = np.nonzero(_dilated(strip, 1))
+    ys, xs = np.nonzero(dilated(strip, 1))
     window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     out = grown.copy()  # the strip is thin: grown in its own window, each pass adds its next pixels until it is crossed
     out[window] = grown_along(grown[window], {offset: alike[window] for offset, alike in steps.items()},
@@ -142,7 +142,7 @@ def unlike_all(colours: np.ndarray, palette: np.ndarray, distance: float = HALO_
     return (torch.cat(nearest) > distance).numpy() if nearest else np.zeros(0, bool)
 
 
-def _dilated(region: np.ndarray, steps: int) -> np.ndarray:
+def dilated(region: np.ndarray, steps: int) -> np.ndarray:
     """``region`` grown by ``steps`` 8-connected pixels."""
     for _ in range(steps):
         region = region | _neighbours_in(region, None)

@@ -14,6 +14,11 @@ with F the subject's colour (the mean of the pixel's kept 8-neighbours in the ph
 B_old to F, and B_new the new background filled in from the generation more than a pixel away from the subject
 (so the model's fringe right beside it is not what comes in). α, the old background's share, is the pixel's
 paste-back alpha; it depends on the photo alone, so it is known before the generation.
+
+Beyond the outline the model's echo of the subject can stay: within ``ECHO_REACH`` pixels of it, generated pixels
+whose colour is found nowhere in the new background farther out (a fringe of the subject's colour, a dark ring, a
+bump) take the new background from their neighbours instead, filled in ring by ring from outside
+(:func:`without_echo`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE
+from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, dilated, unlike_all
+
+#: How far (pixels) beside the kept subject the new background is cleared of the subject's echo.
+ECHO_REACH = 2
 
 
 def _neighbour_mean(values: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +83,41 @@ def unmixed(pasted: np.ndarray, source: np.ndarray, new_background: np.ndarray, 
     out = np.array(pasted, copy=True)
     out[swap] = np.clip(np.round(values[swap]), 0, 255).astype(np.uint8)
     return out
+
+
+def without_echo(pasted: np.ndarray, generated: np.ndarray, alpha: np.ndarray, outline: np.ndarray,
+                 edit: np.ndarray) -> np.ndarray:
+    """``pasted`` (uint8 H×W×3) with the echo of the kept subject removed: the generated pixels (``generated``, H×W×3
+    float) of the ``edit`` region within :data:`ECHO_REACH` of the subject and its ``outline`` whose colour is unlike
+    every colour of the generation farther out take the mean of their neighbours instead, filled in one ring at a
+    time from the pixels that are not such an echo. Only pixels with alpha 1 change."""
+    edit, outline = np.asarray(edit, bool), np.asarray(outline, bool)
+    kept_side = ~edit | outline
+    near = dilated(kept_side, ECHO_REACH) & edit & ~outline
+    farther = edit & ~dilated(kept_side, ECHO_REACH + 1)
+    if not near.any() or not farther.any():
+        return pasted
+    values = np.asarray(generated, np.float32)
+    echo = np.zeros_like(near)
+    echo[near] = unlike_all(values[near], values[farther])
+    if not echo.any():
+        return pasted
+    filled = _peeled(values, edit & ~outline & ~echo, echo)
+    swap = echo & (np.asarray(alpha) >= 1)
+    out = np.array(pasted, copy=True)
+    out[swap] = np.clip(np.round(filled[swap]), 0, 255).astype(np.uint8)
+    return out
+
+
+def _peeled(values: np.ndarray, known: np.ndarray, todo: np.ndarray) -> np.ndarray:
+    """``values`` with the ``todo`` pixels filled from ``known`` ones, a ring at a time: each takes the mean of its
+    known 8-neighbours once it has any."""
+    values, known = values.copy(), known.copy()
+    while (todo & ~known).any():
+        mean, has = _neighbour_mean(values, known)
+        ring = todo & ~known & has
+        if not ring.any():
+            break
+        values[ring] = mean[ring]
+        known |= ring
+    return values
