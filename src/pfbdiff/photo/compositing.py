@@ -32,7 +32,8 @@ of the generated image G and the source S, with an alpha α built from the user'
    alpha-blended and rounded.
 6. **the kept subject's outline** (``outline.py``): where a halo snapped the mask to a subject, the outline pixels
    that mix the subject and the old background keep the subject's share and take the new background's in place
-   of the old one's; their alpha is the old background's share.
+   of the old one's (their alpha is the old background's share), and the model's echo of the subject beside it
+   (a fringe, a dark ring, a bump) gives way to the new background around it.
 
 How much each step lowers the seam is measured with ShapesBench's seam metric
 (:func:`pfbdiff.bench.metrics.seam_score`) by ``python -m pfbdiff.bench.seams``.
@@ -50,9 +51,10 @@ import torch.nn.functional as F
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
 from pfbdiff.photo.halo import unlike_all
+from pfbdiff.photo.morphology import grow_mask, support_window
 from pfbdiff.photo.new_content import followed, outgrowth_reach
 from pfbdiff.photo.outline import old_background_share, unmixed, without_echo
-from pfbdiff.photo.regions import CropBox, support_box
+from pfbdiff.photo.regions import CropBox
 
 #: Where the feather band lies relative to the (grown) mask edge; the default was chosen by the seam study.
 FEATHER_PLACEMENTS = ("outside", "center", "inside")
@@ -67,53 +69,8 @@ OUTLINE_FILL_SIGMA = 2.0
 # ------------------------------------------------------------------------------------------ mask operations
 
 
-def _window(mask: np.ndarray, radius: int) -> CropBox | None:
-    """The support box of ``mask`` widened by ``radius`` on each side (clipped to the array)."""
-    box = support_box(mask)
-    if box is None:
-        return None
-    height, width = mask.shape
-    return CropBox(max(box.left - radius, 0), max(box.top - radius, 0),
-                   min(box.right + radius, width), min(box.bottom + radius, height))
-
-
 def _as_batch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-
-
-def grow_mask(mask: np.ndarray, pixels: float) -> np.ndarray:
-    """Dilate (``pixels`` > 0) or erode (< 0) an H×W mask with a (2r+1)² square window, r = round(|pixels|).
-
-    Soft values are kept: dilation takes the window maximum, erosion the minimum. The image border does not
-    erode (pixels beyond it are ignored, not counted as black). Work is confined to the mask's neighbourhood,
-    so a small mask in a large photo is cheap, and a wide window costs about log r passes, not r².
-    """
-    radius = int(round(abs(pixels)))
-    mask = np.asarray(mask, dtype=np.float32)
-    window = _window(mask, radius)
-    if radius == 0 or window is None:
-        return mask.copy()
-    extreme = np.maximum if pixels > 0 else np.minimum
-    part = _window_extreme(_window_extreme(mask[window.slices], radius, 0, extreme), radius, 1, extreme)
-    out = np.zeros_like(mask) if pixels > 0 else mask.copy()
-    out[window.slices] = part
-    return out
-
-
-def _window_extreme(values: np.ndarray, radius: int, axis: int, extreme) -> np.ndarray:
-    """The maximum or minimum (``extreme``) of ``values`` over the 2r + 1 positions around each one along ``axis``,
-    positions past the ends ignored. Windows of doubling length (a sparse table) cover any length with two of them."""
-    identity = -np.inf if extreme is np.maximum else np.inf
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (radius, radius)
-    table = np.pad(values, pad, constant_values=identity)
-    length, span = 2 * radius + 1, 1
-    while 2 * span <= length:
-        table = extreme(np.take(table, range(0, table.shape[axis] - span), axis),
-                        np.take(table, range(span, table.shape[axis]), axis))
-        span *= 2
-    size = values.shape[axis]
-    return extreme(np.take(table, range(0, size), axis), np.take(table, range(length - span, length - span + size), axis))
 
 
 def _box_blur(part: torch.Tensor, radius: int) -> torch.Tensor:
@@ -131,7 +88,7 @@ def _box_blur(part: torch.Tensor, radius: int) -> torch.Tensor:
 
 def _smooth(mask: np.ndarray, radius: int) -> np.ndarray:
     """Box blurs of radii ⌈r/2⌉ and ⌊r/2⌋ (a ramp of reach exactly r), exactly 0 beyond the reach."""
-    window = _window(mask, radius)
+    window = support_window(mask, radius)
     if window is None:
         return np.zeros_like(mask)
     part = _as_batch(mask[window.slices])
@@ -152,7 +109,7 @@ def _inside_ramp(mask: np.ndarray, feather: int) -> np.ndarray:
     α ≤ the mask everywhere, so nothing outside it changes, and a mask thinner than the band still keeps its
     middle (it is not erased, as an erode-then-blur band would be). The image border does not count as edge.
     """
-    window = _window(mask, 1)
+    window = support_window(mask, 1)
     if window is None:
         return np.zeros_like(mask)
     current = _as_batch(mask[window.slices])
@@ -281,7 +238,7 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     ``outgrowth`` (a reach in pixels, ``new_content.py``) the alpha follows new content across the mask's edge, never
     past the user's ``bound_box`` when given. On the kept subject's ``outline_box`` pixels (a halo's, ``outline.py``)
     the old background's share is swapped for the new background, taken from the generation more than a pixel off
-    the subject.
+    the subject, and the model's echo right beside the subject gives way to the new background around it.
     """
     out = np.array(source, dtype=np.uint8, copy=True)
     rows, cols = box.slices

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, grown_along, unlike_all
+from pfbdiff.photo.morphology import grow_mask
 
 
 def outgrowth_reach(mask: np.ndarray, share: float) -> int:
@@ -49,8 +50,6 @@ def followed(alpha: np.ndarray, mask: np.ndarray, generated: np.ndarray, source:
     new content inside the mask, past the feather band): to the mask's value in the band, and to 1 where it crosses
     the mask's edge (where the mask falls to 0), followed at most ``reach`` pixels. A soft mask stays its own alpha
     wherever it is above 0."""
-    from pfbdiff.photo.compositing import grow_mask  # compositing calls this module
-
     alpha, mask = np.asarray(alpha, np.float32), np.clip(np.asarray(mask, np.float32), 0.0, 1.0)
     inside = mask > 0
     band = alpha < mask

@@ -1,0 +1,56 @@
+"""Square-window morphology on masks: grow (dilate) or shrink (erode) by a number of pixels, soft values kept.
+
+The paste-back grows the user's mask (``grow``), takes rings around it (colour match, feather band) and reaches
+past it (a new object followed, ``new_content.py``); all use :func:`grow_mask`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pfbdiff.photo.regions import CropBox, support_box
+
+
+def support_window(mask: np.ndarray, radius: int) -> CropBox | None:
+    """The support box of ``mask`` widened by ``radius`` on each side (clipped to the array)."""
+    box = support_box(mask)
+    if box is None:
+        return None
+    height, width = mask.shape
+    return CropBox(max(box.left - radius, 0), max(box.top - radius, 0),
+                   min(box.right + radius, width), min(box.bottom + radius, height))
+
+
+def grow_mask(mask: np.ndarray, pixels: float) -> np.ndarray:
+    """Dilate (``pixels`` > 0) or erode (< 0) an H×W mask with a (2r+1)² square window, r = round(|pixels|).
+
+    Soft values are kept: dilation takes the window maximum, erosion the minimum. The image border does not
+    erode (pixels beyond it are ignored, not counted as black). Work is confined to the mask's neighbourhood,
+    so a small mask in a large photo is cheap, and a wide window costs about log r passes, not r².
+    """
+    radius = int(round(abs(pixels)))
+    mask = np.asarray(mask, dtype=np.float32)
+    window = support_window(mask, radius)
+    if radius == 0 or window is None:
+        return mask.copy()
+    extreme = np.maximum if pixels > 0 else np.minimum
+    part = _window_extreme(_window_extreme(mask[window.slices], radius, 0, extreme), radius, 1, extreme)
+    out = np.zeros_like(mask) if pixels > 0 else mask.copy()
+    out[window.slices] = part
+    return out
+
+
+def _window_extreme(values: np.ndarray, radius: int, axis: int, extreme) -> np.ndarray:
+    """The maximum or minimum (``extreme``) of ``values`` over the 2r + 1 positions around each one along ``axis``,
+    positions past the ends ignored. Windows of doubling length (a sparse table) cover any length with two of them."""
+    identity = -np.inf if extreme is np.maximum else np.inf
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (radius, radius)
+    table = np.pad(values, pad, constant_values=identity)
+    length, span = 2 * radius + 1, 1
+    while 2 * span <= length:
+        table = extreme(np.take(table, range(0, table.shape[axis] - span), axis),
+                        np.take(table, range(span, table.shape[axis]), axis))
+        span *= 2
+    size = values.shape[axis]
+    return extreme(np.take(table, range(0, size), axis), np.take(table, range(length - span, length - span + size), axis))
