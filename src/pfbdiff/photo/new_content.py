@@ -56,8 +56,8 @@ def followed(alpha: np.ndarray, mask: np.ndarray, generated: np.ndarray, source:
     beyond = (grow_mask(inside.astype(np.float32), reach) > 0) & ~inside  # within ``reach`` 8-connected steps
     if not band.any() and not beyond.any():
         return alpha
-    new = new_content(generated, source, ring, band | beyond)
-    own = new_content(generated, source, ring, inside & ~band)
+    found = new_content(generated, source, ring, inside | beyond)
+    own, new = found & inside & ~band, found & (band | beyond)
     if not own.any():  # nothing new drawn inside the mask: nothing of it to follow
         return alpha
     pixels = np.asarray(generated, np.float32)
