@@ -75,3 +75,11 @@ def files(tmp_path, photo, box_mask):
     Image.fromarray(photo).save(image)
     Image.fromarray((box_mask * 255).astype(np.uint8)).save(mask)
     return tmp_path, image, mask
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """The bundled ShapesWorld model (``pfbdiff.shapes``), for properties that need a model which draws."""
+    from pfbdiff.pipeline import load_pipeline
+
+    return load_pipeline("shapes", quiet=True)

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from pfbdiff.bench.cases import make_cases, render_case
+from pfbdiff.io import tensors
 from pfbdiff.photo.compositing import PasteBack, composite
 from pfbdiff.photo.halo import absorb_halo, snap_to_subject
 from pfbdiff.photo.regions import CropBox
@@ -41,6 +42,21 @@ def test_halo_stops_at_the_subject_outline():
     assert not grown[erode(objects, 1)].any()  # only the objects' anti-aliased outline may join
     assert grown[halo].mean() > 0.8  # the rest: a corridor longer than the reach, at the image border
     assert (grown >= images.mask).all()
+
+
+def test_halo_does_not_creep_through_a_soft_edge_into_a_subject_of_a_near_colour():
+    """An orange disc on yellow (76 levels apart) with a blurred rim: each step of the ramp is under the colour
+    distance, so growing from neighbour to neighbour alone would repaint the disc; the halo only takes pixels
+    alike the old background it continues."""
+    yellow, orange = np.array([240, 220, 40.0]), np.array([245, 147, 30.0])
+    yy, xx = np.mgrid[0:40, 0:40]
+    cover = np.clip((10.0 - np.hypot(yy - 20, xx - 20)) / 4 + 0.5, 0, 1)  # a 4 px ramp from yellow to orange
+    image = np.round(cover[..., None] * orange + (1 - cover[..., None]) * yellow).astype(np.uint8)
+    assert np.linalg.norm(np.diff(image.astype(float), axis=1), axis=-1).max() < 30  # every step is small
+    mask = (np.hypot(yy - 20, xx - 20) > 15).astype(np.float32)  # a coarse mask: 5 px of yellow left
+    grown = absorb_halo(mask, image, reach=8) > 0.5
+    assert not grown[cover > 0.5].any()  # the disc's own half of the ramp is kept
+    assert grown[cover == 0].all()  # the old yellow band joins
 
 
 def test_halo_follows_a_strip_between_the_subject_and_the_photo_edge_however_long():
@@ -85,6 +101,24 @@ def test_background_preset_regenerates_the_halo_and_pastes_the_subject_back_exac
     assert np.array_equal(result[0][0][halo], images.source[halo])
     assert result[8][1][halo].mean() > 0.8 and not result[8][1][erode(objects, 1)].any()
     assert np.abs(result[8][0][halo].astype(int) - images.source[halo]).mean() > 10
+
+
+def test_a_background_snapped_to_the_subject_is_not_colour_matched_to_it(shapes_pipe):
+    """With the halo the ring around the mask is the kept subject, which the new background does not continue (the
+    model's ghost of the subject beside it would read as a colour shift): the new background keeps the generation's
+    own colours unless a colour match is asked for."""
+    case = make_cases("background", 6)[5]  # the model draws a ghost of a subject beside it
+    images = render_case(case, 64)
+    inversion = shapes_pipe.invert(Image.fromarray(images.source), case.source_caption)
+    largest_change = {}
+    for colour_match in (None, "local"):
+        out = shapes_pipe.edit(inversion, images.mask.astype(np.float32), case.target_caption, preset="background",
+                               colour_match=colour_match)
+        decoded = np.asarray(tensors.tensor_to_pil(shapes_pipe.decode_latents(out.latents))[0])
+        away = erode(np.asarray(out.masks[0]) == 255, 4)  # the new background, away from the subject's echo
+        largest_change[colour_match] = np.abs(np.asarray(out.images[0])[away].astype(int) - decoded[away]).max()
+    assert largest_change[None] == 0
+    assert largest_change["local"] > 10
 
 
 def _subject_on_blue(mixed_share: float):

@@ -225,7 +225,7 @@ class FlowEditing(PhotoEditing):
              negative_prompt=None, guidance_scale: float | None = None, num_images_per_prompt: int = 1, generator=None,
              output_type: str = "pil", callback_on_step_end=None, return_dict: bool = True, paste_back: bool = True,
              feather: int | None = None, feather_placement: str = compositing.DEFAULT_PLACEMENT,
-             colour_match: str = "local", auto_mask: bool = False,
+             colour_match: str | None = None, auto_mask: bool = False,
              auto_mask_threshold: float = automask.DEFAULT_THRESHOLD, auto_mask_draws: int = automask.DEFAULT_DRAWS,
              auto_mask_seed: int = automask.DEFAULT_SEED, **overrides):
         """Edit an inverted image: regenerate the masked region from ``prompt`` with PFB-Diff on the flow.

@@ -158,8 +158,12 @@ class PhotoEditing:
                 f"the edit needs {steps} inverted steps but the inversion has {inversion.inverted_steps}; "
                 f"invert with strength >= {config.strength} or lower the edit's strength"
             )
-        if feather is None and config.halo:
-            feather = 0  # the mask's edge is the subject's outline: a feather would blend the old background back
+        if config.halo:
+            # the mask's edge is the subject's outline: a feather would blend the old background back, and no surface
+            # runs across the edge for the colour match to measure (it measured the subject's ghost there: README)
+            feather = 0 if feather is None else feather
+            colour_match = "none" if colour_match is None else colour_match
+        colour_match = "local" if colour_match is None else colour_match
         return config, guidance_scale, steps, compositing.PasteBack(paste_back, feather, placement, colour_match,
                                                                      config.outgrow)
 

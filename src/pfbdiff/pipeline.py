@@ -279,7 +279,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         paste_back: bool = True,
         feather: int | None = None,
         feather_placement: str = compositing.DEFAULT_PLACEMENT,
-        colour_match: str = "local",
+        colour_match: str | None = None,
         auto_mask: bool = False,
         auto_mask_threshold: float = automask.DEFAULT_THRESHOLD,
         auto_mask_draws: int = automask.DEFAULT_DRAWS,
@@ -301,8 +301,8 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         feathered mask is the input's own, bit for bit; ``feather`` px (default: from the mask's size, 0 for
         a soft mask, 0 when ``halo`` snapped it to the subject) soften the edge, placed ``"inside"`` (default) /
         ``"center"`` / ``"outside"`` it;
-        ``colour_match`` (``"local"``, ``"mean"``, ``"none"``) matches the generation's colours to the input
-        around the edge. ``auto_mask`` estimates the region from the prompts (``engine/automask.py``), clipped to
+        ``colour_match`` (``"local"``, ``"mean"``, ``"none"``; default ``"local"``, ``"none"`` when ``halo`` snapped
+        the mask to the subject) matches the generation's colours to the input around the edge. ``auto_mask`` estimates the region from the prompts (``engine/automask.py``), clipped to
         ``mask_image`` when one is given; it is returned as ``auto_masks``. Latent outputs are unaffected.
         """
         # 1. the settings and the step count K

@@ -33,7 +33,8 @@ of the generated image G and the source S, with an alpha α built from the user'
 6. **the kept subject's outline** (``outline.py``): where a halo snapped the mask to a subject, the outline pixels
    that mix the subject and the old background keep the subject's share and take the new background's in place
    of the old one's (their alpha is the old background's share), and the model's echo of the subject beside it
-   (a fringe, a dark ring, a bump) gives way to the new background around it.
+   (a fringe, a dark ring, a bump) gives way to the new background around it; so does its ghost, a larger copy of
+   the subject drawn around it (``ghost.py``), filled with the new background's own pattern.
 
 How much each step lowers the seam is measured with ShapesBench's seam metric
 (:func:`pfbdiff.bench.metrics.seam_score`) by ``python -m pfbdiff.bench.seams``.
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
+from pfbdiff.photo.ghost import without_ghost
 from pfbdiff.photo.halo import unlike_all
 from pfbdiff.photo.morphology import grow_mask, support_window
 from pfbdiff.photo.new_content import followed, outgrowth_reach
@@ -238,7 +240,8 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     ``outgrowth`` (a reach in pixels, ``new_content.py``) the alpha follows new content across the mask's edge, never
     past the user's ``bound_box`` when given. On the kept subject's ``outline_box`` pixels (a halo's, ``outline.py``)
     the old background's share is swapped for the new background, taken from the generation more than a pixel off
-    the subject, and the model's echo right beside the subject gives way to the new background around it.
+    the subject, and the model's echo right beside the subject, and its ghost around it, give way to the new
+    background around them.
     """
     out = np.array(source, dtype=np.uint8, copy=True)
     rows, cols = box.slices
@@ -262,6 +265,7 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
         new_background = filled(matched, away, OUTLINE_FILL_SIGMA) if away.any() else matched
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
         pasted = without_echo(pasted, matched, alpha_box, outline_box, edit)
+        pasted = without_ghost(pasted, alpha_box, outline_box, edit)
     out[rows, cols] = pasted
     return out, alpha_box
 

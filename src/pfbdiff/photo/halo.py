@@ -33,10 +33,12 @@ HALO_COLOUR_DISTANCE = 30.0
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
-def _shifted(values: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+def shifted(values: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     """``values`` moved so that ``out[y, x] = values[y + dy, x + dx]``, ``fill`` beyond the border."""
     out = np.full_like(values, fill)
     h, w = values.shape[:2]
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
     out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = values[max(dy, 0):h + min(dy, 0),
                                                                          max(dx, 0):w + min(dx, 0)]
     return out
@@ -60,9 +62,9 @@ def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: f
         return mask, np.zeros(mask.shape, bool)
     pixels = np.asarray(image, dtype=np.float32)
     inside = mask > 0.5
-    steps = {offset: np.linalg.norm(pixels - _shifted(pixels, *offset, 0.0), axis=-1) <= distance
+    steps = {offset: np.linalg.norm(pixels - shifted(pixels, *offset, 0.0), axis=-1) <= distance
              for offset in _NEIGHBOURS}
-    grown = grown_along(inside, steps, limit=reach)
+    grown = grown_along(inside, steps, limit=reach, within=_continuing(pixels, inside, reach, distance))
     grown = _strips_by_the_edge(grown, pixels, steps, reach, distance, photo_edges)
     # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
@@ -71,6 +73,17 @@ def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: f
     outline = edge & ~_neighbours_in(~grown & ~edge, steps)
     grown |= outline
     return np.maximum(mask, grown.astype(np.float32) * ~inside), outline
+
+
+def _continuing(pixels: np.ndarray, inside: np.ndarray, reach: int, distance: float) -> np.ndarray:
+    """The kept pixels within ``reach`` of the mask whose colour is alike some colour of the masked side near its
+    edge. Growing from neighbour to neighbour alone would creep through a soft edge into a subject of a near colour
+    (an orange circle on yellow: each step of the anti-aliased ramp is small), and repaint the subject itself."""
+    near = dilated(inside, reach) & ~inside
+    band = inside & dilated(~inside, 2 * reach)
+    alike = np.zeros_like(near)
+    alike[near] = ~unlike_all(pixels[near], pixels[band], distance)
+    return alike
 
 
 def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reach: int, distance: float,
@@ -153,6 +166,6 @@ def _neighbours_in(region: np.ndarray, similar: dict | None) -> np.ndarray:
     """Pixels with an 8-neighbour in ``region`` (whose colour is alike, per ``similar``, when it is given)."""
     found = np.zeros_like(region)
     for offset in _NEIGHBOURS:
-        near = _shifted(region, *offset, False)
+        near = shifted(region, *offset, False)
         found |= near if similar is None else near & similar[offset]
     return found

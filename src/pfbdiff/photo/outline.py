@@ -102,14 +102,14 @@ def without_echo(pasted: np.ndarray, generated: np.ndarray, alpha: np.ndarray, o
     echo[near] = unlike_all(values[near], values[farther])
     if not echo.any():
         return pasted
-    filled = _peeled(values, edit & ~outline & ~echo, echo)
+    filled = filled_inwards(values, edit & ~outline & ~echo, echo)
     swap = echo & (np.asarray(alpha) >= 1)
     out = np.array(pasted, copy=True)
     out[swap] = np.clip(np.round(filled[swap]), 0, 255).astype(np.uint8)
     return out
 
 
-def _peeled(values: np.ndarray, known: np.ndarray, todo: np.ndarray) -> np.ndarray:
+def filled_inwards(values: np.ndarray, known: np.ndarray, todo: np.ndarray) -> np.ndarray:
     """``values`` with the ``todo`` pixels filled from ``known`` ones, a ring at a time: each takes the mean of its
     known 8-neighbours once it has any."""
     values, known = values.copy(), known.copy()
