@@ -3,8 +3,15 @@ background, filled with the background's own pattern."""
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from pfbdiff import get_preset
+from pfbdiff.bench.cases import make_cases, render_case
+from pfbdiff.errors import PFBDiffError
+from pfbdiff.photo.compositing import composite
 from pfbdiff.photo.ghost import pattern_fill, without_ghost
+from pfbdiff.photo.regions import CropBox
+from pfbdiff.shapes.oracles import object_kept
 
 ORANGE, YELLOW = np.array([245, 147, 30]), np.array([240, 220, 40])
 BLUE, NAVY = np.array([30, 90, 230]), np.array([20, 30, 90])
@@ -50,7 +57,7 @@ def _background_edit(ghost_colour=None, radius: float = 12, centre=(30, 36)):
 def test_a_larger_copy_of_the_subject_around_it_gives_way_to_the_new_backgrounds_pattern():
     # off-centre: a copy drawn larger and beside the subject, in a softer shade of its colour
     pasted, alpha, edit, clean = _background_edit(ORANGE + (10, 30, 5))
-    out = without_ghost(pasted, alpha, np.zeros_like(edit), edit)
+    out = without_ghost(pasted, alpha, np.zeros_like(edit), edit, 0.25)
     assert np.array_equal(out, clean)
 
 
@@ -58,16 +65,41 @@ def test_what_the_new_background_has_elsewhere_and_what_does_not_touch_the_subje
     pasted, alpha, edit, _ = _background_edit()
     apart = _disc(4, centre=(10, 52))  # the subject's colour, but not joined to it: an object of the new background
     pasted[apart] = ORANGE
-    assert np.array_equal(without_ghost(pasted, alpha, np.zeros_like(edit), edit), pasted)
+    assert np.array_equal(without_ghost(pasted, alpha, np.zeros_like(edit), edit, 0.25), pasted)
     orange_stripes = pasted.copy()
     orange_stripes[(np.all(pasted == NAVY, -1))] = ORANGE  # the subject's colour is one of the new stripes'
-    assert np.array_equal(without_ghost(orange_stripes, alpha, np.zeros_like(edit), edit), orange_stripes)
+    assert np.array_equal(without_ghost(orange_stripes, alpha, np.zeros_like(edit), edit, 0.25), orange_stripes)
 
 
 def test_only_generated_pixels_change_and_the_subject_stays_exact():
     pasted, alpha, edit, _ = _background_edit(ORANGE + (10, 30, 5))
     alpha[_disc(10, centre=(30, 36)) & edit] = 0.5  # say part of the copy was blended with the photo
-    out = without_ghost(pasted, alpha, np.zeros_like(edit), edit)
+    out = without_ghost(pasted, alpha, np.zeros_like(edit), edit, 0.25)
     changed = np.any(out != pasted, -1)
     assert changed.any() and not changed[alpha < 1].any()
     assert np.array_equal(out[~edit], pasted[~edit])
+
+
+def test_the_ghost_reach_is_a_share_of_the_box_and_zero_turns_the_rule_off():
+    with pytest.raises(PFBDiffError, match="ghost_reach"):
+        get_preset("background", ghost_reach=1.5)
+    pasted, alpha, edit, _ = _background_edit(ORANGE + (10, 30, 5))
+    assert np.array_equal(composite(pasted, pasted, CropBox(0, 0, 64, 64), edit.astype(np.float32), alpha,
+                                    "none", outline_box=np.zeros_like(edit), ghost_reach=0.0)[0], pasted)
+
+
+def test_a_background_edit_keeps_the_subject_whole_where_the_model_drew_it_again_around_itself(shapes_pipe):
+    """A blue circle on yellow stripes: the model draws a larger blue disc around it, which reads as the circle
+    enlarged; cleared, the circle is found as it was."""
+    case = make_cases("background", 1, 434)[0]
+    images = render_case(case, 64)
+    inversion = shapes_pipe.invert(Image.fromarray(images.source), case.source_caption)
+    edits = {reach: np.asarray(shapes_pipe.edit(inversion, images.mask.astype(np.float32), case.target_caption,
+                                                preset="background", ghost_reach=reach).images[0])
+             for reach in (0.0, 0.25)}
+    changed = np.any(edits[0.25] != edits[0.0], -1)
+    assert changed.sum() > 50 and not changed[images.labels > 0].any()
+    kept = [object_kept(images.labels, obj, edits[0.25], object_index=i) for i, obj in enumerate(case.source.objects)]
+    assert all(kept)
+    assert not all(object_kept(images.labels, obj, edits[0.0], object_index=i)
+                   for i, obj in enumerate(case.source.objects))

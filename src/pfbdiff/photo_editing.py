@@ -165,7 +165,7 @@ class PhotoEditing:
             colour_match = "none" if colour_match is None else colour_match
         colour_match = "local" if colour_match is None else colour_match
         return config, guidance_scale, steps, compositing.PasteBack(paste_back, feather, placement, colour_match,
-                                                                     config.outgrow)
+                                                                     config.outgrow, config.ghost_reach)
 
     def _negative_rows(self, negative_prompt, config: EditConfig, inversion: Inversion, prompts: list[str],
                        word_regions: dict, repeats: int) -> list[str]:

@@ -231,7 +231,7 @@ def paste_back(source: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> 
 def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_box: np.ndarray | None,
               alpha_box: np.ndarray | None, colour_match: str = "local", ring_width: int = 4,
               outline_box: np.ndarray | None = None, outgrowth: int | None = None,
-              bound_box: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+              bound_box: np.ndarray | None = None, ghost_reach: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
     """Stitch a generated crop (box-sized, uint8) back into the full ``source`` (H×W×3 uint8); returns the image and
     the alpha it was put back with (box-sized; None with paste-back off).
 
@@ -240,8 +240,8 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
     ``outgrowth`` (a reach in pixels, ``new_content.py``) the alpha follows new content across the mask's edge, never
     past the user's ``bound_box`` when given. On the kept subject's ``outline_box`` pixels (a halo's, ``outline.py``)
     the old background's share is swapped for the new background, taken from the generation more than a pixel off
-    the subject, and the model's echo right beside the subject, and its ghost around it, give way to the new
-    background around them.
+    the subject, and the model's echo right beside the subject gives way to the new background around it, and with
+    ``ghost_reach`` (a share of the box's side, ``ghost.py``) so does its ghost.
     """
     out = np.array(source, dtype=np.uint8, copy=True)
     rows, cols = box.slices
@@ -265,7 +265,8 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
         new_background = filled(matched, away, OUTLINE_FILL_SIGMA) if away.any() else matched
         pasted = unmixed(pasted, original, new_background, alpha_box, outline_box, edit)
         pasted = without_echo(pasted, matched, alpha_box, outline_box, edit)
-        pasted = without_ghost(pasted, alpha_box, outline_box, edit)
+        if ghost_reach > 0:
+            pasted = without_ghost(pasted, alpha_box, outline_box, edit, ghost_reach)
     out[rows, cols] = pasted
     return out, alpha_box
 
@@ -273,13 +274,15 @@ def composite(source: np.ndarray, generated_box: np.ndarray, box: CropBox, mask_
 @dataclass(frozen=True)
 class PasteBack:
     """How an edit is put back into its input: the ``paste_back``, ``feather``, ``feather_placement`` and
-    ``colour_match`` arguments of ``PFBDiffPipeline.edit`` and the preset's ``outgrow``, checked when made."""
+    ``colour_match`` arguments of ``PFBDiffPipeline.edit`` and the preset's ``outgrow`` and ``ghost_reach``, checked
+    when made."""
 
     enabled: bool = True
     feather: int | None = None  # None: from the mask (``auto_feather``)
     placement: str = DEFAULT_PLACEMENT
     colour_match: str = "local"
     outgrow: float = 0.0  # follow new content this share of the mask's size past its edge (``new_content.py``)
+    ghost_reach: float = 0.0  # clear the kept subject's ghost this share of the box's side from it (``ghost.py``)
 
     def __post_init__(self):
         check_placement(self.placement)
@@ -365,7 +368,7 @@ def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alp
         pasted, alpha = composite(
             np.asarray(sources[i]), np.asarray(image), box, mask, alphas[i] if alphas is not None else None,
             settings.colour_match, ring_width=settings.ring_width, outline_box=outlines[i][box.slices] if outlines else None,
-            outgrowth=reach, bound_box=bounds[i][box.slices] if bounds else None)
+            outgrowth=reach, bound_box=bounds[i][box.slices] if bounds else None, ghost_reach=settings.ghost_reach)
         out.append(Image.fromarray(pasted))
         if used is not None:
             used[i] = alpha

@@ -8,8 +8,8 @@ with it to the eye: on ShapesBench most of the background edits that still faile
 
 Ghost pixels (:func:`ghost_of`) are generated pixels of the edit region alike some colour of the kept subject
 (within :data:`GHOST_COLOUR_DISTANCE`) and unlike every colour of the new background farther out, joined to the
-subject through such pixels, at most :data:`GHOST_REACH` of the box's shorter side away from it; the copy's soft
-rim, :data:`GHOST_RIM` of that side, goes with them. They are filled with the new background's own pattern
+subject through such pixels, at most the preset's ``ghost_reach`` (a share of the box's shorter side) away from it;
+the copy's soft rim, :data:`GHOST_RIM` of that side, goes with them. They are filled with the new background's own pattern
 (:func:`pattern_fill`): each takes the pixel at the offset at which the new background around them best repeats
 itself, so stripes and checks run on through the hole instead of a blur; what no offset reaches is filled from its
 neighbours ring by ring.
@@ -26,24 +26,23 @@ from pfbdiff.photo.outline import filled_inwards
 #: A ghost pixel is within this RGB distance of some colour of the kept subject: the model's copy is drawn in the
 #: subject's colour, but softer (a blurred copy mixes with the new background more than an outline pixel does).
 GHOST_COLOUR_DISTANCE = 45.0
-#: How far from the subject a ghost may reach, and the farthest offset the pattern fill looks at, as a share of the
-#: edited box's shorter side (the model draws at its own scale, which the box is resized from).
-GHOST_REACH = 0.25
 #: The ghost's soft rim taken with it, as a share of the box's shorter side (3 px at a 64-px model size).
 GHOST_RIM = 0.05
 
 
-def without_ghost(pasted: np.ndarray, alpha: np.ndarray, outline: np.ndarray, edit: np.ndarray) -> np.ndarray:
-    """``pasted`` (uint8 H×W×3, the edit put back) with the kept subject's ghost filled with the new background's
-    pattern. ``edit``: the edit region (bool), ``outline`` the subject's outline in it; only pixels with ``alpha``
-    1 change."""
+def without_ghost(pasted: np.ndarray, alpha: np.ndarray, outline: np.ndarray, edit: np.ndarray,
+                  reach: float) -> np.ndarray:
+    """``pasted`` (uint8 H×W×3, the edit put back) with the kept subject's ghost, up to ``reach`` of the image's
+    shorter side from it (the preset's ``ghost_reach``), filled with the new background's pattern. ``edit``: the
+    edit region (bool), ``outline`` the subject's outline in it; only pixels with ``alpha`` 1 change."""
     side = min(pasted.shape[:2])
-    ghost = ghost_of(pasted, alpha, outline, edit, reach=max(1, round(GHOST_REACH * side)))
+    pixels = max(2, round(reach * side))  # the ghost's reach, and the farthest offset the pattern fill looks at
+    ghost = ghost_of(pasted, alpha, outline, edit, pixels)
     if ghost is None:
         return pasted
     generated = (np.asarray(alpha) >= 1) & np.asarray(edit, bool) & ~np.asarray(outline, bool)
     hole = dilated(ghost, max(1, round(GHOST_RIM * side))) & generated
-    values = pattern_fill(pasted.astype(np.float32), generated & ~hole, hole, max_shift=max(2, round(GHOST_REACH * side)))
+    values = pattern_fill(pasted.astype(np.float32), generated & ~hole, hole, max_shift=pixels)
     out = np.array(pasted, copy=True)
     out[hole] = np.clip(np.round(values[hole]), 0, 255).astype(np.uint8)
     return out
