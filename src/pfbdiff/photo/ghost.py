@@ -32,7 +32,7 @@ GHOST_RIM = 0.05
 
 def without_ghost(pasted: np.ndarray, alpha: np.ndarray, outline: np.ndarray, edit: np.ndarray,
                   reach: float) -> np.ndarray:
-    """``pasted`` (uint8 H×W×3, the edit put back) with the kept subject's ghost, up to ``reach`` of the image's
+    """``pasted`` (uint8 H×W×3, the edit put back) with the kept subject's ghost, up to ``reach`` of the box's
     shorter side from it (the preset's ``ghost_reach``), filled with the new background's pattern. ``edit``: the
     edit region (bool), ``outline`` the subject's outline in it; only pixels with ``alpha`` 1 change."""
     side = min(pasted.shape[:2])
