@@ -199,7 +199,8 @@ PRESET_HELP = {
     "object": "replace an object inside the mask (new words of the prompt confined to the mask)",
     "attribute": "change an attribute (colour, material) of what is inside the mask; starts 80 % noisy",
     "background": "replace the background (mask = background); the subject's words stay on the kept object, "
-                  "and the old background left around it joins the mask",
+                  "the old background left around it joins the mask, and a larger copy of it the model draws "
+                  "around it is cleared",
     "multi-object": "several objects at once, each word with its own mask",
     "paper-object": "the official code's COCO object-replacement settings, quirks included",
     "paper-background": "the official code's COCO background settings, quirks included",
