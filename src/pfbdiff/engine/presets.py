@@ -120,18 +120,11 @@ class EditConfig:
     def validated(self) -> "EditConfig":
         if self.halo < 0:
             raise PFBDiffError.about("halo", f"must be a number of pixels >= 0, got {self.halo}, e.g. 8")
-        if not 0.0 <= self.outgrow <= 1.0:
-            raise PFBDiffError.about("outgrow", f"must be a share of the mask's size in [0, 1], got {self.outgrow}, "
-                                     "e.g. 0.25")
-        if not 0.0 <= self.ghost_reach <= 1.0:
-            raise PFBDiffError.about("ghost_reach", f"must be a share of the edited box's side in [0, 1], got "
-                                     f"{self.ghost_reach}, e.g. 0.25")
-        if not 0.0 <= self.blend_depth <= 1.0:
-            raise PFBDiffError.about("blend_depth", f"must be a fraction of the blocks in [0, 1], got {self.blend_depth}, "
-                                     "e.g. 0.5")
-        if not 0.0 <= self.background_prompt_share <= 1.0:
-            raise PFBDiffError.about("background_prompt_share", f"must be a share in [0, 1], got "
-                                     f"{self.background_prompt_share}, e.g. 0.25")
+        shares = {"outgrow": ("a share of the mask's size", 0.25), "ghost_reach": ("a share of the edited box's side", 0.25),
+                  "blend_depth": ("a fraction of the blocks", 0.5), "background_prompt_share": ("a share", 0.25)}
+        for name, (what, example) in shares.items():
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PFBDiffError.about(name, f"must be {what} in [0, 1], got {getattr(self, name)}, e.g. {example}")
         if not 0.0 <= self.word_boost_cover < 1.0:
             raise PFBDiffError.about("word_boost_cover", f"must be a share of an attention cell in [0, 1), got "
                                      f"{self.word_boost_cover}, e.g. 0.99")
