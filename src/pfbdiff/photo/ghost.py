@@ -21,7 +21,7 @@ import numpy as np
 
 from pfbdiff.photo.halo import dilated, grown_along, shifted, unlike_all
 from pfbdiff.photo.morphology import support_window
-from pfbdiff.photo.outline import filled_inwards
+from pfbdiff.photo.outline import beside_subject, filled_inwards
 
 #: A ghost pixel is within this RGB distance of some colour of the kept subject: the model's copy is drawn in the
 #: subject's colour, but softer (a blurred copy mixes with the new background more than an outline pixel does).
@@ -53,10 +53,8 @@ def ghost_of(pasted: np.ndarray, alpha: np.ndarray, outline: np.ndarray, edit: n
     """The ghost's pixels (bool H×W; None when there are none): generated pixels within ``reach`` of the kept
     subject, joined to it through each other, alike its colours and unlike the new background farther out."""
     edit, outline = np.asarray(edit, bool), np.asarray(outline, bool)
-    kept_side = ~edit | outline
-    generated = (np.asarray(alpha) >= 1) & edit & ~outline
-    near = dilated(kept_side, reach) & generated
-    farther = generated & ~dilated(kept_side, reach + 1)
+    generated = np.asarray(alpha) >= 1
+    near, farther = (region & generated for region in beside_subject(edit, outline, reach))
     subject = ~edit & ~outline
     if not near.any() or not farther.any() or not subject.any():
         return None
@@ -64,7 +62,7 @@ def ghost_of(pasted: np.ndarray, alpha: np.ndarray, outline: np.ndarray, edit: n
     candidate = np.zeros_like(near)
     candidate[near] = (~unlike_all(values[near], values[subject], GHOST_COLOUR_DISTANCE)
                        & unlike_all(values[near], values[farther]))
-    ghost = grown_along(kept_side, None, limit=reach, within=candidate) & candidate
+    ghost = grown_along(~edit | outline, None, limit=reach, within=candidate) & candidate
     return ghost if ghost.any() else None
 
 

@@ -92,9 +92,7 @@ def without_echo(pasted: np.ndarray, generated: np.ndarray, alpha: np.ndarray, o
     every colour of the generation farther out take the mean of their neighbours instead, filled in one ring at a
     time from the pixels that are not such an echo. Only pixels with alpha 1 change."""
     edit, outline = np.asarray(edit, bool), np.asarray(outline, bool)
-    kept_side = ~edit | outline
-    near = dilated(kept_side, ECHO_REACH) & edit & ~outline
-    farther = edit & ~dilated(kept_side, ECHO_REACH + 1)
+    near, farther = beside_subject(edit, outline, ECHO_REACH)
     if not near.any() or not farther.any():
         return pasted
     values = np.asarray(generated, np.float32)
@@ -107,6 +105,14 @@ def without_echo(pasted: np.ndarray, generated: np.ndarray, alpha: np.ndarray, o
     out = np.array(pasted, copy=True)
     out[swap] = np.clip(np.round(filled[swap]), 0, 255).astype(np.uint8)
     return out
+
+
+def beside_subject(edit: np.ndarray, outline: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``edit`` region's pixels within ``reach`` of the kept subject and its ``outline`` (bool H×W each), and
+    the new background farther out, from one pixel beyond them: where the model's echo or ghost of the subject is
+    looked for, and the colours it is told from."""
+    kept_side = ~edit | outline
+    return dilated(kept_side, reach) & edit & ~outline, edit & ~dilated(kept_side, reach + 1)
 
 
 def filled_inwards(values: np.ndarray, known: np.ndarray, todo: np.ndarray) -> np.ndarray:
