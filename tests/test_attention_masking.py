@@ -338,3 +338,38 @@ def test_a_multi_object_edit_with_region_prompts_changes_only_inside_the_regions
     assert not torch.equal(plain, regional)
     words = tiny_pipe.edit(inv, own_region_prompts=True, **kwargs).latents
     assert not torch.equal(words, regional)  # the default prompt is the word itself, not "a cat"
+
+
+def test_once_the_layout_is_settled_a_word_attends_only_in_its_regions_core(tiny_pipe):
+    region = _left_half()
+    core = torch.zeros(1, 1, 16, 16)
+    core[..., :4] = 1.0
+    region.core = EditMask(core)
+    controller = AttentionMasking([TokenRegion((2, 3), region)], (16, 16), {8}, word_boost_until=700)
+    controller.active = True
+    for timestep, allowed in ((900, region), (700, region.core)):  # the boost's gate settles the layout
+        controller.timestep = timestep
+        _, _, probs = _run(tiny_pipe, controller)
+        inside = allowed.binary_at((4, 4)).reshape(-1)
+        assert torch.all(probs[1][:, ~inside][..., [2, 3]] == 0)
+        assert torch.all(probs[1][:, inside][..., [2, 3]] > 0)
+    assert not torch.equal(region.binary_at((4, 4)), region.core.binary_at((4, 4)))
+
+
+def test_a_word_inset_gives_each_confined_region_a_core_and_leaves_the_edit_region_whole(tiny_pipe, photo):
+    mask = np.zeros((96, 128), np.float32)
+    mask[8:88, 8:120] = 1
+    inv = tiny_pipe.invert(photo, "a photo", num_inference_steps=3)
+    plain = tiny_pipe.prepare_masks(inv, mask, "a photo of a cat", preset="object", word_inset=0.0)
+    inset = tiny_pipe.prepare_masks(inv, mask, "a photo of a cat", preset="object", word_inset=0.2)
+    assert plain.edit.core is None and torch.equal(inset.edit.latent, plain.edit.latent)  # blending: the whole mask
+    assert torch.all(inset.edit.core.latent <= inset.edit.latent)
+    assert inset.edit.core.latent.sum() < 0.7 * inset.edit.latent.sum()
+    assert inset.edit.complement().core is None  # the kept side's words keep the whole complement
+    left, right = np.zeros_like(mask), np.zeros_like(mask)
+    left[16:80, 8:56], right[16:80, 72:120] = 1, 1
+    words = tiny_pipe.prepare_masks(inv, None, "a cat and a dog", preset="multi-object", word_inset=0.2,
+                                    word_masks={"cat": left, "dog": right}).words
+    assert all(torch.all(m.core.latent <= m.latent) and m.core.latent.sum() < m.latent.sum() for m in words.values())
+    with pytest.raises(PFBDiffError, match="word_inset"):
+        get_preset("object", word_inset=1.5)

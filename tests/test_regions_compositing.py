@@ -6,7 +6,7 @@ import torch
 
 from pfbdiff.engine import automask
 from pfbdiff.errors import PFBDiffError
-from pfbdiff.photo import colour_match, compositing, regions
+from pfbdiff.photo import colour_match, compositing, morphology, regions
 from pfbdiff.photo.regions import CropBox, plan_region
 
 NATIVE = 512
@@ -109,6 +109,14 @@ def test_grow_and_shrink_take_the_extreme_of_the_square_window_whatever_its_widt
         for y, x in zip(rng.integers(0, 37, 60), rng.integers(0, 45, 60)):
             window = mask[max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1]
             assert got[y, x] == extreme(window)
+
+
+def test_a_masks_core_is_the_mask_less_an_edge_band_a_share_of_its_size_wide_and_a_thin_mask_keeps_itself():
+    mask = _mask((64, 64), (12, 12, 52, 52))  # 40 px: a share of 0.1 is a band 4 px wide
+    np.testing.assert_array_equal(morphology.mask_core(mask, 0.1), _mask((64, 64), (16, 16, 48, 48)))
+    np.testing.assert_array_equal(morphology.mask_core(mask, 0.0), mask)
+    line = _mask((64, 64), (4, 30, 60, 32))  # 2 px thick: any band would leave nothing
+    np.testing.assert_array_equal(morphology.mask_core(line, 0.1), line)
 
 
 @pytest.mark.parametrize("placement", compositing.FEATHER_PLACEMENTS)

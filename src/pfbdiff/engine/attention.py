@@ -72,7 +72,9 @@ class AttentionMasking:
     in the conditional rows, while the loop's ``timestep`` is above ``word_boost_until``: in the early steps,
     where the layout is decided, each word is pulled to its region as well as kept out of the rest (as
     DenseDiffusion modulates attention). It acts on the cells its region covers by more than
-    ``word_boost_cover`` (0.5: wherever the word is allowed; 0.99: the cells wholly inside the region).
+    ``word_boost_cover`` (0.5: wherever the word is allowed; 0.99: the cells wholly inside the region). Once the
+    layout is settled (``timestep`` at or below ``word_boost_until``) a word whose region has a ``core``
+    (``word_inset``) may only be attended to there, so the object's edges are drawn inside the mask.
 
     ``kept_apart`` (a region, B×1×h×w at latent size: the kept one) hides that region's keys from the other
     queries of the self-attention layers, in the conditional rows (:class:`KeptApartSelfAttention`).
@@ -140,7 +142,7 @@ class AttentionMasking:
         if not self.regions:
             return None
         boosting = boosted and self.boosting
-        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype, boosting)
+        key = (num_pixels, num_tokens, batch, self.unconditional_rows, dtype, boosting, self.settled)
         if key not in self._bias_cache:
             self._bias_cache[key] = self._build_bias(num_pixels, num_tokens, batch, dtype, boosting)
         return self._bias_cache[key]
@@ -150,7 +152,9 @@ class AttentionMasking:
         images = self.regions[0].region.latent.shape[0]
         allowed = torch.ones(images, num_pixels, num_tokens, dtype=torch.bool, device=self.device)
         for token_region in self.regions:
-            inside = token_region.region.binary_at(size).reshape(images, num_pixels)
+            region = token_region.region
+            region = region.core if self.settled and region.core is not None else region
+            inside = region.binary_at(size).reshape(images, num_pixels)
             for image in range(images):
                 for position in token_region.positions_of_image(image):
                     if position < num_tokens:
@@ -166,6 +170,11 @@ class AttentionMasking:
             bias += boost.repeat(batch // images, 1, 1)
             bias[: self.unconditional_rows] = 0
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @property
+    def settled(self) -> bool:
+        """Whether the layout is settled at this step (past the word boost's gate): words act on their regions' cores."""
+        return self.timestep <= self.word_boost_until
 
     @property
     def boosting(self) -> bool:

@@ -53,13 +53,17 @@ def latent_mask_from_pixels(pixel_mask: torch.Tensor, latent_size: tuple[int, in
 
 
 class EditMask:
-    """One mask per image at latent resolution, with cached resized and thresholded versions."""
+    """One mask per image at latent resolution, with cached resized and thresholded versions.
 
-    def __init__(self, latent: torch.Tensor, resize_mode: str = "area"):
+    ``core``, when set, is the mask less a band along its edge (``word_inset``, docs/method.md §5): where the words
+    confined to this region act once the layout is settled. Blending always uses the mask itself."""
+
+    def __init__(self, latent: torch.Tensor, resize_mode: str = "area", core: "EditMask | None" = None):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"mask resize mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.latent = latent  # B×1×h×w
         self.resize_mode = resize_mode
+        self.core = core
         self._soft: dict[tuple, torch.Tensor] = {}
         self._binary: dict[tuple, torch.Tensor] = {}
 
@@ -91,7 +95,10 @@ class EditMask:
 
     def repeated(self, repeats: int) -> "EditMask":
         """Each image's mask ``repeats`` times, for several edits of one image."""
-        return self if repeats == 1 else EditMask(self.latent.repeat_interleave(repeats, 0), self.resize_mode)
+        if repeats == 1:
+            return self
+        core = None if self.core is None else self.core.repeated(repeats)
+        return EditMask(self.latent.repeat_interleave(repeats, 0), self.resize_mode, core)
 
     def complement(self) -> "EditMask":
         return EditMask(1 - self.latent, self.resize_mode)

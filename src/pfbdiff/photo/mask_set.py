@@ -26,6 +26,7 @@ from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing, regions
 from pfbdiff.photo.halo import snap_to_subject
+from pfbdiff.photo.morphology import mask_core
 
 
 @dataclass
@@ -91,8 +92,13 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
     def to_latent(masks):
         return latent_mask(masks, box, inversion, config, latent_size, device, dtype)
 
-    word_regions = {word: to_latent(masks)
-                    for word, masks in word_full.items()}
+    def words_region(masks):  # the region, with its core where the confined words act later (``word_inset``)
+        region = to_latent(masks)
+        if config.word_inset > 0:
+            region.core = to_latent([mask_core(m, config.word_inset) for m in masks])
+        return region
+
+    word_regions = {word: words_region(masks) for word, masks in word_full.items()}
     estimated = None
     if estimate is not None:
         estimated = [on_canvas(m, box, size) for m in estimate(box)]
@@ -113,7 +119,7 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
         for other in regions_list[1:]:
             mask = mask.union(other)
     else:
-        mask = to_latent(full)
+        mask = words_region(full)
     if float(mask.latent.max()) <= 0.0 or not any(float(m.max()) > 0.0 for m in full):
         if estimate is not None:
             raise PFBDiffError("the auto-mask found nothing to edit" + (" inside your mask" if user else "")

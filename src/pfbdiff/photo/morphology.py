@@ -1,10 +1,13 @@
 """Square-window morphology on masks: grow (dilate) or shrink (erode) by a number of pixels, soft values kept.
 
 The paste-back grows the user's mask (``grow``), takes rings around it (colour match, feather band) and reaches
-past it (a new object followed, ``new_content.py``); all use :func:`grow_mask`.
+past it (a new object followed, ``new_content.py``); all use :func:`grow_mask`. The confined words act on the mask's
+core (:func:`mask_core`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -54,3 +57,15 @@ def _window_extreme(values: np.ndarray, radius: int, axis: int, extreme) -> np.n
         span *= 2
     size = values.shape[axis]
     return extreme(np.take(table, range(0, size), axis), np.take(table, range(length - span, length - span + size), axis))
+
+
+def share_of_size(mask: np.ndarray, share: float) -> int:
+    """``share`` of ``mask``'s size in pixels: of the square root of its area where it is above one half, rounded."""
+    return int(round(share * math.sqrt(float((np.asarray(mask) > 0.5).sum())))) if share > 0 else 0
+
+
+def mask_core(mask: np.ndarray, share: float) -> np.ndarray:
+    """``mask`` less a band along its edge ``share`` of its size wide (:func:`share_of_size`); the mask itself where
+    that would leave nothing, so a thin mask keeps its words."""
+    core = grow_mask(mask, -share_of_size(mask, share))
+    return core if (core > 0.5).any() else np.asarray(mask, dtype=np.float32).copy()

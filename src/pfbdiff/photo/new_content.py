@@ -21,18 +21,16 @@ alpha decided after the edit, not before.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, grown_along, unlike_all
-from pfbdiff.photo.morphology import grow_mask
+from pfbdiff.photo.morphology import grow_mask, share_of_size
 
 
 def outgrowth_reach(mask: np.ndarray, share: float) -> int:
-    """How far (pixels) new content may be followed past ``mask``: ``share`` of the mask's size (the square root
-    of its area, where it is above one half), rounded."""
-    return int(round(share * math.sqrt(float((np.asarray(mask) > 0.5).sum())))) if share > 0 else 0
+    """How far (pixels) new content may be followed past ``mask``: ``share`` of the mask's size
+    (:func:`~pfbdiff.photo.morphology.share_of_size`)."""
+    return share_of_size(mask, share)
 
 
 def new_content(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, where: np.ndarray) -> np.ndarray:
