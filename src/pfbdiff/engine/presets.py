@@ -175,8 +175,9 @@ OUTGROW = 0.25
 #: nearer the ideal edit's size (mean area 1.13 -> 1.03 of it) and past the mask's edge half as often, and the seam
 #: gradient error falls 13.8 -> 11.9 (object, 159 edits of 200 against 162) and 13.9 -> 11.6 (two objects at 0.12,
 #: 126 against 131), both within the noise; 0.12 on single objects lost 11 and 0.08 on two objects 9. Attribute edits
-#: keep the old object's outline, which a core cuts into (65 of 80 against 70), so they leave it off (README).
-WORD_INSET = {"object": 0.08, "multi-object": 0.12}
+#: keep the old object's outline, which a wider core cuts into (65 of 80 against 70 at 0.08), so they take a band of
+#: about a pixel on the bench's masks: 179 against 179 of 200, seam gradient error 10.9 -> 10.3 (README).
+WORD_INSET = {"object": 0.08, "attribute": 0.04, "multi-object": 0.12}
 
 #: How far background edits clear the kept subject's ghost (a share of the edited box's side, ``photo/ghost.py``). On
 #: ShapesBench's fresh tuning cases 400-599, with a halo-snapped mask left without a colour match, 185 background
@@ -185,7 +186,8 @@ GHOST_REACH = 0.25
 
 PRESETS: dict[str, EditConfig] = {
     "object": EditConfig(outgrow=OUTGROW, word_inset=WORD_INSET["object"]),
-    "attribute": EditConfig(strength=0.8, word_boost_until=500, word_boost_cover=0.99),
+    "attribute": EditConfig(strength=0.8, word_boost_until=500, word_boost_cover=0.99,
+                            word_inset=WORD_INSET["attribute"]),
     "background": EditConfig(latent_blend=0.8, auto_words="subject-outside", halo=8, kept_apart=True,
                              kept_words_negative=True, background_prompt_share=0.25, ghost_reach=GHOST_REACH),
     "multi-object": EditConfig(auto_words=None, outgrow=OUTGROW, word_inset=WORD_INSET["multi-object"]),
