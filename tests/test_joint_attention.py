@@ -183,6 +183,24 @@ def test_the_word_boost_acts_only_while_its_gate_is_open(walker, block):
     assert torch.equal(outputs[900][0], outputs[900][1])
 
 
+@pytest.mark.parametrize("walker, block", _blocks())
+def test_once_the_layout_is_settled_image_tokens_outside_the_regions_core_do_not_see_the_word(walker, block):
+    region = _region()
+    core = torch.zeros(1, 1, *GRID)
+    core[..., 0, :1] = 1
+    region.core = EditMask(core)  # word_inset: the word acts on the core from the boost's gate on
+    controller = AttentionMasking([TokenRegion((WORD,), region)], GRID, {block.index}, word_boost_until=700)
+    controller.active = True
+    image, text, other = _inputs(walker)
+    for timestep, allowed in ((900, region), (700, region.core)):
+        controller.timestep = timestep
+        with torch.no_grad(), joint_attention_masking_installed(walker, controller):
+            one, two = _attention_call(walker, block, image, text), _attention_call(walker, block, image, other)
+        outside = ~allowed.binary_at(GRID).reshape(-1)
+        assert torch.equal(one[:, outside], two[:, outside])  # exactly zero weight outside the allowed cells
+        assert not torch.equal(one[:, ~outside], two[:, ~outside])
+    assert (region.binary_at(GRID) & ~region.core.binary_at(GRID)).any()  # the band the core leaves out
+
 def test_a_boosted_word_gains_odds_against_the_text_only_and_the_image_keeps_its_share():
     # in joint attention one softmax runs over image and text keys; the boost must act as in a U-Net's
     # cross-attention (a softmax over the text alone): the image keys' weights stay as without it
