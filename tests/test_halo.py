@@ -1,15 +1,17 @@
-"""Background replacement with a coarse mask: the old background left around the subject joins the edit."""
+"""A coarse mask around a subject: the old background between them joins a background edit, and stays the photo's own
+in an attribute edit (the inner halo)."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pfbdiff.bench.cases import make_cases, render_case
 from pfbdiff.io import tensors
 from pfbdiff.photo.compositing import PasteBack, composite
-from pfbdiff.photo.halo import absorb_halo, snap_to_subject
+from pfbdiff.photo.halo import absorb_halo, inner_halo, snap_to_subject
 from pfbdiff.photo.regions import CropBox
-from pfbdiff.shapes.binary_masks import erode
+from pfbdiff.shapes.binary_masks import dilate, erode
 
 
 def _two_tone(pattern: str) -> np.ndarray:
@@ -212,3 +214,75 @@ def test_the_models_echo_beside_the_subject_gives_way_to_the_new_background_arou
     plain = np.full_like(image, (40, 180, 60))  # a new background that runs right up to the subject: nothing to clear
     untouched = composite(image, plain, box, snapped, alpha, "none", outline_box=outline)[0]
     assert np.array_equal(untouched[~kept & ~outline], plain[~kept & ~outline])
+
+
+# -------------------------------------------------------------------------------------------------- the inner halo
+
+
+def _attribute_case(mask_kind: str):
+    """An attribute case at 64 px whose mask is a box (``"box"``) or the object dilated (``"dilated"``), away from
+    the photo's edge."""
+    for case in make_cases("attribute", 24):
+        images = render_case(case, 64)
+        if case.mask_kind == mask_kind and not (images.mask[[0, -1]].any() or images.mask[:, [0, -1]].any()):
+            return case, images
+    raise AssertionError(f"no {mask_kind} case away from the edge")
+
+
+@pytest.mark.parametrize("mask_kind", ["box", "dilated"])
+def test_the_inner_halo_is_the_old_background_between_the_mask_and_the_subject(mask_kind):
+    _, images = _attribute_case(mask_kind)
+    subject = images.labels > 0
+    background_in_mask = images.mask & ~dilate(subject, 1)  # the subject's anti-aliased outline is left aside
+    assert background_in_mask.sum() > 20
+    halo = inner_halo(images.mask.astype(np.float32), images.source, reach=8)
+    assert halo[background_in_mask].all()
+    assert not halo[subject].any()  # nor its outline: those pixels change with the subject
+    assert not halo[~images.mask].any()
+
+
+def test_the_inner_halo_reaches_at_most_reach_pixels_in_from_the_mask_edge():
+    image = _two_tone("plain")
+    image[9:15, 12:20] = (200, 30, 30)  # a red subject in a wide mask
+    mask = np.zeros((24, 32), np.float32)
+    mask[2:22, 4:28] = 1.0
+    halo = inner_halo(mask, image, reach=3)
+    ring = (mask > 0.5) & ~erode(mask > 0.5, 3)
+    assert halo[ring].all() and not halo[~ring].any()
+
+
+@pytest.mark.parametrize("pattern", ["plain", "striped"])
+def test_a_mask_that_holds_no_subject_has_no_inner_halo(pattern):
+    """A patch of one surface (to recolour, say): nothing in it is unlike the photo around it, so nothing is
+    taken from its edge."""
+    mask = np.zeros((24, 32), np.float32)
+    mask[4:20, 6:26] = 1.0
+    assert not inner_halo(mask, _two_tone(pattern), reach=8).any()
+
+
+def test_attribute_preset_pastes_back_the_old_background_inside_the_mask_exactly(tiny_pipe):
+    """The inner halo leaves the paste-back's edit region: those pixels are the photo's own, bit for bit, and the
+    output's edit region says so; the method itself still edits under the user's whole mask."""
+    case, images = _attribute_case("box")
+    subject = images.labels > 0
+    halo = inner_halo(images.mask.astype(np.float32), images.source, reach=8)
+    inversion = tiny_pipe.invert(Image.fromarray(images.source), case.source_caption, 4, strength=0.8)
+    result = {}
+    for share in (0.0, 0.25):
+        out = tiny_pipe.edit(inversion, images.mask.astype(np.float32), case.target_caption, preset="attribute",
+                             inner_halo=share, guidance_scale=1.0)
+        result[share] = (np.asarray(out.images[0]), np.asarray(out.masks[0]), out.latents)
+    picture, region, latents = result[0.25]
+    assert np.array_equal(picture[halo], images.source[halo]) and (region[halo] == 0).all()
+    assert (region[erode(subject, 1)] == 255).all()
+    assert np.array_equal(picture[~images.mask], images.source[~images.mask])
+    assert torch.equal(latents, result[0.0][2])  # only the paste-back differs
+    assert np.abs(result[0.0][0][halo].astype(int) - images.source[halo]).max() > 0
+
+
+def test_an_inner_halo_outside_zero_to_one_is_refused_by_name():
+    from pfbdiff import get_preset
+    from pfbdiff.errors import PFBDiffError
+
+    with pytest.raises(PFBDiffError, match="inner_halo"):
+        get_preset("attribute", inner_halo=1.5)

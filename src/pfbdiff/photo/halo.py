@@ -16,6 +16,11 @@ too: they are the subject's *outline* (:func:`snap_to_subject`), where the paste
 share of each pixel for the new background's (``outline.py``). The ``background`` preset turns it on
 (``EditConfig.halo``); the paste-back uses a hard edge there, because the new edge is a real one (a feather band
 would blend the old background back in).
+
+An attribute edit (a new colour for the subject) has the same band on the other side of the mask's edge: the old
+background between the mask and the subject, which the edit should leave alone. :func:`inner_halo` finds it by
+snapping the kept side to the subject, and the ``attribute`` preset leaves it out of the paste-back's edit region
+(``EditConfig.inner_halo``): the photo keeps it bit for bit, and the new colour keeps the subject's outline.
 """
 
 from __future__ import annotations
@@ -73,6 +78,28 @@ def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: f
     outline = edge & ~_neighbours_in(~grown & ~edge, steps)
     grown |= outline
     return np.maximum(mask, grown.astype(np.float32) * ~inside), outline
+
+
+def inner_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+               photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
+    """The old background inside ``mask`` around the subject it holds (bool H×W): the masked pixels whose colour
+    continues the photo around the mask, at most ``reach`` pixels in from its edge. It is the halo of
+    :func:`snap_to_subject` seen from the other side (the kept pixels snapped to the subject), less the subject's
+    outline, whose pixels mix the subject with that background and so change with the subject.
+
+    A mask that holds no subject (fewer than ``MIN_SUBJECT_SHARE`` of its pixels unlike every colour just around
+    it: a patch of one surface) has no inner halo, so a plain region is not eaten from its edge."""
+    inside = np.asarray(mask, dtype=np.float32) > 0.5
+    if reach <= 0 or not inside.any() or inside.all():
+        return np.zeros(inside.shape, bool)
+    pixels = np.asarray(image, dtype=np.float32)
+    around = dilated(inside, SUBJECT_RING) & ~inside
+    subject = np.zeros_like(inside)
+    subject[inside] = unlike_all(pixels[inside], pixels[around], distance)
+    if subject.sum() < MIN_SUBJECT_SHARE * inside.sum():
+        return np.zeros(inside.shape, bool)
+    kept, outline = snap_to_subject((~inside).astype(np.float32), pixels, reach, distance, photo_edges)
+    return (kept > 0.5) & inside & ~outline
 
 
 def _continuing(pixels: np.ndarray, inside: np.ndarray, reach: int, distance: float) -> np.ndarray:
@@ -140,6 +167,10 @@ def grown_along(region: np.ndarray, steps: dict, limit: int | None = None, withi
         passes += 1
     return grown
 
+
+#: A mask holds a subject when at least this share of its pixels is unlike every colour of the photo in the ring
+#: ``SUBJECT_RING`` pixels wide around it (:func:`inner_halo`): a few odd pixels are noise, not a subject.
+MIN_SUBJECT_SHARE, SUBJECT_RING = 0.05, 3
 
 #: At most this many colours of a palette are compared (an even pick of them when it has more).
 PALETTE_SIZE = 1024

@@ -25,8 +25,8 @@ from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing, regions
-from pfbdiff.photo.halo import snap_to_subject
-from pfbdiff.photo.morphology import mask_core
+from pfbdiff.photo.halo import inner_halo, snap_to_subject
+from pfbdiff.photo.morphology import mask_core, share_of_size
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MaskSet:
 
     edit: EditMask
     words: dict  # word -> EditMask of a multi-object edit
-    full: list  # grown edit masks, input size, one per image
+    full: list  # the paste-back's masks, input size, one per image: the grown edit masks (less an inner halo)
     bound: list | None  # the user's masks when an auto-mask is clipped to them
     auto: list | None  # the estimated masks (auto_mask=True)
     outlines: list | None = None  # with a halo: the kept subject's outline pixels in each full mask (``halo.py``)
@@ -127,6 +127,8 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
         raise PFBDiffError("the mask is all black, so there is nothing to edit; paint the region to change in white")
     if float((mask.latent > 0.5).float().mean()) == 1.0:
         warnings.warn("the mask is all white: the whole image is regenerated from the prompt (nothing is kept)")
+    if config.inner_halo and inversion.source_images:  # the paste-back's masks only: the method's are made above
+        full = [_without_inner_halo(box, m, image, config.inner_halo) for m, image in zip(full, inversion.source_images)]
     return MaskSet(mask, word_regions, full, bound, estimated, outlines)
 
 
@@ -149,6 +151,19 @@ def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> tuple[np.ndarray, 
     out[rows, cols], outline[rows, cols] = snap_to_subject(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols],
                                                            reach, photo_edges=photo_edges)
     return out, outline
+
+
+def _without_inner_halo(box, mask: np.ndarray, image, share: float) -> np.ndarray:
+    """``mask`` less the old background inside it around the subject (``halo.inner_halo``), reaching ``share`` of
+    the mask's size in from its edge, within the inverted ``box``."""
+    rows, cols = box.slices
+    height, width = mask.shape
+    photo_edges = (box.top == 0, box.bottom == height, box.left == 0, box.right == width)
+    halo = inner_halo(mask[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], share_of_size(mask, share),
+                      photo_edges=photo_edges)
+    out = np.array(mask, dtype=np.float32, copy=True)
+    out[rows, cols][halo] = 0.0
+    return out
 
 
 def _check_inside_box(box, size, masks) -> None:
