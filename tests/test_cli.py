@@ -108,6 +108,32 @@ def test_help_of_every_command_reads_well():
     assert "white = region to change" in wide and "--source-prompt" in wide
 
 
+def test_an_attribute_edit_that_leaves_part_of_the_mask_says_so_and_saves_the_region_it_changed(tmp_path,
+                                                                                                  tiny_model_dir):
+    """The attribute preset's inner halo: the old background between a coarse mask and the subject stays the
+    photo's own, and the user is told how much of the mask was left and where the edit went."""
+    photo = np.zeros((64, 64, 3), np.uint8)
+    photo[...] = (40, 60, 200)
+    yy, xx = np.mgrid[0:64, 0:64]
+    photo[np.hypot(yy - 32, xx - 32) < 12] = (210, 40, 30)  # a red disc on blue
+    mask = np.zeros((64, 64), np.uint8)
+    mask[14:50, 14:50] = 255  # a coarse box around it
+    Image.fromarray(photo).save(tmp_path / "disc.png")
+    Image.fromarray(mask).save(tmp_path / "box.png")
+    result = runner.invoke(app, ["edit", str(tmp_path / "disc.png"), "-m", str(tmp_path / "box.png"), "-p", "a green disc",
+                                 "--preset", "attribute", "--steps", "2", "--model", str(tiny_model_dir),
+                                 "-o", str(tmp_path / "green.png"), "--save-json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "green.json").read_text())
+    region = np.asarray(Image.open(tmp_path / "green.region.png")) > 0
+    left = (mask > 0) & ~region
+    assert record["kept_inside_mask"] == np.count_nonzero(left) > 0 and record["changed_outside_mask"] == 0
+    assert f"left {record['kept_inside_mask']} pixels of your mask as they were" in " ".join(result.output.split())
+    edited = np.asarray(Image.open(tmp_path / "green.png").convert("RGB"))
+    assert np.array_equal(edited[~region], photo[~region])
+    assert region[np.hypot(yy - 32, xx - 32) < 11].all()  # the disc itself is edited
+
+
 def test_python_dash_m_runs_the_same_cli():
     result = subprocess.run([sys.executable, "-m", "pfbdiff", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("pfbdiff ")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pfbdiff.apps.manifest import BadLine, BatchLine, json_key, read_manifest
-from pfbdiff.apps.request import InversionCache, adapter_fields, load_inputs, run_request
+from pfbdiff.apps.request import InversionCache, adapter_fields, load_inputs, region_notes, run_request
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import outputs
 from pfbdiff.io.images import one_line
@@ -191,7 +191,7 @@ def run_shard(lines: list[BatchLine], bad: list[BadLine], out: Path, *, model: s
                 record = {**outcome.record, "batch_hash": entry.parameters_hash(model)}
                 target, protect = out / entry.output, {"input image": entry.image, "mask": entry.mask}
                 target.parent.mkdir(parents=True, exist_ok=True)  # "output" may name a subfolder
-                if record.get("changed_outside_mask"):  # the edit reached past the mask: save where, as the CLI does
+                if region_notes(record):  # the edit region is not the mask: save it, as the CLI does
                     record["edit_region_file"] = str(region_path(target))
                     save_png(outcome.result.masks[0], region_path(target), record, protect=protect)
                 save_png(outcome.result.images[0], target, record, protect=protect)

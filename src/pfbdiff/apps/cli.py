@@ -197,18 +197,17 @@ def edit(
         result, metadata = outcome.result, outcome.record
         if result.auto_masks:
             metadata["auto_mask_file"] = str(side_files["mask"])
-        beyond = metadata.get("changed_outside_mask")
-        if beyond:  # grow, the halo snap or a new object outgrowing the mask took the edit past it: show where
+        region_notes = requests.region_notes(metadata)
+        if region_notes:  # the edit region is not the user's mask (grow, a halo, a new object followed): show it
             metadata["edit_region_file"] = str(side_files["region"])
         written = outputs.save_png(result.images[0], output, metadata, protect=protect)
         notes = []
         if result.auto_masks:
             notes.append(str(outputs.save_png(result.auto_masks[0], side_files["mask"], metadata, protect=protect)))
-        if beyond:
+        if region_notes:
             region = outputs.save_png(result.masks[0], side_files["region"], metadata, protect=protect)
-            console.print(f"[yellow]note:[/] the edit also changed {beyond} pixels outside your mask (--grow, the "
-                          f"subject's halo --set halo, or a new object drawn past the mask's edge --set outgrow); the "
-                          f"region it changed is {region}", highlight=False)
+            console.print(f"[yellow]note:[/] {'; '.join(region_notes)}; the region it changed is {region}",
+                          highlight=False)
             notes.append(str(region))
         if save_json:
             outputs.write_json(side_files["json"], metadata)

@@ -67,16 +67,19 @@ def model_reference(model: str) -> str:
 
 
 def make_record(request, config, pipe, result, size, *, image_sha256: str, unet_calls: int,
-                shared_inversion: bool, changed_outside_mask: int | None = None) -> dict:
+                shared_inversion: bool, changed_outside_mask: int | None = None,
+                kept_inside_mask: int | None = None) -> dict:
     """The request (an :class:`~pfbdiff.apps.request.EditRequest`) plus the run's findings, versions and input
     digests, JSON-ready; ``config`` is the request's resolved :class:`~pfbdiff.engine.presets.EditConfig`.
-    ``changed_outside_mask``: pixels outside the user's mask that the edit changed (halo snap, grow)."""
+    ``changed_outside_mask`` / ``kept_inside_mask``: pixels outside the user's mask that the edit changed (halo snap,
+    grow) and pixels in it that it left as they were (inner halo; ``request.region_against_mask``)."""
     record = {"record_version": RECORD_VERSION, "pfbdiff_version": library_versions()["pfbdiff"]}
     record.update(request.to_dict())
     record.update(
         strength=config.strength, start=config.start, grow=config.grow, size=list(size),
         crop_box=list(result.crop_box) if result.crop_box is not None else None, unet_calls=unet_calls,
-        shared_inversion=shared_inversion, changed_outside_mask=changed_outside_mask, image_sha256=image_sha256,
+        shared_inversion=shared_inversion, changed_outside_mask=changed_outside_mask,
+        kept_inside_mask=kept_inside_mask, image_sha256=image_sha256,
         mask_sha256=file_sha256(request.mask) if request.mask else None,
         adapter_sha256=adapter_digests(request),
         device=str(pipe.denoiser.device), dtype=str(pipe.denoiser.dtype).replace("torch.", ""),

@@ -413,19 +413,36 @@ def run_request(request: EditRequest, pipe, inputs: Inputs | None = None, *, inv
     )
     record = provenance.make_record(request, config, pipe, result, inputs.source.size, image_sha256=digest,
                                     unet_calls=pipe.unet_calls - calls_before, shared_inversion=shared,
-                                    changed_outside_mask=changed_outside(inputs.mask, result))
+                                    **region_against_mask(inputs.mask, result))
     return Outcome(result, record, shared)
 
 
-def changed_outside(mask, result) -> int | None:
-    """How many pixels outside the user's ``mask`` the edit changed: where the paste-back region reaches past it
-    (the background preset's halo snap, ``grow``); ``None`` without a mask or a paste-back."""
+def region_against_mask(mask, result) -> dict:
+    """Where the paste-back's edit region differs from the user's ``mask``: ``changed_outside_mask``, the pixels
+    outside it the edit changed (the background preset's halo snap, ``grow``, a new object followed past the edge),
+    and ``kept_inside_mask``, the pixels painted in it (above one half) the edit left as the photo's own (the
+    attribute preset's inner halo); both ``None`` without a mask or a paste-back."""
     import numpy as np
 
     if mask is None or not result.masks:
-        return None
-    region = np.asarray(result.masks[0])
-    return int(np.count_nonzero((region > 0) & (np.asarray(mask) <= 0)))
+        return {"changed_outside_mask": None, "kept_inside_mask": None}
+    region, mask = np.asarray(result.masks[0]) > 0, np.asarray(mask)
+    return {"changed_outside_mask": int(np.count_nonzero(region & (mask <= 0))),
+            "kept_inside_mask": int(np.count_nonzero(~region & (mask > 0.5)))}
+
+
+def region_notes(record: dict) -> list[str]:
+    """What a user is told when the edit region is not their mask (``region_against_mask``), with the settings
+    that made it so; empty when it is."""
+    notes = []
+    if record.get("changed_outside_mask"):
+        notes.append(f"the edit also changed {record['changed_outside_mask']} pixels outside your mask (grown, snapped "
+                     "to the subject, or following a new object drawn past its edge: the grow, halo and outgrow "
+                     "settings)")
+    if record.get("kept_inside_mask"):
+        notes.append(f"it left {record['kept_inside_mask']} pixels of your mask as they were (the old background "
+                     "around the subject: inner_halo=0 edits the whole mask)")
+    return notes
 
 
 def replay(record: dict | str | Path, *, pipe=None, allow_pickle: bool = False) -> Outcome:

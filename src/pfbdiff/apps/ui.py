@@ -107,7 +107,7 @@ class EditSession:
         are those of ``pfbdiff edit``; ``settings`` any other :class:`EditConfig` field; ``steps`` and ``guidance``
         default to the model's recommended ones.
         """
-        from pfbdiff.apps.request import EditRequest, load_inputs, run_request
+        from pfbdiff.apps.request import EditRequest, load_inputs, region_notes, run_request
         from pfbdiff.io.outputs import save_png
 
         if image is None:
@@ -152,12 +152,11 @@ class EditSession:
             message = (f"Inverted the photo ({k} U-Net passes) and edited it ({calls - k}): {calls} passes in "
                        f"{seconds:.1f} s. Another prompt on the same photo reuses the inversion.")
         notes = [str(w.message) for w in caught]
-        beyond = outcome.record.get("changed_outside_mask")
-        region = outcome.result.masks[0] if beyond else None
-        if beyond:
-            notes.append(f"The edit also changed {beyond} pixels outside your mask (grown, snapped to the subject, or "
-                         "following a new object drawn past its edge: the grow, halo and outgrow settings); 'Edited "
-                         "region' shows every pixel it changed.")
+        about_region = region_notes(outcome.record)
+        region = outcome.result.masks[0] if about_region else None
+        if about_region:
+            text = "; ".join(about_region)
+            notes.append(f"{text[0].upper()}{text[1:]}. 'Edited region' shows every pixel it changed.")
         if notes:
             message += " Note: " + " ".join(notes)
         return EditResult(inputs.source, outcome.result.images[0], path, message, outcome.shared_inversion, calls,
