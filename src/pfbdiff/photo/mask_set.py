@@ -3,7 +3,8 @@
 The paper edits "under a mask": the same region decides where latents and feature maps are blended and where
 the confined words may be attended to. Here the user's mask (or one mask per word for multi-object edits, or
 a DiffEdit-style estimate from the two prompts, ``automask.py``) is grown by ``grow`` pixels, snapped to the
-subject's outline when ``halo`` is set (``halo.py``), checked against
+subject's outline when ``halo`` is set (``halo.py``; with ``inner_halo`` the paste-back's masks leave out the old
+background inside the mask around the subject), checked against
 the part of the image that was inverted, and turned into
 
 * full-size masks, one per input image, for the paste-back (``compositing.py``), and
@@ -146,10 +147,8 @@ def _halo_in_box(box, mask: np.ndarray, image, reach: int) -> tuple[np.ndarray, 
     rows, cols = box.slices
     out = np.array(mask, dtype=np.float32, copy=True)
     outline = np.zeros(out.shape, bool)
-    height, width = out.shape
-    photo_edges = (box.top == 0, box.bottom == height, box.left == 0, box.right == width)
     out[rows, cols], outline[rows, cols] = snap_to_subject(out[rows, cols], np.asarray(image.convert("RGB"))[rows, cols],
-                                                           reach, photo_edges=photo_edges)
+                                                           reach, photo_edges=_photo_edges(box, out.shape))
     return out, outline
 
 
@@ -157,13 +156,17 @@ def _without_inner_halo(box, mask: np.ndarray, image, share: float) -> np.ndarra
     """``mask`` less the old background inside it around the subject (``halo.inner_halo``), reaching ``share`` of
     the mask's size in from its edge, within the inverted ``box``."""
     rows, cols = box.slices
-    height, width = mask.shape
-    photo_edges = (box.top == 0, box.bottom == height, box.left == 0, box.right == width)
     halo = inner_halo(mask[rows, cols], np.asarray(image.convert("RGB"))[rows, cols], share_of_size(mask, share),
-                      photo_edges=photo_edges)
+                      photo_edges=_photo_edges(box, mask.shape))
     out = np.array(mask, dtype=np.float32, copy=True)
     out[rows, cols][halo] = 0.0
     return out
+
+
+def _photo_edges(box, shape) -> tuple[bool, bool, bool, bool]:
+    """Which of the inverted ``box``'s top, bottom, left and right sides are the photo's edges (``shape``: H, W)."""
+    height, width = shape
+    return box.top == 0, box.bottom == height, box.left == 0, box.right == width
 
 
 def _check_inside_box(box, size, masks) -> None:
