@@ -106,7 +106,7 @@ def within_outgrowth(mask, preset: str = "object"):
 
     from pfbdiff.engine.presets import get_preset
     from pfbdiff.photo.compositing import grow_mask
-    from pfbdiff.photo.new_content import outgrowth_reach
+    from pfbdiff.photo.morphology import share_of_size
 
     mask = (np.asarray(mask) > 0).astype(np.float32)
-    return grow_mask(mask, outgrowth_reach(mask, get_preset(preset).outgrow)) > 0
+    return grow_mask(mask, share_of_size(mask, get_preset(preset).outgrow)) > 0

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pfbdiff.photo import compositing
-from pfbdiff.photo.new_content import followed, new_content, outgrowth_reach
+from pfbdiff.photo.morphology import share_of_size
+from pfbdiff.photo.new_content import followed, new_content
 from pfbdiff.photo.regions import CropBox
 
 RED = (210.0, 30.0, 40.0)
@@ -59,8 +60,8 @@ def test_the_vae_shift_and_a_surface_running_on_across_the_edge_are_not_new_cont
 def test_the_reach_is_a_share_of_the_mask_size():
     mask = np.zeros((100, 100), np.float32)
     mask[10:50, 10:50] = 1.0  # 40 px square
-    assert outgrowth_reach(mask, 0.25) == 10 and outgrowth_reach(mask, 0.0) == 0
-    assert outgrowth_reach(mask * 0.4, 0.25) == 0  # a soft mask below one half has no size to outgrow
+    assert share_of_size(mask, 0.25) == 10 and share_of_size(mask, 0.0) == 0
+    assert share_of_size(mask * 0.4, 0.25) == 0  # a soft mask below one half has no size to outgrow
 
 
 @pytest.mark.parametrize("reach", [None, 0, 3])

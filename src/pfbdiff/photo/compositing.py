@@ -53,8 +53,8 @@ from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
 from pfbdiff.photo.ghost import without_ghost
 from pfbdiff.photo.halo import unlike_all
-from pfbdiff.photo.morphology import grow_mask, support_window
-from pfbdiff.photo.new_content import followed, outgrowth_reach
+from pfbdiff.photo.morphology import grow_mask, share_of_size, support_window
+from pfbdiff.photo.new_content import followed
 from pfbdiff.photo.outline import old_background_share, unmixed, without_echo
 from pfbdiff.photo.regions import CropBox
 
@@ -364,7 +364,7 @@ def put_back(generated: list, sources: list, box: CropBox, full_masks: list, alp
             out.append(image)
             continue
         mask = full_masks[i][box.slices]
-        reach = outgrowth_reach(mask, settings.outgrow) if settings.outgrow > 0 else None
+        reach = share_of_size(mask, settings.outgrow) if settings.outgrow > 0 else None
         pasted, alpha = composite(
             np.asarray(sources[i]), np.asarray(image), box, mask, alphas[i] if alphas is not None else None,
             settings.colour_match, ring_width=settings.ring_width, outline_box=outlines[i][box.slices] if outlines else None,

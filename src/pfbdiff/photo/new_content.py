@@ -12,7 +12,7 @@ so the VAE's small shifts and a surface that runs on across the edge are not new
 * in the feather band its alpha is the mask's, not the fade's, where it is alike the new object's own colours (the
   new content inside the mask past the band: a stray colour the decoder drew by the edge is not followed);
 * where it crosses the mask's edge the edit region follows it, one 8-neighbour at a time, at most ``reach`` pixels
-  beyond the mask (:func:`outgrowth_reach`: a share of the mask's size, ``EditConfig.outgrow``).
+  beyond the mask (a share of the mask's size, ``EditConfig.outgrow``: :func:`~pfbdiff.photo.morphology.share_of_size`).
 
 The pixels it adds become part of the edit region the user sees (the output's ``masks``); every pixel outside that
 region is still the photo's own, bit for bit. It needs the generation, so it is the one part of the paste-back's
@@ -24,13 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, grown_along, unlike_all
-from pfbdiff.photo.morphology import grow_mask, share_of_size
-
-
-def outgrowth_reach(mask: np.ndarray, share: float) -> int:
-    """How far (pixels) new content may be followed past ``mask``: ``share`` of the mask's size
-    (:func:`~pfbdiff.photo.morphology.share_of_size`)."""
-    return share_of_size(mask, share)
+from pfbdiff.photo.morphology import grow_mask
 
 
 def new_content(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, where: np.ndarray) -> np.ndarray:
