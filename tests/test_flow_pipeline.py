@@ -154,6 +154,23 @@ def test_every_flow_option_keeps_the_photo_outside_the_edit_region(pipe, setting
     assert np.array_equal(np.asarray(out.images[0])[kept], np.asarray(photo)[kept])
 
 
+def test_the_attribute_presets_inner_halo_keeps_the_old_background_in_the_mask_exactly_and_the_latents_as_they_were(pipe):
+    """A red square on plain blue inside a coarse box: the blue band between them is the photo's own, bit for bit,
+    outside the region the output reports; only the paste-back differs from an edit without the inner halo."""
+    photo = np.zeros((SIDE, SIDE, 3), np.uint8)
+    photo[...] = (40, 60, 200)
+    photo[64:96, 56:72] = (210, 40, 30)
+    mask = _mask()
+    inversion = pipe.invert(Image.fromarray(photo), SOURCE, 2, strength=0.8)
+    out = {share: pipe.edit(inversion, mask, TARGET, preset="attribute", inner_halo=share,
+                            generator=torch.Generator().manual_seed(0)) for share in (0.0, 0.25)}
+    band = (mask == 1) & (np.asarray(out[0.25].masks[0]) == 0)
+    assert band.sum() > 0.5 * ((mask == 1).sum() - 32 * 16)  # most of the blue inside the box
+    assert np.array_equal(np.asarray(out[0.25].images[0])[band], photo[band])
+    assert not np.array_equal(np.asarray(out[0.0].images[0])[band], photo[band])
+    assert torch.equal(out[0.25].latents, out[0.0].latents)
+
+
 def test_the_background_presets_negative_prompt_names_the_kept_subject_where_the_model_has_unconditional_rows(pipe):
     """SD3's guidance has unconditional rows, which read the kept subject's words; guidance-distilled Flux has none,
     so the setting changes nothing there."""

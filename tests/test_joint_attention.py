@@ -201,6 +201,7 @@ def test_once_the_layout_is_settled_image_tokens_outside_the_regions_core_do_not
         assert not torch.equal(one[:, ~outside], two[:, ~outside])
     assert (region.binary_at(GRID) & ~region.core.binary_at(GRID)).any()  # the band the core leaves out
 
+
 def test_a_boosted_word_gains_odds_against_the_text_only_and_the_image_keeps_its_share():
     # in joint attention one softmax runs over image and text keys; the boost must act as in a U-Net's
     # cross-attention (a softmax over the text alone): the image keys' weights stay as without it

@@ -197,7 +197,7 @@ def edit(
         result, metadata = outcome.result, outcome.record
         if result.auto_masks:
             metadata["auto_mask_file"] = str(side_files["mask"])
-        region_notes = requests.region_notes(metadata)
+        region_notes = requests.region_notes(metadata, flag)
         if region_notes:  # the edit region is not the user's mask (grow, a halo, a new object followed): show it
             metadata["edit_region_file"] = str(side_files["region"])
         written = outputs.save_png(result.images[0], output, metadata, protect=protect)

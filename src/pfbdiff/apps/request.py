@@ -431,17 +431,17 @@ def region_against_mask(mask, result) -> dict:
             "kept_inside_mask": int(np.count_nonzero(~region & (mask > 0.5)))}
 
 
-def region_notes(record: dict) -> list[str]:
-    """What a user is told when the edit region is not their mask (``region_against_mask``), with the settings
-    that made it so; empty when it is."""
+def region_notes(record: dict, setting=str) -> list[str]:
+    """What a user is told when the edit region is not their mask (``region_against_mask``), naming the settings
+    that made it so as ``setting(name)`` spells them (the CLI: its options); empty when it is."""
     notes = []
     if record.get("changed_outside_mask"):
+        grow, halo, outgrow = map(setting, ("grow", "halo", "outgrow"))
         notes.append(f"the edit also changed {record['changed_outside_mask']} pixels outside your mask (grown, snapped "
-                     "to the subject, or following a new object drawn past its edge: the grow, halo and outgrow "
-                     "settings)")
+                     f"to the subject, or following a new object drawn past its edge: {grow}, {halo} or {outgrow})")
     if record.get("kept_inside_mask"):
         notes.append(f"it left {record['kept_inside_mask']} pixels of your mask as they were (the old background "
-                     "around the subject: inner_halo=0 edits the whole mask)")
+                     f"around the subject: {setting('inner_halo')}=0 edits the whole mask)")
     return notes
 
 

@@ -217,7 +217,8 @@ PRESETS: dict[str, EditConfig] = {
 PRESET_HELP = {
     "object": "replace an object inside the mask (new words of the prompt confined to the mask, and once the layout is "
               "set to its core, so the object is drawn inside the mask's edge)",
-    "attribute": "change an attribute (colour, material) of what is inside the mask; starts 80 % noisy",
+    "attribute": "change an attribute (colour, material) of what is inside the mask; starts 80 % noisy, and the old "
+                 "background between the mask and the subject stays the photo's own",
     "background": "replace the background (mask = background); the subject's words stay on the kept object, "
                   "the old background left around it joins the mask, and a larger copy of it the model draws "
                   "around it is cleared",
