@@ -37,7 +37,7 @@ def _setup():
 def test_a_loop_that_blends_nothing_is_plain_flow_sampling_bit_for_bit():
     walker, source_v, target_v, sigmas, source_latents, mask = _setup()
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(1))
-    edited = flow_pfb_loop(target_v, noise, source_latents, sigmas, lambda n: {}, mask, mask.latent,
+    edited = flow_pfb_loop(target_v, noise, source_latents, sigmas, lambda n: {}, mask,
                            blend_points=(), latent_blend=1.0)
     with torch.no_grad():
         plain = integrate(lambda x, s: target_v(x, s), noise, tuple(reversed(sigmas)), "euler")[-1]
@@ -49,7 +49,7 @@ def test_with_every_block_blended_the_velocity_outside_the_mask_is_the_sources_a
     every = [block.index for block in walker.blocks]
     features = recomputed_flow_features(source_v, source_latents, sigmas, every)
     seen = {}
-    edited = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask, mask.latent,
+    edited = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask,
                            blend_points=every, latent_blend=-1.0,
                            on_step=lambda n, velocity, x: seen.setdefault(n, velocity))
     outside = (mask.latent == 0).expand(1, 4, LATENT, LATENT)
@@ -70,7 +70,7 @@ def test_blending_stops_below_sigma_combine():
         asked.append(n)
         return recomputed_flow_features(source_v, source_latents, sigmas, every)(n)
 
-    flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask, mask.latent,
+    flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask,
                   blend_points=every, sigma_combine=sigmas[2], latent_blend=1.0)
     assert asked == [STEPS, STEPS - 1]  # the steps that start above σ[2]
 

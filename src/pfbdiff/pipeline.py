@@ -254,6 +254,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
             blend_skips=config.blend_skips,
             t_combine=config.t_combine,
             latent_blend=config.latent_blend,
+            layout_until=config.word_boost_until,
             reference_latent_index=config.reference_latent_index,
         )
 

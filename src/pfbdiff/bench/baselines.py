@@ -40,7 +40,7 @@ from pfbdiff.io import tensors
 #: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step; on a
 #: flow transformer an empty blend window).
 LATENT_BLENDING = dict(blend_blocks=(), blend_depth=0.0, attention_masking=False, text_queries=False, kept_apart=False,
-                       latent_blend=-1.0)
+                       latent_blend=-1.0, latent_inset=0.0)
 #: The same as Blended Latent Diffusion runs it on a flow: from noise, the source carried to each σ with fresh
 #: noise, ``(1 − σ) z₀ + σ ε``, as the latent-blend reference.
 FLOW_BLENDED_LATENTS = dict(LATENT_BLENDING, start="noise", latent_reference="noised")

@@ -55,15 +55,18 @@ def latent_mask_from_pixels(pixel_mask: torch.Tensor, latent_size: tuple[int, in
 class EditMask:
     """One mask per image at latent resolution, with cached resized and thresholded versions.
 
-    ``core``, when set, is the mask less a band along its edge (``word_inset``, docs/method.md §5): where the words
-    confined to this region act once the layout is settled. Blending always uses the mask itself."""
+    Two optional cores, each the mask less a band along its edge, act once the layout is settled: ``core``
+    (``word_inset``, docs/method.md §5), where the words confined to this region act, and ``latent_core``
+    (``latent_inset``, §6), what the latent blend regenerates. Feature blending always uses the mask itself."""
 
-    def __init__(self, latent: torch.Tensor, resize_mode: str = "area", core: "EditMask | None" = None):
+    def __init__(self, latent: torch.Tensor, resize_mode: str = "area", core: "EditMask | None" = None,
+                 latent_core: "EditMask | None" = None):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"mask resize mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.latent = latent  # B×1×h×w
         self.resize_mode = resize_mode
         self.core = core
+        self.latent_core = latent_core
         self._soft: dict[tuple, torch.Tensor] = {}
         self._binary: dict[tuple, torch.Tensor] = {}
 
@@ -91,14 +94,25 @@ class EditMask:
         return self._binary[key]
 
     def union(self, other: "EditMask") -> "EditMask":
-        return EditMask(torch.maximum(self.latent, other.latent), self.resize_mode)
+        """Both regions; a core is kept where both masks have one (the union of the cores)."""
+        def cores(name):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            return None if mine is None or theirs is None else mine.union(theirs)
+
+        return EditMask(torch.maximum(self.latent, other.latent), self.resize_mode, cores("core"), cores("latent_core"))
 
     def repeated(self, repeats: int) -> "EditMask":
         """Each image's mask ``repeats`` times, for several edits of one image."""
         if repeats == 1:
             return self
-        core = None if self.core is None else self.core.repeated(repeats)
-        return EditMask(self.latent.repeat_interleave(repeats, 0), self.resize_mode, core)
+        def core(mask):
+            return None if mask is None else mask.repeated(repeats)
+
+        return EditMask(self.latent.repeat_interleave(repeats, 0), self.resize_mode, core(self.core), core(self.latent_core))
+
+    def latent_blended(self, settled: bool) -> "EditMask":
+        """The region the latent blend regenerates: once the layout is ``settled``, the latent core if there is one."""
+        return self.latent_core if settled and self.latent_core is not None else self
 
     def complement(self) -> "EditMask":
         return EditMask(1 - self.latent, self.resize_mode)

@@ -8,7 +8,7 @@ For n = K−1 down to 0 (t = τ[n]):
 3. classifier-free guidance;
 4. the DDIM update from τ[n] to τ[n−1];
 5. while n / N > s, latent blending outside the mask with a source reference latent (by default the inverted
-   source latent Z[n−1]).
+   source latent Z[n−1]); once the layout is settled, outside the mask's latent core where it has one.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class BlendPlan:
     blend_skips: bool = False
     t_combine: int = 0
     latent_blend: float = 0.5  # s
+    layout_until: int = 0  # t at or below which the layout is settled: the latent blend keeps to the mask's latent core
     reference_latent_index: bool = False
 
     @property
@@ -143,7 +144,7 @@ def pfb_sampling_loop(
                                 masking=masking)
         x = ddim_step(out, x, grid.alpha(t), grid.alpha_prev(n), grid.prediction_type)
         if latent_blend_is_open(n, grid.num_steps, plan.latent_blend):
-            x = blend_latents(x, reference(n), mask)
+            x = blend_latents(x, reference(n), mask.latent_blended(settled=t <= plan.layout_until))
         if on_step is not None:
             x = on_step(n, t, x)
     if masking is not None:

@@ -93,10 +93,12 @@ def build(inversion, user, per_word, config, latent_size, *, device, dtype, esti
     def to_latent(masks):
         return latent_mask(masks, box, inversion, config, latent_size, device, dtype)
 
-    def words_region(masks):  # the region, with its core where the confined words act later (``word_inset``)
+    def words_region(masks):  # the region, with its cores for the settled layout (``word_inset``, ``latent_inset``)
         region = to_latent(masks)
         if config.word_inset > 0:
             region.core = to_latent([mask_core(m, config.word_inset) for m in masks])
+        if config.latent_inset > 0:
+            region.latent_core = to_latent([mask_core(m, config.latent_inset) for m in masks])
         return region
 
     word_regions = {word: words_region(masks) for word, masks in word_full.items()}
