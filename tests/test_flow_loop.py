@@ -37,7 +37,7 @@ def _setup():
 def test_a_loop_that_blends_nothing_is_plain_flow_sampling_bit_for_bit():
     walker, source_v, target_v, sigmas, source_latents, mask = _setup()
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(1))
-    edited = flow_pfb_loop(target_v, noise, source_latents, sigmas, lambda n: {}, mask,
+    edited = flow_pfb_loop(target_v, noise, source_latents, sigmas, lambda n: {}, mask, mask.latent,
                            blend_points=(), latent_blend=1.0)
     with torch.no_grad():
         plain = integrate(lambda x, s: target_v(x, s), noise, tuple(reversed(sigmas)), "euler")[-1]
@@ -49,7 +49,7 @@ def test_with_every_block_blended_the_velocity_outside_the_mask_is_the_sources_a
     every = [block.index for block in walker.blocks]
     features = recomputed_flow_features(source_v, source_latents, sigmas, every)
     seen = {}
-    edited = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask,
+    edited = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask, mask.latent,
                            blend_points=every, latent_blend=-1.0,
                            on_step=lambda n, velocity, x: seen.setdefault(n, velocity))
     outside = (mask.latent == 0).expand(1, 4, LATENT, LATENT)
@@ -70,7 +70,7 @@ def test_blending_stops_below_sigma_combine():
         asked.append(n)
         return recomputed_flow_features(source_v, source_latents, sigmas, every)(n)
 
-    flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask,
+    flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, features, mask, mask.latent,
                   blend_points=every, sigma_combine=sigmas[2], latent_blend=1.0)
     assert asked == [STEPS, STEPS - 1]  # the steps that start above σ[2]
 
@@ -115,3 +115,18 @@ def test_on_flux_the_loop_works_on_packed_tokens_with_the_mask_packed_alike():
         assert torch.equal(velocity[:, outside], source[:, outside])
         assert not torch.equal(velocity[:, ~outside], source[:, ~outside])
     assert torch.equal(edited[:, outside], source_latents[0][:, outside])
+
+
+def test_once_the_layout_is_settled_the_latent_blend_keeps_the_band_outside_the_latent_core_as_the_sources():
+    walker, source_v, target_v, sigmas, source_latents, mask = _setup()
+    core = torch.zeros_like(mask.latent)
+    core[..., 0:2, 2:6] = 1
+    band = ((mask.latent == 1) & (core == 0)).expand(1, 4, LATENT, LATENT)
+    runs = {settled: flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, lambda n: {}, mask, mask.latent,
+                                   settled_mask=core, latent_blend=-1.0, sigma_settled=settled)
+            for settled in (0.0, 1.0)}
+    assert torch.equal(runs[1.0][band], source_latents[0][band])  # settled throughout: the band is the photo's
+    assert not torch.equal(runs[0.0][band], source_latents[0][band])  # never settled: the whole mask is regenerated
+    plain = flow_pfb_loop(target_v, source_latents[-1], source_latents, sigmas, lambda n: {}, mask, mask.latent,
+                          latent_blend=-1.0)
+    assert torch.equal(runs[0.0], plain)

@@ -86,6 +86,40 @@ def test_final_step_lock_keeps_the_clean_source_latent_outside_the_mask(tiny_pip
     assert keep.any() and torch.equal(out[keep.expand_as(out)], inv.latents[0][keep.expand_as(out)])
 
 
+def test_a_latent_inset_gives_the_edit_region_a_latent_core_the_union_of_its_words_cores(tiny_pipe, photo, box_mask):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=2)
+    plain = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config(), latent_inset=0.0)
+    inset = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config(), latent_inset=0.2)
+    assert plain.edit.latent_core is None and torch.equal(inset.edit.latent, plain.edit.latent)
+    assert torch.all(inset.edit.latent_core.latent <= inset.edit.latent)
+    assert inset.edit.latent_core.latent.sum() < 0.7 * inset.edit.latent.sum()
+    left, right = np.zeros_like(box_mask), np.zeros_like(box_mask)
+    left[20:70, 10:55], right[20:70, 70:120] = 1, 1
+    words = tiny_pipe.prepare_masks(inv, None, "a cat and a dog", preset="multi-object", latent_inset=0.2,
+                                    word_masks={"cat": left, "dog": right})
+    cores = [m.latent_core.latent for m in words.words.values()]
+    assert torch.equal(words.edit.latent_core.latent, torch.maximum(*cores))
+
+
+@pytest.mark.parametrize("layout_until", [1000, 0])
+def test_once_the_layout_is_settled_the_latent_blend_keeps_the_band_outside_the_latent_core_as_the_source(
+        tiny_pipe, photo, box_mask, layout_until):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
+
+    def edit(inset):
+        return tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, latent_inset=inset, word_boost=0.0,
+                              word_boost_until=layout_until, output_type="latent").images
+
+    masks = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config(), latent_inset=0.3)
+    band = ((masks.edit.latent > 0) & (masks.edit.latent_core.latent == 0)).expand_as(inv.latents[0])
+    inset, whole = edit(0.3), edit(0.0)
+    assert band.any() and not torch.equal(whole[band], inv.latents[0][band])
+    if layout_until == 1000:  # settled from the first step: the band ends as the clean source latent
+        assert torch.equal(inset[band], inv.latents[0][band])
+    else:  # never settled: the latent core is never used
+        assert torch.equal(inset, whole)
+
+
 def test_gate_counts_on_the_50_step_sd_grid():
     grid = DDIMGrid.from_scheduler_config(sd_scheduler_config(), 50)
     assert sum(t > 0 for t in grid.timesteps) == 50

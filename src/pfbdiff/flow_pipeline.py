@@ -303,8 +303,9 @@ class FlowEditing(PhotoEditing):
                 if callback_on_step_end is not None:
                     callback_on_step_end(self, steps - 1 - n, sigmas[n], {"latents": latents})
 
-            x = flow_pfb_loop(target_velocity, x, references, sigmas, features, masks.edit,
+            x = flow_pfb_loop(target_velocity, x, references, sigmas, features, masks.edit, masks.edit.latent,
                               blend_points=window, sigma_combine=sigma_combine, latent_blend=config.latent_blend,
+                              settled_mask=masks.edit.latent_blended(settled=True).latent,
                               sigma_settled=config.word_boost_until / inversion.grid.num_train_timesteps,
                               on_step=on_step, inverted_latents=source_latents)
 

@@ -114,8 +114,9 @@ def guided_flow_velocity(velocity_of, target: Conditioning, unconditional: Condi
 
 @torch.no_grad()
 def flow_pfb_loop(target_velocity: Velocity, x: torch.Tensor, source_latents: list[torch.Tensor], sigmas,
-                  source_features: Callable[[int], dict], mask: EditMask, *,
-                  blend_points=(), sigma_combine: float = 0.0, latent_blend: float = 0.5, sigma_settled: float = 0.0,
+                  source_features: Callable[[int], dict], mask: EditMask, latent_mask: torch.Tensor, *,
+                  blend_points=(), sigma_combine: float = 0.0, latent_blend: float = 0.5,
+                  settled_mask: torch.Tensor | None = None, sigma_settled: float = 0.0,
                   on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
                   inverted_latents: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Run the N = len(sigmas) − 1 edit steps from ``x`` (at σ = ``sigmas[-1]``) and return the latent at σ = 0.
@@ -123,8 +124,9 @@ def flow_pfb_loop(target_velocity: Velocity, x: torch.Tensor, source_latents: li
     ``sigmas`` ascend from 0 to 1, and ``source_latents[k]`` (the latent-blend references) lie at ``sigmas[k]``.
     ``source_features(n)`` gives F_src at Z[n], or ``None`` where it is not at hand: then the source branch runs in
     the target's call, ``target_velocity(x, σ, hook, source_latent)`` with ``inverted_latents[n]`` as the source
-    rows. The latent blend regenerates ``mask`` (1 = edit), or its latent core once the step starts at σ ≤
-    ``sigma_settled``, where the layout is settled (``EditMask.latent_blended``). ``on_step(n, velocity, x)`` sees each
+    rows. ``latent_mask`` is the edit mask laid out like ``x`` (1 = edit), what the latent blend regenerates, and
+    ``settled_mask`` its latent core laid out alike, which takes its place once the layout is settled (a step that
+    starts at σ ≤ ``sigma_settled``, ``EditMask.latent_blended``). ``on_step(n, velocity, x)`` sees each
     step's target velocity and result.
     """
     num_steps = len(sigmas) - 1
@@ -141,7 +143,8 @@ def flow_pfb_loop(target_velocity: Velocity, x: torch.Tensor, source_latents: li
             velocity = target_velocity(x, sigma_from, None)
         x = x + (sigma_to - sigma_from) * velocity
         if latent_blend_is_open(n, num_steps, latent_blend):
-            x = blend(x, source_latents[n], mask.latent_blended(sigma_from <= sigma_settled).latent.to(x.dtype))
+            settled = settled_mask is not None and sigma_from <= sigma_settled
+            x = blend(x, source_latents[n], (settled_mask if settled else latent_mask).to(x.dtype))
         if on_step is not None:
             on_step(n, velocity, x)
     return x
