@@ -187,13 +187,17 @@ OUTGROW = 0.25
 #: 126 against 131), both within the noise; 0.12 on single objects lost 11 and 0.08 on two objects 9. Attribute edits
 #: leave it off: the inner halo keeps the old outline in the paste-back (``INNER_HALO``), and a core on top of it
 #: changes nothing (188 against 189 of 200, README).
-WORD_INSET = {"object": 0.08, "multi-object": 0.12}
+#: With the latent core below (``LATENT_INSET``) single objects need less of it: on cases 200-399, 161 object edits of
+#: 200 at 0.04 against 157 at 0.08 and 161 at 0, seam gradient error 10.5, 10.0 and 11.0; two objects keep 0.12 (120
+#: against 119 at 0.08 and 123 at 0, seam gradient error 10.3, 10.7 and 11.7). The flow models, which leave the latent
+#: core off, keep 0.08 (``FAMILY_PRESETS``).
+WORD_INSET = {"object": 0.04, "multi-object": 0.12}
 
 #: How wide a band along the mask's edge object and two-object edits keep as the photo's in the latent blend once the
 #: layout is settled (a share of the mask's size, ``latent_inset``): the new object is laid out off the mask's edge and
-#: its rim no longer sits on it. On ShapesBench's tuning cases 200-399 the seam gradient error falls 11.9 -> 10.0 (object,
-#: 157 edits of 200 against 159) and 11.6 -> 10.3 (two objects at 0.08, 120 against 126; at 0.12 on cases 200-279 44
-#: against 51 of 80 at 10.1), README.
+#: its rim no longer sits on it. On ShapesBench's tuning cases 200-399 the seam gradient error falls 11.9 -> 10.5 (object,
+#: with the words' core at 0.04: 161 edits of 200 against 159) and 11.6 -> 10.3 (two objects at 0.08, 120 against 126;
+#: at 0.12 on cases 200-279 44 against 51 of 80 at 10.1), README.
 LATENT_INSET = {"object": 0.12, "multi-object": 0.08}
 
 #: How far in from the mask's edge attribute edits leave the old background around the subject to the photo (a share
@@ -229,7 +233,7 @@ PRESETS: dict[str, EditConfig] = {
 
 PRESET_HELP = {
     "object": "replace an object inside the mask (new words of the prompt confined to the mask, and once the layout is "
-              "set to its core, so the object is drawn inside the mask's edge)",
+              "set to its core while the latent keeps the band by its edge, so the object is drawn inside the mask's edge)",
     "attribute": "change an attribute (colour, material) of what is inside the mask; starts 80 % noisy, and the old "
                  "background between the mask and the subject stays the photo's own",
     "background": "replace the background (mask = background); the subject's words stay on the kept object, "
@@ -257,7 +261,7 @@ PRESET_HELP = {
 #: background prompt, so that is off. The latent core of object and two-object edits (``latent_inset``) was measured on
 #: the U-Nets only, so the flow models leave it off until their bench is rerun with it.
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
-    "flow": {"object": dict(text_queries=True, blend_depth=0.25, latent_inset=0.0),
+    "flow": {"object": dict(text_queries=True, blend_depth=0.25, latent_inset=0.0, word_inset=0.08),
              "attribute": dict(blend_depth=0.25),
              "background": dict(latent_blend=-1.0, kept_apart=False, blend_depth=0.25, background_prompt_share=0.0),
              "multi-object": dict(blend_depth=0.25, outgrow=0.0, latent_inset=0.0)},
