@@ -258,8 +258,9 @@ PRESET_HELP = {
 #: objects, at seams about 1 higher. Two-object edits leave ``outgrow`` off: the toy decoder's stray colours by the
 #: mask's edge made it draw no gain there (31 against 29 of 80 tuning cases) at a seam error 12.6 → 18.5, where
 #: single objects gained (55 against 49). A joint attention has no cross-attention output to share with a subject-free
-#: background prompt, so that is off. The latent core of object and two-object edits (``latent_inset``) was measured on
-#: the U-Nets only, so the flow models leave it off until their bench is rerun with it.
+#: background prompt, so that is off. The latent core of object and two-object edits (``latent_inset``) is off here for
+#: now: on `shapes-sd3`'s tuning cases 200-259 it drew 46 against 41 of 60 objects and 29 against 24 pairs (seam
+#: gradient error 16.4 -> 13.0 and 12.0 -> 10.9), but the SD3 bench's rows have not been rerun with it yet.
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
     "flow": {"object": dict(text_queries=True, blend_depth=0.25, latent_inset=0.0, word_inset=0.08),
              "attribute": dict(blend_depth=0.25),
