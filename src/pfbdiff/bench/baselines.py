@@ -37,8 +37,8 @@ from pfbdiff.engine.presets import EditConfig
 from pfbdiff.engine.sampling import ddim_move, ddim_step, edit_steps, split_prediction
 from pfbdiff.io import tensors
 
-#: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step; on a
-#: flow transformer an empty blend window).
+#: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step over the
+#: whole mask, no latent core; on a flow transformer an empty blend window).
 LATENT_BLENDING = dict(blend_blocks=(), blend_depth=0.0, attention_masking=False, text_queries=False, kept_apart=False,
                        latent_blend=-1.0, latent_inset=0.0)
 #: The same as Blended Latent Diffusion runs it on a flow: from noise, the source carried to each σ with fresh
@@ -46,8 +46,9 @@ LATENT_BLENDING = dict(blend_blocks=(), blend_depth=0.0, attention_masking=False
 FLOW_BLENDED_LATENTS = dict(LATENT_BLENDING, start="noise", latent_reference="noised")
 #: A KV-Edit-like setting on a flow: every block's image tokens blended outside the mask, the source's pooled
 #: vector, the latent blend at every step (what KV-Edit keeps by reusing the source's keys and values), with the
-#: preset's word masking in one direction and nothing kept apart, whatever the preset adds.
-KV_EDIT_LIKE = dict(blend_depth=1.0, pooled_from="source", latent_blend=-1.0, text_queries=False, kept_apart=False)
+#: preset's word masking in one direction, nothing kept apart and no latent core, whatever the preset adds.
+KV_EDIT_LIKE = dict(blend_depth=1.0, pooled_from="source", latent_blend=-1.0, text_queries=False, kept_apart=False,
+                    latent_inset=0.0)
 
 
 @dataclass

@@ -189,8 +189,8 @@ OUTGROW = 0.25
 #: changes nothing (188 against 189 of 200, README).
 #: With the latent core below (``LATENT_INSET``) single objects need less of it: on cases 200-399, 161 object edits of
 #: 200 at 0.04 against 157 at 0.08 and 161 at 0, seam gradient error 10.5, 10.0 and 11.0; two objects keep 0.12 (120
-#: against 119 at 0.08 and 123 at 0, seam gradient error 10.3, 10.7 and 11.7). The flow models, which leave the latent
-#: core off, keep 0.08 (``FAMILY_PRESETS``).
+#: against 119 at 0.08 and 123 at 0, seam gradient error 10.3, 10.7 and 11.7). The flow models keep 0.08
+#: (``FAMILY_PRESETS``), where the narrower core was not measured.
 WORD_INSET = {"object": 0.04, "multi-object": 0.12}
 
 #: How wide a band along the mask's edge object and two-object edits keep as the photo's in the latent blend once the
@@ -258,14 +258,14 @@ PRESET_HELP = {
 #: objects, at seams about 1 higher. Two-object edits leave ``outgrow`` off: the toy decoder's stray colours by the
 #: mask's edge made it draw no gain there (31 against 29 of 80 tuning cases) at a seam error 12.6 → 18.5, where
 #: single objects gained (55 against 49). A joint attention has no cross-attention output to share with a subject-free
-#: background prompt, so that is off. The latent core of object and two-object edits (``latent_inset``) is off here for
-#: now: on `shapes-sd3`'s tuning cases 200-259 it drew 46 against 41 of 60 objects and 29 against 24 pairs (seam
-#: gradient error 16.4 -> 13.0 and 12.0 -> 10.9), but the SD3 bench's rows have not been rerun with it yet.
+#: background prompt, so that is off. The latent core (``LATENT_INSET``) gains more here than on the U-Nets: on
+#: `shapes-sd3`'s tuning cases 200-259, 46 against 41 of 60 objects and 29 against 24 pairs (seam gradient error
+#: 16.4 -> 13.0 and 12.0 -> 10.9), with the single objects' words' core kept at 0.08 (0.04 was measured on the U-Net).
 FAMILY_PRESETS: dict[str, dict[str, dict]] = {
-    "flow": {"object": dict(text_queries=True, blend_depth=0.25, latent_inset=0.0, word_inset=0.08),
+    "flow": {"object": dict(text_queries=True, blend_depth=0.25, word_inset=0.08),
              "attribute": dict(blend_depth=0.25),
              "background": dict(latent_blend=-1.0, kept_apart=False, blend_depth=0.25, background_prompt_share=0.0),
-             "multi-object": dict(blend_depth=0.25, outgrow=0.0, latent_inset=0.0)},
+             "multi-object": dict(blend_depth=0.25, outgrow=0.0)},
 }
 FAMILY_NAMES = {"flow": "SD3 and Flux"}
 
