@@ -70,6 +70,18 @@ def test_an_edit_that_blends_nothing_is_plain_flow_sampling_from_the_inverted_la
     assert torch.equal(edit.latents, plain.latents)
 
 
+def test_a_noise_in_mask_start_is_seeded_noise_inside_the_mask_and_the_inverted_latent_outside(pipe):
+    inversion = pipe.invert(_photo(), SOURCE, 3)
+    edit = pipe.edit(inversion, _mask(), TARGET, output_type="latent", guidance_scale=4.0, start="noise-in-mask",
+                     generator=torch.Generator().manual_seed(5), **NOTHING)
+    noise = torch.randn(inversion.latents[-1].shape, generator=torch.Generator().manual_seed(5))
+    inside = torch.from_numpy(_mask()[::8, ::8] == 1).expand_as(noise)
+    start = torch.where(inside, noise, inversion.latents[-1])
+    plain = pipe.text_to_image(TARGET, height=SIDE, width=SIDE, num_inference_steps=3, guidance_scale=4.0,
+                               latents=start, output_type="latent")
+    assert torch.equal(edit.latents, plain.latents)
+
+
 def test_text_to_image_follows_diffusers_own_pipeline_of_the_family(pipe):
     """The velocity wiring (timesteps, packing, ids, pooled vector, guidance) is diffusers': the same start noise
     gives the same latent as diffusers' own pipeline of the family, to float rounding."""
@@ -139,7 +151,7 @@ def test_a_shorter_edit_inverts_only_its_share_of_the_steps(pipe):
     assert pipe.edit(inversion, _mask(), TARGET, strength=0.5).images[0].size == (SIDE, SIDE)
 
 
-@pytest.mark.parametrize("settings", [dict(flow_solver="fireflow"), dict(start="noise"),
+@pytest.mark.parametrize("settings", [dict(flow_solver="fireflow"), dict(start="noise"), dict(start="noise-in-mask"),
                                       dict(latent_reference="noised"), dict(text_queries=True),
                                       dict(preset="background"), dict(preset="background", kept_apart=True),
                                       dict(batch_cfg=False), dict(word_boost=4.0)])

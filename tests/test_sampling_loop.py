@@ -10,7 +10,8 @@ from pfbdiff.engine.loop import Prompts, cached_source_features, pfb_sampling_lo
 from pfbdiff.engine.sampling import DDIMGrid
 from pfbdiff.models.toy_models import sd_scheduler_config
 
-NO_OP = dict(blend_blocks=(), attention_masking=False, latent_blend=0.98)
+#: Edit-free settings from the paper's start: nothing blended, no word masked, the latent blend never open.
+NO_OP = dict(blend_blocks=(), attention_masking=False, latent_blend=0.98, start="inverted")
 
 
 def _plain(pipe, x, prompt, steps, batch_cfg=True):
@@ -30,20 +31,56 @@ def test_no_op_config_ignores_the_source_image_and_prompt(tiny_pipe, photo, box_
     for image, source in ((photo, "a cat"), (255 - photo, "a bench")):
         inv = tiny_pipe.invert(image, source, num_inference_steps=4)
         g = torch.Generator().manual_seed(3)
-        outputs.append(tiny_pipe.edit(inv, box_mask, "a dog", start="noise", generator=g, output_type="latent", **NO_OP).images)
+        outputs.append(tiny_pipe.edit(inv, box_mask, "a dog", generator=g, output_type="latent",
+                                       **{**NO_OP, "start": "noise"}).images)
     assert torch.equal(outputs[0], outputs[1])
     noise = torch.randn(outputs[0].shape, generator=torch.Generator().manual_seed(3))
     assert torch.equal(outputs[0], _plain(tiny_pipe, noise, "a dog", 4))
 
 
+def test_noise_in_mask_starts_from_seeded_noise_inside_the_mask_and_the_inverted_latent_outside(tiny_pipe, photo, box_mask):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
+    g = torch.Generator().manual_seed(3)
+    edited = tiny_pipe.edit(inv, box_mask, "a dog", generator=g, output_type="latent",
+                            **{**NO_OP, "start": "noise-in-mask"}).images
+    inside = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config()).edit.latent
+    assert set(inside.unique().tolist()) == {0.0, 1.0}  # the box lies on the latent grid: no soft edge to mix
+    noise = torch.randn(edited.shape, generator=torch.Generator().manual_seed(3))
+    start = torch.where(inside.bool(), noise, inv.latents[-1])
+    assert torch.equal(edited, _plain(tiny_pipe, start, "a dog", 4))
+
+
+def test_noise_in_mask_makes_each_seed_and_each_image_of_a_batch_a_new_layout(tiny_pipe, photo, box_mask):
+    inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=3)
+
+    def run(start, seed):
+        return tiny_pipe.edit(inv, box_mask, "a dog", start=start, num_images_per_prompt=2, output_type="latent",
+                              generator=torch.Generator().manual_seed(seed)).images
+
+    fixed = run("inverted", 1)
+    assert torch.equal(fixed[0], fixed[1]) and torch.equal(fixed, run("inverted", 2))  # no draw: one edit only
+    first, again, other = run("noise-in-mask", 1), run("noise-in-mask", 1), run("noise-in-mask", 2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first, other)
+
+
 @pytest.mark.parametrize("settings", [dict(), dict(t_combine=500, latent_blend=-1.0), dict(preset="paper-object")])
 def test_full_mask_is_exactly_plain_sampling_whatever_the_blend_settings(tiny_pipe, photo, settings):
+    """From the start latent: the inverted one (the paper's), or with the object preset's ``noise-in-mask`` the
+    seeded noise, since a full mask leaves nothing of the inverted latent."""
+    from pfbdiff import get_preset
+
     full = np.ones((96, 128), np.float32)
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=4)
     with pytest.warns(UserWarning, match="all white"):
-        edited = tiny_pipe.edit(inv, full, "a dog", output_type="latent", **settings).images
-    sequential = settings.get("preset", "").startswith("paper")  # the reference runs the two passes one by one
-    assert torch.equal(edited, _plain(tiny_pipe, inv.latents[-1], "a dog", 4, batch_cfg=not sequential))
+        edited = tiny_pipe.edit(inv, full, "a dog", output_type="latent", generator=torch.Generator().manual_seed(4),
+                                **settings).images
+    preset = settings.get("preset", "object")
+    start = inv.latents[-1]
+    if get_preset(preset).start == "noise-in-mask":
+        start = torch.randn(start.shape, generator=torch.Generator().manual_seed(4))
+    sequential = preset.startswith("paper")  # the reference runs the two passes one by one
+    assert torch.equal(edited, _plain(tiny_pipe, start, "a dog", 4, batch_cfg=not sequential))
 
 
 def test_full_mask_blocks_outside_words_everywhere(tiny_pipe, photo):
@@ -108,7 +145,8 @@ def test_once_the_layout_is_settled_the_latent_blend_keeps_the_band_outside_the_
 
     def edit(inset):
         return tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, latent_inset=inset, word_boost=0.0,
-                              word_boost_until=layout_until, output_type="latent").images
+                              word_boost_until=layout_until, output_type="latent",
+                              generator=torch.Generator().manual_seed(0)).images
 
     masks = tiny_pipe.prepare_masks(inv, box_mask, preset=pipe_config(), latent_inset=0.3)
     band = ((masks.edit.latent > 0) & (masks.edit.latent_core.latent == 0)).expand_as(inv.latents[0])
@@ -149,7 +187,7 @@ def test_noised_reference_keeps_the_seeded_forward_noised_source_outside_the_mas
     steps = 4
     inv = tiny_pipe.invert(photo, "a cat", num_inference_steps=steps)
     out = tiny_pipe.edit(inv, box_mask, "a dog", latent_blend=-1.0, latent_reference="noised", output_type="latent",
-                         generator=torch.Generator().manual_seed(7)).images
+                         start="inverted", generator=torch.Generator().manual_seed(7)).images
     # The edit starts from the inverted latent (no draw), then draws one reference noise per step, last at n = 0.
     noises = torch.randn(steps, *inv.latents[0].shape, generator=torch.Generator().manual_seed(7))
     a = inv.grid.alpha_prev(0)

@@ -72,7 +72,7 @@ def test_every_preset_edits_an_sd2_model_with_its_words_masked(sd2_pipe, photo, 
 def test_no_op_config_is_exactly_plain_sampling_from_the_inverted_latent(sd2_pipe, photo, box_mask):
     inv = sd2_pipe.invert(photo, "a cat", num_inference_steps=4)
     edited = sd2_pipe.edit(inv, box_mask, "a dog", output_type="latent", blend_blocks=(), attention_masking=False,
-                           latent_blend=0.98).images
+                           latent_blend=0.98, start="inverted").images
     prompts = Prompts(None, sd2_pipe.encode_prompt(["a dog"]), sd2_pipe.encode_prompt([""], negative=True))
     assert torch.equal(edited, plain_sampling_loop(sd2_pipe.feature_unet, inv.latents[-1], sd2_pipe.ddim_grid(4),
                                                    prompts, 7.5))

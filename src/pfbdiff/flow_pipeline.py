@@ -46,7 +46,7 @@ from pfbdiff.engine.tokens import joined_positions
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.io import tensors
 from pfbdiff.photo import compositing
-from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows
+from pfbdiff.photo_editing import PFBDiffOutput, PhotoEditing, _as_list, _broadcast, _randn, _rows, _start_latent
 
 #: The most memory an inversion spends on recorded source tokens (the edit computes what does not fit).
 SOURCE_CACHE_BYTES = 2 * 2**30
@@ -276,9 +276,7 @@ class FlowEditing(PhotoEditing):
             word_boost_cover=config.word_boost_cover, kept_apart=masks.kept_apart(config))
 
         # 6. the start latent and the latent-blend reference
-        start = source_latents[-1]
-        x = start.clone() if config.start == "inverted" else _randn(tuple(start.shape), generator, start.device,
-                                                                     start.dtype)
+        x = _start_latent(config.start, source_latents[-1], masks.edit, generator)
         references = source_latents
         if config.latent_reference == "noised":  # the clean latent carried to each σ with fresh noise (BLD's)
             clean = source_latents[0]

@@ -20,6 +20,8 @@ from diffusers.utils import BaseOutput
 from pfbdiff import checks
 from pfbdiff.engine import automask
 from pfbdiff.engine.attention import negative_prompts
+from pfbdiff.engine.blending import blend_latents
+from pfbdiff.engine.edit_mask import EditMask
 from pfbdiff.engine.inversion import Inversion
 from pfbdiff.engine.presets import EditConfig, get_preset
 from pfbdiff.engine.sampling import edit_steps
@@ -269,3 +271,13 @@ def _broadcast_masks(value, n: int) -> list:
 
 def _randn(shape, generator, device, dtype):
     return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device, dtype)
+
+
+def _start_latent(start: str, inverted: torch.Tensor, edit_mask: EditMask, generator) -> torch.Tensor:
+    """The loop's first latent (docs/method.md §2): the inverted source latent Z[K] (``"inverted"``), seeded
+    Gaussian noise (``"noise"``), or the noise inside the edit mask and Z[K] outside it (``"noise-in-mask"``), so
+    the old object's layout, which Z[K] still carries, does not shape the new one."""
+    if start == "inverted":
+        return inverted.clone()
+    noise = _randn(tuple(inverted.shape), generator, inverted.device, inverted.dtype)
+    return noise if start == "noise" else blend_latents(noise, inverted, edit_mask)

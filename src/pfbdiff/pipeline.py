@@ -65,6 +65,7 @@ from pfbdiff.photo_editing import (
     _broadcast,
     _randn,
     _rows,
+    _start_latent,
 )
 
 
@@ -357,8 +358,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
 
         # 6. the start latent and the latent-blend reference
         inverted = source_latents[-1]
-        x = inverted.clone() if config.start == "inverted" else _randn(tuple(inverted.shape), generator,
-                                                                        inverted.device, inverted.dtype)
+        x = _start_latent(config.start, inverted, masks.edit, generator)
         latent_reference = None
         if config.latent_reference == "noised":
             clean = source_latents[0]
