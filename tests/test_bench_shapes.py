@@ -224,13 +224,16 @@ def test_baselines_run_end_to_end(tiny_pipe):
 @pytest.mark.parametrize("preset", ["object", "attribute", "background", "multi-object"])
 def test_the_baselines_take_none_of_the_mechanisms_a_preset_adds(preset, family):
     """A baseline is the task's preset with its own changes; what a preset turns on later (the background's
-    ``kept_apart``, the flow object's ``text_queries``) must not leak into it."""
+    ``kept_apart``, the flow object's ``text_queries``, the object's latent core and noise in the mask) must not leak
+    into it."""
     latent_only = get_preset(preset, family, **baselines.LATENT_BLENDING)
     assert not (latent_only.attention_masking or latent_only.kept_apart or latent_only.blend_blocks
-                or latent_only.blend_depth)
+                or latent_only.blend_depth or latent_only.latent_inset)
+    assert latent_only.start == "inverted"
     for settings in (baselines.FLOW_BLENDED_LATENTS, baselines.KV_EDIT_LIKE):
         config = get_preset(preset, family, **settings)
-        assert not (config.kept_apart or config.text_queries)
+        assert not (config.kept_apart or config.text_queries or config.latent_inset)
+    assert get_preset(preset, family, **baselines.KV_EDIT_LIKE).start == "inverted"
 
 
 def test_every_method_runs_on_one_case(tiny_pipe):

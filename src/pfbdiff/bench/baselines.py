@@ -38,17 +38,18 @@ from pfbdiff.engine.sampling import ddim_move, ddim_step, edit_steps, split_pred
 from pfbdiff.io import tensors
 
 #: ``pipe.edit`` overrides of the latent-blending baseline (no feature blending, no masking, blend every step over the
-#: whole mask, no latent core; on a flow transformer an empty blend window).
+#: whole mask, no latent core, the inverted start; on a flow transformer an empty blend window).
 LATENT_BLENDING = dict(blend_blocks=(), blend_depth=0.0, attention_masking=False, text_queries=False, kept_apart=False,
-                       latent_blend=-1.0, latent_inset=0.0)
+                       latent_blend=-1.0, latent_inset=0.0, start="inverted")
 #: The same as Blended Latent Diffusion runs it on a flow: from noise, the source carried to each σ with fresh
 #: noise, ``(1 − σ) z₀ + σ ε``, as the latent-blend reference.
 FLOW_BLENDED_LATENTS = dict(LATENT_BLENDING, start="noise", latent_reference="noised")
 #: A KV-Edit-like setting on a flow: every block's image tokens blended outside the mask, the source's pooled
 #: vector, the latent blend at every step (what KV-Edit keeps by reusing the source's keys and values), with the
-#: preset's word masking in one direction, nothing kept apart and no latent core, whatever the preset adds.
+#: preset's word masking in one direction, nothing kept apart, no latent core and the inverted start, whatever the
+#: preset adds.
 KV_EDIT_LIKE = dict(blend_depth=1.0, pooled_from="source", latent_blend=-1.0, text_queries=False, kept_apart=False,
-                    latent_inset=0.0)
+                    latent_inset=0.0, start="inverted")
 
 
 @dataclass
