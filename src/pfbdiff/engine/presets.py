@@ -206,9 +206,9 @@ LATENT_INSET = {"object": 0.12, "multi-object": 0.08}
 #: inverted latent outside it. The inverted latent is made to give the photo back, so inside the mask it still lays out
 #: the old object, and the new one was drawn in the old one's place and shape (a triangle over a circle came out a
 #: rounded blob). On ShapesBench's tuning cases 200-599, 335 object edits of 400 against 321 (seam gradient error
-#: 10.2 -> 9.9), and on cases 200-399 125 two-object edits of 200 against 120 (10.3 -> 10.2). Background edits gain
-#: nothing (75 against 77 of 80), attribute edits keep the subject's layout on purpose, and the flow models keep the
-#: inverted start (``FAMILY_PRESETS``), README.
+#: 10.2 -> 9.9; on fresh cases 600-799 156 against 151 of 200, 9.6 -> 9.9), and on cases 200-399 125 two-object edits
+#: of 200 against 120 (10.3 -> 10.2). Background edits gain nothing (75 against 77 of 80), attribute edits keep the
+#: subject's layout on purpose, and the flow models keep the inverted start (``FAMILY_PRESETS``), README.
 NEW_LAYOUT_START = "noise-in-mask"
 
 #: How far in from the mask's edge attribute edits leave the old background around the subject to the photo (a share
