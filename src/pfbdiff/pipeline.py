@@ -357,8 +357,7 @@ class PFBDiffPipeline(PhotoEditing, DiffusionPipeline, StableDiffusionLoraLoader
         masking.observer = attention_observer
 
         # 6. the start latent and the latent-blend reference
-        inverted = source_latents[-1]
-        x = _start_latent(config.start, inverted, masks.edit, generator)
+        x = _start_latent(config.start, source_latents[-1], masks.edit, generator)
         latent_reference = None
         if config.latent_reference == "noised":
             clean = source_latents[0]

@@ -134,7 +134,7 @@ def edit(
     guidance: Optional[float] = typer.Option(None, "--guidance", "-g", help="Classifier-free guidance scale. Default: the model's recommended scale (pfbdiff.json; 4 for the bundled model), else 7.5."),
     negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for guidance."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise an edit starts from (--start noise-in-mask or noise); each seed draws a new object."),
-    start: Optional[str] = typer.Option(None, "--start", help="'inverted' (the DDIM-inverted photo), 'noise' (seeded) or 'noise-in-mask' (seeded inside the mask, the inverted photo outside). Default: the preset's ('noise-in-mask' for object and multi-object on SD 1.x/2.x/XL, else 'inverted')."),
+    start: Optional[str] = typer.Option(None, "--start", help="'inverted' (the DDIM-inverted photo), 'noise' (seeded) or 'noise-in-mask' (seeded inside the mask, the inverted photo outside). Default: the preset's (`pfbdiff presets` lists them)."),
     model: Optional[str] = typer.Option(None, "--model", help="Hub id, diffusers folder, or .safetensors file (default: 'shapes', the bundled ShapesWorld model; 'tiny' is a random test model)."),
     config: Optional[str] = CONFIG,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best available)."),
