@@ -188,7 +188,7 @@ def test_the_models_echo_beside_the_subject_gives_way_to_the_new_background_arou
     """A dark ring one pixel around the kept subject, and a bump of its colour two pixels out: both are colours the
     new background (green and yellow stripes) has nowhere farther out, so they take their neighbours' stripes; the
     subject's own pixels stay the photo's, and everything more than ``ECHO_REACH`` pixels off it stays generated."""
-    from pfbdiff.photo.halo import dilated
+    from pfbdiff.photo.morphology import dilated
     from pfbdiff.photo.outline import ECHO_REACH
 
     image, mask = _subject_on_blue(0.6)

@@ -111,6 +111,26 @@ def test_grow_and_shrink_take_the_extreme_of_the_square_window_whatever_its_widt
             assert got[y, x] == extreme(window)
 
 
+def test_growing_from_neighbour_to_neighbour_k_times_is_the_square_window_and_stops_where_colours_differ():
+    """The pixel rules' growth (``grown_along``) with every step allowed reaches what the square window of radius k
+    does; a step the colours forbid is never taken, so a wall stops it, and ``within`` bounds where it may go."""
+    rng = np.random.default_rng(5)
+    region = rng.random((30, 40)) > 0.97
+    for k in (1, 2, 5):
+        np.testing.assert_array_equal(morphology.grown_along(region, None, limit=k), morphology.dilated(region, k))
+    seed = np.zeros((20, 20), bool)
+    seed[10, 2] = True
+    wall = np.zeros((20, 20), bool)
+    wall[:, 8] = True  # column 8 is another colour: no step leads into it
+    steps = {offset: ~wall for offset in morphology.NEIGHBOURS}
+    grown = morphology.grown_along(seed, steps)
+    assert grown[:, :8].all() and not grown[:, 8:].any()
+    within = np.zeros((20, 20), bool)
+    within[8:13, :] = True
+    left_of_wall = np.arange(20) < 8
+    np.testing.assert_array_equal(morphology.grown_along(seed, steps, within=within), within & left_of_wall)
+
+
 def test_a_masks_core_is_the_mask_less_an_edge_band_a_share_of_its_size_wide_and_a_thin_mask_keeps_itself():
     mask = _mask((64, 64), (12, 12, 52, 52))  # 40 px: a share of 0.1 is a band 4 px wide
     np.testing.assert_array_equal(morphology.mask_core(mask, 0.1), _mask((64, 64), (16, 16, 48, 48)))

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 
 from pfbdiff.errors import PFBDiffError
 from pfbdiff.photo.colour_match import COLOUR_MATCH_MODES, filled, match_colours
+from pfbdiff.photo.colours import unlike_all
 from pfbdiff.photo.ghost import without_ghost
-from pfbdiff.photo.halo import unlike_all
 from pfbdiff.photo.morphology import grow_mask, share_of_size, support_window
 from pfbdiff.photo.new_content import followed
 from pfbdiff.photo.outline import old_background_share, unmixed, without_echo
@@ -200,7 +200,7 @@ def reference_ring(mask: np.ndarray, alpha: np.ndarray, width: int) -> np.ndarra
 
 def continuing_surface(ring: np.ndarray, mask: np.ndarray, source: np.ndarray, width: int) -> np.ndarray:
     """The pixels of ``ring`` whose colour in ``source`` is also found in the band ``width`` pixels wide just inside
-    the mask (:func:`~pfbdiff.photo.halo.unlike_all`): where one surface runs on across the mask's edge, so that
+    the mask (:func:`~pfbdiff.photo.colours.unlike_all`): where one surface runs on across the mask's edge, so that
     generation and source should agree there and their difference is the VAE's shift. Where it does not, as
     around the kept subject of a background edit (the ring is the subject, the band the old background), the
     difference is new content, and matching it would tint the whole new region towards the subject."""
@@ -328,8 +328,8 @@ def without_old_content(alpha: np.ndarray, mask: np.ndarray, source: np.ndarray,
 
     The feather band hides the VAE's small shifts where the source in it shows the surroundings. Blended back where
     it shows something else, the source would leave a faint outline of the old object along a tight mask's edge.
-    "Around" is the ring ``ring_width`` pixels wide outside the mask; a colour within the halo's colour distance of one
-    of its colours (:func:`~pfbdiff.photo.halo.unlike_all`) is the surroundings'. Outside the mask nothing changes:
+    "Around" is the ring ``ring_width`` pixels wide outside the mask; a colour within ``colours.COLOUR_DISTANCE`` of one
+    of its colours (:func:`~pfbdiff.photo.colours.unlike_all`) is the surroundings'. Outside the mask nothing changes:
     the alpha only rises up to the mask.
     """
     alpha = np.asarray(alpha, np.float32)

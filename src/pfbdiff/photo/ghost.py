@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pfbdiff.photo.halo import dilated, grown_along, shifted, unlike_all
-from pfbdiff.photo.morphology import support_window
+from pfbdiff.photo.colours import unlike_all
+from pfbdiff.photo.morphology import dilated, grown_along, shifted, support_window
 from pfbdiff.photo.outline import beside_subject, filled_inwards
 
 #: A ghost pixel is within this RGB distance of some colour of the kept subject: the model's copy is drawn in the

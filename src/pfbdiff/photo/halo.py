@@ -7,7 +7,7 @@ paste-back both hold it in place. PFB-Diff itself cannot help: whatever lies out
 
 :func:`absorb_halo` moves the mask's edge onto the outline: starting from the mask, it repeatedly adds the
 kept pixels next to it whose colour continues the masked side (RGB distance to some 8-neighbour already in
-the mask at most ``HALO_COLOUR_DISTANCE``), for at most ``reach`` pixels. The subject, whose colours differ
+the mask at most ``COLOUR_DISTANCE``), for at most ``reach`` pixels. The subject, whose colours differ
 from the background around it, stops the growth; patterns grow along their own colours, since a pixel only
 has to match one neighbour. Along the photo's edge, a strip between the subject and the edge at most ``reach``
 wide joins however long it is: a box drawn around a subject near the edge is cut there. Last, the edge pixels
@@ -26,30 +26,17 @@ snapping the kept side to the subject, and the ``attribute`` preset leaves it ou
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from pfbdiff.photo.morphology import grow_mask
+from pfbdiff.photo.colours import COLOUR_DISTANCE, unlike_all
+from pfbdiff.photo.morphology import NEIGHBOURS, dilated, grown_along, neighbours_in, shifted
 
-# RGB distance (0-255 levels) within which a kept pixel continues the masked surface. Neighbouring pixels of
-# one surface differ by noise and shading (under ~20 in photos and in ShapesWorld's anti-aliasing); a subject's
-# edge against its background differs by far more.
-HALO_COLOUR_DISTANCE = 30.0
-
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+#: A mask holds a subject when at least this share of its pixels is unlike every colour of the photo in the ring
+#: ``SUBJECT_RING`` pixels wide around it (:func:`inner_halo`): a few odd pixels are noise, not a subject.
+#: ``SUBJECT_SAMPLE`` masked pixels at most, evenly spaced, are looked at.
+MIN_SUBJECT_SHARE, SUBJECT_RING, SUBJECT_SAMPLE = 0.05, 3, 16384
 
 
-def shifted(values: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
-    """``values`` moved so that ``out[y, x] = values[y + dy, x + dx]``, ``fill`` beyond the border."""
-    out = np.full_like(values, fill)
-    h, w = values.shape[:2]
-    if abs(dy) >= h or abs(dx) >= w:
-        return out
-    out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = values[max(dy, 0):h + min(dy, 0),
-                                                                         max(dx, 0):w + min(dx, 0)]
-    return out
-
-
-def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = COLOUR_DISTANCE,
                 photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
     """``mask`` (H×W in [0, 1]) grown into the pixels of ``image`` (H×W×3) that continue the masked side's
     colours, at most ``reach`` pixels (8-connected steps) beyond it, and along a strip by the photo's edge
@@ -58,7 +45,7 @@ def absorb_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float
     return snap_to_subject(mask, image, reach, distance, photo_edges)[0]
 
 
-def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = COLOUR_DISTANCE,
                     photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> tuple[np.ndarray, np.ndarray]:
     """The mask :func:`absorb_halo` makes, and the subject's outline in it (bool H×W): the pixels that mix the
     subject and the old background, joined last."""
@@ -68,19 +55,19 @@ def snap_to_subject(mask: np.ndarray, image: np.ndarray, reach: int, distance: f
     pixels = np.asarray(image, dtype=np.float32)
     inside = mask > 0.5
     steps = {offset: np.linalg.norm(pixels - shifted(pixels, *offset, 0.0), axis=-1) <= distance
-             for offset in _NEIGHBOURS}
+             for offset in NEIGHBOURS}
     grown = grown_along(inside, steps, limit=reach, within=_continuing(pixels, inside, reach, distance))
     grown = _strips_by_the_edge(grown, pixels, steps, reach, distance, photo_edges)
     # An anti-aliased or blurred edge pixel mixes the two sides; left out, it would stay as a thin outline of the
     # old background. Such pixels run side by side along the edge, so each is compared with the kept pixels
     # behind it only, and joins when it is like none of them.
-    edge = ~grown & _neighbours_in(grown, None)
-    outline = edge & ~_neighbours_in(~grown & ~edge, steps)
+    edge = ~grown & neighbours_in(grown, None)
+    outline = edge & ~neighbours_in(~grown & ~edge, steps)
     grown |= outline
     return np.maximum(mask, grown.astype(np.float32) * ~inside), outline
 
 
-def inner_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = HALO_COLOUR_DISTANCE,
+def inner_halo(mask: np.ndarray, image: np.ndarray, reach: int, distance: float = COLOUR_DISTANCE,
                photo_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> np.ndarray:
     """The old background inside ``mask`` around the subject it holds (bool H×W): the masked pixels whose colour
     continues the photo around the mask, at most ``reach`` pixels in from its edge. It is the halo of
@@ -150,54 +137,3 @@ def _strips_by_the_edge(grown: np.ndarray, pixels: np.ndarray, steps: dict, reac
     out[window] = grown_along(grown[window], {offset: alike[window] for offset, alike in steps.items()},
                                within=strip[window])
     return out
-
-
-def grown_along(region: np.ndarray, steps: dict, limit: int | None = None, within: np.ndarray | None = None) -> np.ndarray:
-    """``region`` grown one 8-neighbour at a time where ``steps`` says the colours are alike (only into ``within``
-    when given), at most ``limit`` times (``None``: until nothing more joins)."""
-    grown = region.copy()
-    passes = 0
-    while limit is None or passes < limit:
-        added = _neighbours_in(grown, steps) & ~grown
-        if within is not None:
-            added &= within
-        if not added.any():
-            break
-        grown |= added
-        passes += 1
-    return grown
-
-
-#: A mask holds a subject when at least this share of its pixels is unlike every colour of the photo in the ring
-#: ``SUBJECT_RING`` pixels wide around it (:func:`inner_halo`): a few odd pixels are noise, not a subject.
-#: ``SUBJECT_SAMPLE`` masked pixels at most, evenly spaced, are looked at.
-MIN_SUBJECT_SHARE, SUBJECT_RING, SUBJECT_SAMPLE = 0.05, 3, 16384
-
-#: At most this many colours of a palette are compared (an even pick of them when it has more).
-PALETTE_SIZE = 1024
-
-
-def unlike_all(colours: np.ndarray, palette: np.ndarray, distance: float = HALO_COLOUR_DISTANCE) -> np.ndarray:
-    """For each of ``colours`` (N×3): whether it is farther than ``distance`` from every colour of ``palette``
-    (M×3; at most ``PALETTE_SIZE`` of its distinct colours are used). An empty palette is unlike everything."""
-    palette = np.unique(np.asarray(palette, np.float32).reshape(-1, 3), axis=0)
-    if len(palette) == 0:
-        return np.ones(len(colours), bool)
-    palette = torch.from_numpy(palette[np.linspace(0, len(palette) - 1, min(len(palette), PALETTE_SIZE)).astype(int)])
-    colours = torch.from_numpy(np.ascontiguousarray(colours, np.float32).reshape(-1, 3))
-    nearest = [torch.cdist(part, palette).amin(dim=1) for part in colours.split(4096)]
-    return (torch.cat(nearest) > distance).numpy() if nearest else np.zeros(0, bool)
-
-
-def dilated(region: np.ndarray, steps: int) -> np.ndarray:
-    """``region`` (bool) grown by ``steps`` 8-connected pixels: the square window of ``grow_mask``."""
-    return grow_mask(np.asarray(region, np.float32), steps) > 0
-
-
-def _neighbours_in(region: np.ndarray, similar: dict | None) -> np.ndarray:
-    """Pixels with an 8-neighbour in ``region`` (whose colour is alike, per ``similar``, when it is given)."""
-    found = np.zeros_like(region)
-    for offset in _NEIGHBOURS:
-        near = shifted(region, *offset, False)
-        found |= near if similar is None else near & similar[offset]
-    return found

@@ -1,8 +1,9 @@
-"""Square-window morphology on masks: grow (dilate) or shrink (erode) by a number of pixels, soft values kept.
+"""Morphology on masks: square windows, and growth from neighbour to neighbour.
 
 The paste-back grows the user's mask (``grow``), takes rings around it (colour match, feather band) and reaches
-past it (a new object followed, ``new_content.py``); all use :func:`grow_mask`. The confined words act on the mask's
-core (:func:`mask_core`).
+past it; all use :func:`grow_mask` (soft values kept) or, on yes/no regions, :func:`dilated`. The confined words act
+on the mask's core (:func:`mask_core`). The pixel rules that follow a surface (the halo, new content, the ghost)
+grow a region one 8-neighbour at a time where the colours say so (:func:`grown_along`).
 """
 
 from __future__ import annotations
@@ -69,3 +70,51 @@ def mask_core(mask: np.ndarray, share: float) -> np.ndarray:
     that would leave nothing, so a thin mask keeps its words."""
     core = grow_mask(mask, -share_of_size(mask, share))
     return core if (core > 0.5).any() else np.asarray(mask, dtype=np.float32).copy()
+
+
+#: The eight neighbours of a pixel, as (dy, dx) offsets.
+NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def dilated(region: np.ndarray, steps: int) -> np.ndarray:
+    """``region`` (bool) grown by ``steps`` 8-connected pixels: the square window of :func:`grow_mask`."""
+    return grow_mask(np.asarray(region, np.float32), steps) > 0
+
+
+def shifted(values: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
+    """``values`` moved so that ``out[y, x] = values[y + dy, x + dx]``, ``fill`` beyond the border."""
+    out = np.full_like(values, fill)
+    h, w = values.shape[:2]
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
+    out[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = values[max(dy, 0):h + min(dy, 0),
+                                                                         max(dx, 0):w + min(dx, 0)]
+    return out
+
+
+def neighbours_in(region: np.ndarray, similar: dict | None) -> np.ndarray:
+    """Pixels with an 8-neighbour in ``region`` (whose colour is alike, per ``similar``: offset → bool H×W, when it
+    is given)."""
+    found = np.zeros_like(region)
+    for offset in NEIGHBOURS:
+        near = shifted(region, *offset, False)
+        found |= near if similar is None else near & similar[offset]
+    return found
+
+
+def grown_along(region: np.ndarray, steps: dict | None, limit: int | None = None,
+                within: np.ndarray | None = None) -> np.ndarray:
+    """``region`` grown one 8-neighbour at a time where ``steps`` says the colours are alike (:func:`neighbours_in`;
+    ``None``: everywhere), only into ``within`` when given, at most ``limit`` times (``None``: until nothing more
+    joins)."""
+    grown = region.copy()
+    passes = 0
+    while limit is None or passes < limit:
+        added = neighbours_in(grown, steps) & ~grown
+        if within is not None:
+            added &= within
+        if not added.any():
+            break
+        grown |= added
+        passes += 1
+    return grown

@@ -6,7 +6,7 @@ it came out blurred at the edge and flattened where it crossed. On ShapesBench's
 cause of failed multi-object edits: right before the paste-back, wrong after it (README, ShapesBench).
 
 Here *new content* is a generated pixel whose colour is unlike the photo's pixel there and unlike every colour of
-the photo around the mask (the reference ring; the halo's colour distance, :func:`~pfbdiff.photo.halo.unlike_all`),
+the photo around the mask (the reference ring; the shared colour distance, :func:`~pfbdiff.photo.colours.unlike_all`),
 so the VAE's small shifts and a surface that runs on across the edge are not new content. It is taken whole:
 
 * in the feather band its alpha is the mask's, not the fade's, where it is alike the new object's own colours (the
@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, grown_along, unlike_all
-from pfbdiff.photo.morphology import grow_mask
+from pfbdiff.photo.colours import COLOUR_DISTANCE, unlike_all
+from pfbdiff.photo.morphology import grow_mask, grown_along
 
 
 def new_content(generated: np.ndarray, source: np.ndarray, ring: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """Of the pixels ``where`` (bool H×W), those whose generated colour is farther than the halo's colour distance from
+    """Of the pixels ``where`` (bool H×W), those whose generated colour is farther than ``colours.COLOUR_DISTANCE`` from
     the source's pixel there and from every colour of the source on ``ring`` (``generated``, ``source``: H×W×3)."""
     generated, source = np.asarray(generated, np.float32), np.asarray(source, np.float32)
-    found = where & (np.linalg.norm(generated - source, axis=-1) > HALO_COLOUR_DISTANCE)
+    found = where & (np.linalg.norm(generated - source, axis=-1) > COLOUR_DISTANCE)
     found[found] = unlike_all(generated[found], source[ring])
     return found
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pfbdiff.photo.halo import HALO_COLOUR_DISTANCE, dilated, unlike_all
+from pfbdiff.photo.colours import COLOUR_DISTANCE, unlike_all
+from pfbdiff.photo.morphology import dilated
 
 #: How far (pixels) beside the kept subject the new background is cleared of the subject's echo.
 ECHO_REACH = 2
@@ -50,7 +51,7 @@ def _old_background(pixels: np.ndarray, outline: np.ndarray, edit: np.ndarray) -
 
 def old_background_share(source: np.ndarray, outline: np.ndarray, edit: np.ndarray) -> np.ndarray:
     """α on each ``outline`` pixel (H×W float, 0 elsewhere): 1 − a, with P = a·F + (1 − a)·B_old projected on the
-    line from B_old to F and clipped to [0, 1]. Where F and B_old are alike (within the halo's colour distance),
+    line from B_old to F and clipped to [0, 1]. Where F and B_old are alike (within ``colours.COLOUR_DISTANCE``),
     or the pixel has no kept or no edit-side neighbour, it cannot be unmixed and stays the photo's (α = 0).
     ``edit``: the edit region (bool), the outline included."""
     outline = np.asarray(outline, bool)
@@ -65,7 +66,7 @@ def old_background_share(source: np.ndarray, outline: np.ndarray, edit: np.ndarr
     direction = subject - old
     length2 = (direction ** 2).sum(-1)
     share = np.clip(((pixels - old) * direction).sum(-1) / np.maximum(length2, 1e-9), 0.0, 1.0)
-    usable = outline & known & (length2 > HALO_COLOUR_DISTANCE ** 2)
+    usable = outline & known & (length2 > COLOUR_DISTANCE ** 2)
     alpha[usable] = 1.0 - share[usable]
     return alpha
 
