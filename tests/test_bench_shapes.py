@@ -166,6 +166,27 @@ def test_seam_and_coherence_see_what_they_should():
     assert metrics.coherence(blank, images.background, mask, ideal_objects)["coherence"] < 0.5
 
 
+def test_the_report_counts_single_object_successes_by_the_shape_asked_for():
+    """Each single-object case counts once under its new object's shape, and again under the held-out columns when it
+    asks for a combination never trained on; text-to-image is counted the same way; two-object and background cases
+    are left out, as are methods that did not run every case of the task."""
+    def case(task, phrases, held_out, results, t2i):
+        return {"task": task, "new_phrases": phrases, "held_out": held_out, "text_to_image": {"target": t2i},
+                "results": {m: {"success": ok} for m, ok in results.items()}}
+
+    cases = [case("object", ["green triangle"], True, {"pfb": False, "bld": False}, True),
+             case("object", ["red triangle"], False, {"pfb": True, "bld": False}, True),
+             case("object", ["blue circle"], False, {"pfb": True}, False),
+             case("multi-object", ["red circle", "blue square"], False, {"pfb": True, "bld": True}, True),
+             case("background", [], False, {"pfb": True, "bld": True}, True)]
+    result = {"cases": cases, "config": {"methods": ["pfb", "bld"]}}
+    lines = report.shape_section(result, ["object", "multi-object", "background"])
+    table = lines[lines.index("**object**") + 2:]
+    assert table == ["| method | circle (of 1) | triangle (of 2) | held-out triangle (of 1) |", "|---|---|---|---|",
+                     "| *text-to-image* | 0 | 2 | 1 |", "| pfb | 1 | 1 | 0 |"]
+    assert report.shape_section(result, ["background"]) == []
+
+
 def test_confidence_intervals():
     lo, hi = metrics.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(1.959964**2 / (10 + 1.959964**2), rel=1e-5)
