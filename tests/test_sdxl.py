@@ -50,12 +50,21 @@ def test_the_conditioning_is_both_encoders_the_pooled_vector_and_the_size(sdxl_p
     assert negative.tokens[1].abs().sum() > 0 and torch.equal(encoded.tokens[1], sdxl_pipe.encode_prompt([""]).tokens[0])
 
 
-def test_no_op_config_is_exactly_plain_sampling_from_the_inverted_latent(sdxl_pipe, photo, box_mask):
+@pytest.mark.parametrize("start", ["inverted", "noise-in-mask"])
+def test_no_op_config_is_exactly_plain_sampling_from_the_start_latent(sdxl_pipe, photo, box_mask, start):
+    """From the inverted latent, or (the object preset's start on SDXL) from seeded noise inside the mask and the
+    inverted latent outside it."""
     inv = sdxl_pipe.invert(photo, "a cat", num_inference_steps=4)
-    edited = sdxl_pipe.edit(inv, box_mask, "a dog", output_type="latent", **NO_OP).images
+    edited = sdxl_pipe.edit(inv, box_mask, "a dog", output_type="latent", generator=torch.Generator().manual_seed(3),
+                            **{**NO_OP, "start": start}).images
+    x = inv.latents[-1]
+    if start == "noise-in-mask":
+        inside = sdxl_pipe.prepare_masks(inv, box_mask).edit.latent
+        assert set(inside.unique().tolist()) == {0.0, 1.0}  # the box lies on the latent grid: no soft edge to mix
+        x = torch.where(inside.bool(), torch.randn(x.shape, generator=torch.Generator().manual_seed(3)), x)
     size = tuple(inv.image.shape[-2:])
     prompts = Prompts(None, sdxl_pipe.encode_prompt(["a dog"], size), sdxl_pipe.encode_prompt([""], size, negative=True))
-    plain = plain_sampling_loop(sdxl_pipe.feature_unet, inv.latents[-1], sdxl_pipe.ddim_grid(4), prompts, 7.5)
+    plain = plain_sampling_loop(sdxl_pipe.feature_unet, x, sdxl_pipe.ddim_grid(4), prompts, 7.5)
     assert torch.equal(edited, plain)
 
 

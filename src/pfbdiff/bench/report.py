@@ -317,7 +317,7 @@ def shape_section(result: dict, tasks) -> list[str]:
     """Single-object edits counted by the shape asked for and on the held-out combinations (a colour and shape the
     model never saw together in training), beside text-to-image on the same captions: where an edit method falls
     short of what the model draws, not only by how much."""
-    cases = [c for c in result.get("cases", ()) if c["task"] in tasks and len(c["new_phrases"]) == 1]
+    cases = [c for c in result.get("cases", ()) if len(c["new_phrases"]) == 1]
     lines = []
     for task in (t for t in tasks if t != "background"):
         rows = [c for c in cases if c["task"] == task]
